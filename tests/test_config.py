@@ -1,0 +1,97 @@
+"""Typed configuration: every shipped config loads; every kind of bad value names its key."""
+
+import pathlib
+
+import pytest
+
+from trainer.config import Config, ConfigError, config_from_dict, load_config
+
+CONFIGS = sorted(pathlib.Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(str(path))
+    assert isinstance(config, Config)
+
+
+def test_shipped_configs_cover_the_targets():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "tpu.yaml", "gpu.yaml", "dataflow.yaml"}
+
+
+def test_missing_keys_keep_defaults():
+    config = config_from_dict({"training": {"epochs": 9}})
+    assert config.training.epochs == 9
+    assert config.training.loss == Config().training.loss
+
+
+def test_int_is_accepted_for_float():
+    config = config_from_dict({"training": {"learning_rate": 1}})
+    assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    "data, key, words",
+    [
+        ({"training": {"epochz": 3}}, "training.epochz", "unknown key"),
+        ({"trainin": {}}, "trainin", "unknown key"),
+        ({"training": {"epochs": "three"}}, "training.epochs", "an integer"),
+        ({"training": {"epochs": 2.5}}, "training.epochs", "an integer"),
+        ({"training": {"logq_correction": "yes"}}, "training.logq_correction", "true or false"),
+        ({"training": {"learning_rate": "fast"}}, "training.learning_rate", "a number"),
+        ({"training": {"epochs": 0}}, "training.epochs", ">= 1"),
+        ({"pipeline": {"eval_fraction": 0.95}}, "pipeline.eval_fraction", "<= 0.9"),
+        ({"training": {"loss": "hinge"}}, "training.loss", "one of"),
+        ({"pipeline": {"entity_patterns": "bob"}}, "pipeline.entity_patterns", "a list"),
+        ({"pipeline": {"ctr_threshold_by_category": {"color": 2.0}}}, "pipeline.ctr_threshold_by_category.color", "<= 1.0"),
+        ({"pipeline": {"ctr_threshold_by_category": {"color": "x"}}}, "pipeline.ctr_threshold_by_category.color", "a number"),
+        ({"export": {"scann": {"num_leaves": -1}}}, "export.scann.num_leaves", ">= 1"),
+        ({"export": {"scann": 5}}, "export.scann", "a mapping"),
+        ({"demo_data": {"min_impressions": 30, "max_impressions": 20}}, "demo_data.min_impressions", "<="),
+        ({"model": {"image_tower": "features"}}, "model.image_tower", "does not fit"),
+    ],
+)
+def test_bad_values_name_the_key(data, key, words):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data, source="bad.yaml")
+    message = str(err.value)
+    assert message.startswith("bad.yaml: ")
+    assert key in message
+    assert words in message
+
+
+def test_bad_value_in_a_file_names_file_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  per_replica_batch_size: -4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"run\.yaml: training\.per_replica_batch_size: must be >= 1"):
+        load_config(str(path))
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("training: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_overrides_are_typed_and_validated():
+    config = config_from_dict({}, overrides=["training.epochs=7", "pipeline.entity_patterns=[a, b]",
+                                             "export.scann.num_leaves=300", "training.logq_correction=false"])
+    assert config.training.epochs == 7
+    assert config.pipeline.entity_patterns == ["a", "b"]
+    assert config.export.scann.num_leaves == 300
+    assert config.training.logq_correction is False
+    with pytest.raises(ConfigError, match="training.epochs: expected an integer"):
+        config_from_dict({}, overrides=["training.epochs=many"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        config_from_dict({}, overrides=["epochs"])
+    with pytest.raises(ConfigError, match="training.nope: unknown key"):
+        config_from_dict({}, overrides=["training.nope=1"])
+
+
+def test_chinese_values_round_trip():
+    config = config_from_dict({"pipeline": {"entity_patterns": ["周杰伦"], "ctr_threshold_by_category": {"颜色": 0.1}}})
+    assert config.pipeline.entity_patterns == ["周杰伦"]
+    assert config.pipeline.ctr_threshold_by_category == {"颜色": 0.1}

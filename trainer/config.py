@@ -1,0 +1,356 @@
+"""Typed run configuration: the one contract for every setting clicklens reads.
+
+A run config is a YAML file with one mapping per section (`demo_data`,
+`pipeline`, `model`, `training`, `export`, `serving`).  Each section is a
+dataclass below; `load_config` reads the file, applies `--set section.key=value`
+overrides and validates every value, so a typo or an out-of-range number fails
+at load time with the file and the key named, not an hour into a TPU job.
+
+Field metadata carries the checks: `min` / `max` bounds (inclusive) and, for
+strings, `choices`.  Keys missing from the YAML keep their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+from trainer.errors import ClicklensError
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+class ConfigError(ClicklensError, ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _field(default, *, min=None, max=None, choices=None, help=""):
+    """A dataclass field with validation metadata."""
+    metadata = {"min": min, "max": max, "choices": choices, "help": help}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class DemoDataConfig:
+    """The generated demo world (`clicklens generate-demo-data`)."""
+
+    seed: int = _field(20261122, min=0)
+    num_images: int = _field(2000, min=10)
+    image_size: int = _field(64, min=16, max=512, help="Side of the generated PNGs, pixels.")
+    num_sessions: int = _field(50000, min=10)
+    num_log_shards: int = _field(4, min=1, max=1024)
+    min_impressions: int = _field(10, min=1)
+    max_impressions: int = _field(20, min=1)
+    query_by_image_fraction: float = _field(0.1, min=0.0, max=1.0)
+    chinese_fraction: float = _field(0.4, min=0.0, max=1.0)
+    malformed_lines: int = _field(200, min=0)
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """The Beam pipeline that turns logs into training examples."""
+
+    logs: str = _field("", help="Glob of JSONL(.gz) log files; empty means <workdir>/raw/logs/*.jsonl*.")
+    catalog: str = _field("", help="Image catalog JSONL; empty means <workdir>/raw/catalog.jsonl.")
+    image_size: int = _field(32, min=8, max=1024, help="Images are resized to this square size.")
+    image_source: str = _field("pixels", choices=["pixels", "features"])
+    feature_dim: int = _field(0, min=0, help="Length of catalog feature vectors when image_source=features.")
+    # Click statistics and pair selection.
+    ctr_prior_impressions: float = _field(10.0, min=0.0, help="Beta prior strength for smoothed CTR.")
+    ctr_prior: float = _field(0.05, min=0.0, max=1.0, help="Prior mean CTR for smoothing.")
+    min_clicks: int = _field(1, min=0)
+    top_n_per_query: int = _field(50, min=1)
+    ctr_threshold_default: float = _field(0.0, min=0.0, max=1.0)
+    ctr_threshold_by_category: Dict[str, float] = _field({}, min=0.0, max=1.0)
+    entity_patterns: List[str] = _field([], help="Regexes; matching queries get at most entity_cap examples.")
+    entity_cap: int = _field(5, min=1)
+    # Image-image graph.
+    coclick_weight: float = _field(1.0, min=0.0)
+    similar_click_weight: float = _field(1.0, min=0.0)
+    min_edge_weight: float = _field(0.05, min=0.0)
+    max_neighbors: int = _field(3, min=0, max=64)
+    # Extra features and outputs.
+    hard_negatives: int = _field(0, min=0, max=64)
+    eval_fraction: float = _field(0.1, min=0.0, max=0.9)
+    vocab_size: int = _field(4000, min=100)
+    num_shards: int = _field(2, min=1, max=10000)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The two-tower model."""
+
+    embedding_dim: int = _field(64, min=2, max=4096)
+    max_query_tokens: int = _field(16, min=1, max=512)
+    token_embedding_dim: int = _field(64, min=2, max=4096)
+    query_tower: str = _field("mean", choices=["mean", "transformer"])
+    transformer_layers: int = _field(1, min=1, max=24)
+    transformer_heads: int = _field(2, min=1, max=64)
+    image_tower: str = _field("cnn", choices=["cnn", "backbone", "features"])
+    backbone: str = _field("MobileNetV3Small", choices=["EfficientNetB0", "ResNet50", "MobileNetV3Small"])
+    backbone_weights: str = _field("", help="Local weights file for the backbone; empty trains from scratch.")
+    cnn_filters: List[int] = _field([32, 64, 128], min=1)
+    dropout: float = _field(0.0, min=0.0, max=0.9)
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Optimisation, loss, distribution and run management."""
+
+    strategy: str = _field("cpu", choices=["auto", "tpu", "mirrored", "multiworker", "cpu"])
+    tpu: str = _field("local", help="TPU name or address for TPUClusterResolver.")
+    precision: str = _field("float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    per_replica_batch_size: int = _field(128, min=1)
+    epochs: int = _field(5, min=1)
+    steps_per_epoch: int = _field(0, min=0, help="0 means one pass over the training data.")
+    steps_per_execution: int = _field(1, min=1)
+    learning_rate: float = _field(0.002, min=0.0, max=10.0)
+    optimizer: str = _field("adam", choices=["adam", "adagrad", "sgd"])
+    loss: str = _field("softmax", choices=["softmax", "triplet", "pairwise"])
+    temperature: float = _field(0.05, min=1e-4, max=100.0)
+    triplet_margin: float = _field(0.2, min=0.0)
+    logq_correction: bool = _field(True)
+    remove_accidental_hits: bool = _field(True)
+    graph_multiplier: float = _field(0.1, min=0.0)
+    graph_distance: str = _field("l2", choices=["l2", "cosine"])
+    early_stopping_patience: int = _field(0, min=0, help="0 turns early stopping off.")
+    checkpoint_every_steps: int = _field(200, min=1)
+    seed: int = _field(7, min=0)
+    shuffle_buffer: int = _field(10000, min=1)
+
+
+@dataclasses.dataclass
+class ScannConfig:
+    """ScaNN index parameters (tfrs.layers.factorized_top_k.ScaNN)."""
+
+    num_leaves: int = _field(100, min=1)
+    num_leaves_to_search: int = _field(20, min=1)
+    num_reordering_candidates: int = _field(100, min=0)
+    dimensions_per_block: int = _field(2, min=1)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """SavedModels for TF Serving."""
+
+    k: int = _field(10, min=1, max=10000)
+    version: int = _field(0, min=0, help="0 means one above the newest existing version.")
+    hamming: bool = _field(False, help="Brute-force retrieval by Hamming distance of binary codes.")
+    scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
+
+
+@dataclasses.dataclass
+class ServingConfig:
+    """The local TF Serving API server and the search page."""
+
+    host: str = _field("127.0.0.1")
+    grpc_port: int = _field(8500, min=0, max=65535)
+    http_port: int = _field(8501, min=0, max=65535)
+    max_request_bytes: int = _field(4 * 1024 * 1024, min=1024)
+    max_batch: int = _field(256, min=1)
+    poll_seconds: float = _field(2.0, min=0.1, help="How often new model versions are looked for.")
+    workers: int = _field(8, min=1, max=256)
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole run configuration."""
+
+    demo_data: DemoDataConfig = dataclasses.field(default_factory=DemoDataConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The config as plain data, e.g. to record it beside a run's outputs."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------
+# Loading and validation.
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting ints to floats."""
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            fail(f"a mapping of {tp.__name__} keys")
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if origin in (list, List, Sequence):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            fail(f"a list of {_type_name(item_tp)}")
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (dict, Dict, Mapping):
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            fail(f"a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}")
+        return {
+            _convert(k, key_tp, f"{key} (a key)", source): _convert(v, value_tp, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if origin is typing.Union and type(None) in typing.get_args(tp):
+        if value is None:
+            return None
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _convert(value, inner, key, source)
+    raise TypeError(f"config field {key} has an unsupported type {tp}")
+
+
+def _check_bounds(value: Any, meta: Mapping[str, Any], key: str, source: str) -> None:
+    """Applies a field's `choices` / `min` / `max` to a value, or to each item of a list or dict."""
+    if isinstance(value, dict):
+        items = [(f"{key}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [(key, value)]
+    for item_key, v in items:
+        if meta.get("choices") is not None and v not in meta["choices"]:
+            raise ConfigError(f"{source}: {item_key}: expected one of {meta['choices']}, got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if meta.get("min") is not None and v < meta["min"]:
+                raise ConfigError(f"{source}: {item_key}: must be >= {meta['min']}, got {v!r}")
+            if meta.get("max") is not None and v > meta["max"]:
+                raise ConfigError(f"{source}: {item_key}: must be <= {meta['max']}, got {v!r}")
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            where = f"{prefix}.{name}" if prefix else str(name)
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: {where}: unknown key (known keys: {known})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], key, source)
+        _check_bounds(converted, fields[name].metadata, key, source)
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _cross_checks(config: Config, source: str) -> None:
+    """Constraints that span several keys."""
+    d = config.demo_data
+    if d.min_impressions > d.max_impressions:
+        raise ConfigError(
+            f"{source}: demo_data.min_impressions: must be <= demo_data.max_impressions "
+            f"({d.min_impressions} > {d.max_impressions})"
+        )
+    if config.pipeline.image_source == "features" and config.pipeline.feature_dim < 1:
+        raise ConfigError(f"{source}: pipeline.feature_dim: must be >= 1 when pipeline.image_source is 'features'")
+    if (config.model.image_tower == "features") != (config.pipeline.image_source == "features"):
+        raise ConfigError(
+            f"{source}: model.image_tower: '{config.model.image_tower}' does not fit "
+            f"pipeline.image_source '{config.pipeline.image_source}' (use 'features' for both or for neither)"
+        )
+    s = config.export.scann
+    if s.num_leaves_to_search > s.num_leaves:
+        raise ConfigError(f"{source}: export.scann.num_leaves_to_search: must be <= export.scann.num_leaves")
+    if config.model.query_tower == "transformer" and config.model.token_embedding_dim % config.model.transformer_heads:
+        raise ConfigError(f"{source}: model.transformer_heads: must divide model.token_embedding_dim")
+
+
+def parse_override(text: str) -> tuple[List[str], Any]:
+    """Splits `section.key=value` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from None
+    return path, value
+
+
+def config_from_dict(data: Optional[Mapping[str, Any]], source: str = "<dict>",
+                     overrides: Sequence[str] = ()) -> Config:
+    """Builds and validates a Config from plain data plus `--set` overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    data = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {part} is not a section")
+        node[path[-1]] = value
+    config = _build(Config, data, "", source)
+    _cross_checks(config, source)
+    return config
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML run config (local or any TF filesystem path) and validates it."""
+    try:
+        text = _read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(data, source=path, overrides=overrides)
+
+
+def _read_text(path: str) -> str:
+    if "://" in path:
+        from trainer import compat  # noqa: F401  (TF must be set up before import)
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(path)
+        with tf.io.gfile.GFile(path, "r") as f:
+            return f.read()
+    with open(path, "r", encoding="utf-8") as f:
+        return f.read()

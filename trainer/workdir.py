@@ -1,0 +1,99 @@
+"""Where every stage reads and writes, below one work directory.
+
+The layout is part of the command-line contract (shared/DESIGN.md):
+
+    W/raw/catalog.jsonl, W/raw/images/, W/raw/logs/*.jsonl.gz, W/raw/ground_truth.jsonl
+    W/examples/train-*.tfrecord.gz, eval-*, corpus-*, vocab.txt, dead_letter-*.jsonl, report.json
+    W/model/checkpoints/, W/model/tensorboard/, W/model/metrics.json
+    W/export/<model name>/<version>/, W/export/models.config
+
+Paths are strings joined with "/", so W may be local or gs://.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def join(*parts: str) -> str:
+    """Joins path parts with "/" (works for local paths and gs:// URLs)."""
+    head, *rest = parts
+    return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    """The paths of one clicklens work directory."""
+
+    root: str
+
+    # Raw inputs (written by generate-demo-data, or supplied by the user).
+    @property
+    def raw(self) -> str:
+        return join(self.root, "raw")
+
+    @property
+    def catalog(self) -> str:
+        return join(self.raw, "catalog.jsonl")
+
+    @property
+    def images(self) -> str:
+        return join(self.raw, "images")
+
+    @property
+    def logs(self) -> str:
+        return join(self.raw, "logs")
+
+    @property
+    def logs_glob(self) -> str:
+        return join(self.logs, "*.jsonl*")
+
+    @property
+    def ground_truth(self) -> str:
+        return join(self.raw, "ground_truth.jsonl")
+
+    # Pipeline outputs.
+    @property
+    def examples(self) -> str:
+        return join(self.root, "examples")
+
+    def split_glob(self, split: str) -> str:
+        """Glob of one split's TFRecords: split is train, eval or corpus."""
+        return join(self.examples, f"{split}-*.tfrecord.gz")
+
+    @property
+    def vocab(self) -> str:
+        return join(self.examples, "vocab.txt")
+
+    @property
+    def report(self) -> str:
+        return join(self.examples, "report.json")
+
+    # Trainer outputs.
+    @property
+    def model(self) -> str:
+        return join(self.root, "model")
+
+    @property
+    def checkpoints(self) -> str:
+        return join(self.model, "checkpoints")
+
+    @property
+    def tensorboard(self) -> str:
+        return join(self.model, "tensorboard")
+
+    @property
+    def metrics(self) -> str:
+        return join(self.model, "metrics.json")
+
+    # Export outputs.
+    @property
+    def export(self) -> str:
+        return join(self.root, "export")
+
+    def export_model(self, name: str) -> str:
+        return join(self.export, name)
+
+    @property
+    def models_config(self) -> str:
+        return join(self.export, "models.config")
