@@ -23,3 +23,77 @@ def run_python(code: str, timeout: float = 300, env=None) -> subprocess.Complete
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+# ---------------------------------------------------------------------------
+# The end-to-end chain on a small generated world, built once per test session
+# in one work directory: generate-demo-data -> pipeline -> train -> export.
+# Each fixture runs the real `clicklens` verb; tests that need a later stage
+# request that fixture and get everything before it for free.
+
+DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
+SMALL_WORLD = [
+    "demo_data.num_images=300",
+    "demo_data.num_sessions=6000",
+    "demo_data.num_log_shards=2",
+    "demo_data.malformed_lines=60",
+    "demo_data.image_size=32",
+    "pipeline.image_size=16",
+    "pipeline.vocab_size=400",
+    "model.embedding_dim=16",
+    "model.token_embedding_dim=16",
+    "model.cnn_filters=[8, 16]",
+    "training.per_replica_batch_size=32",
+    "training.epochs=1",
+    "training.checkpoint_every_steps=20",
+    "export.scann.num_leaves=10",
+    "export.scann.num_leaves_to_search=5",
+]
+
+
+def run_verb(verb: str, workdir, *extra: str, overrides=()) -> None:
+    """Runs `clicklens VERB` in-process on the small world; fails the test on a non-zero exit."""
+    from trainer import cli
+
+    sets = [a for o in list(SMALL_WORLD) + list(overrides) for a in ("--set", o)]
+    code = cli.main([verb, "--config", DEMO_CONFIG, "--workdir", str(workdir), *sets, *extra])
+    assert code == 0, f"clicklens {verb} exited {code}"
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """The demo config with the SMALL_WORLD overrides, as the chain below uses it."""
+    from trainer.config import load_config
+
+    return load_config(DEMO_CONFIG, SMALL_WORLD)
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory):
+    """A Workdir with raw/ written by generate-demo-data (small world)."""
+    from trainer.workdir import Workdir
+
+    root = tmp_path_factory.mktemp("e2e")
+    run_verb("generate-demo-data", root)
+    return Workdir(str(root))
+
+
+@pytest.fixture(scope="session")
+def demo_examples(demo_world):
+    """The same Workdir after the Beam pipeline (examples/)."""
+    run_verb("pipeline", demo_world.root)
+    return demo_world
+
+
+@pytest.fixture(scope="session")
+def demo_trained(demo_examples):
+    """The same Workdir after training (model/)."""
+    run_verb("train", demo_examples.root)
+    return demo_examples
+
+
+@pytest.fixture(scope="session")
+def demo_exported(demo_trained):
+    """The same Workdir after export (export/)."""
+    run_verb("export", demo_trained.root)
+    return demo_trained

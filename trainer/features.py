@@ -144,3 +144,16 @@ def make_example(features: Dict[str, object], spec: Dict[str, tf.io.FixedLenFeat
                 raise ValueError(f"feature {key} must have {expected} values, got {len(values)}")
             out[key] = _floats(values)
     return tf.train.Example(features=tf.train.Features(feature=out))
+
+
+# ---------------------------------------------------------------------------
+# Query vocabulary (`W/examples/vocab.txt`): one WordPiece token per line.
+# The pipeline learns it with tensorflow-text's wordpiece learner; the trainer
+# and the exported query encoder tokenize with tensorflow_text.BertTokenizer
+# using the same basic-tokenizer parameters, so both split text identically
+# (CJK ideographs become one token each; Latin text is case-folded).
+
+PAD_TOKEN = "[PAD]"
+UNK_TOKEN = "[UNK]"
+RESERVED_TOKENS = [PAD_TOKEN, UNK_TOKEN]  # token ids 0 and 1, in this order
+BERT_TOKENIZER_PARAMS = {"lower_case": True}
