@@ -13,16 +13,16 @@ PYTEST_ARGS ?=
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --quiet --upgrade pip
 
 $(VENV)/.installed: requirements.txt setup.py | $(BIN)/python
 	@echo ">> installing the pinned stack into $(VENV) (first time: several minutes)"
-	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
-	$(BIN)/pip install --quiet -r requirements-test.txt
+	$(BIN)/pip install --quiet --quiet -r requirements-test.txt
 	touch $@
 
 venv: $(VENV)/.installed

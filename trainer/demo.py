@@ -1,0 +1,156 @@
+"""`clicklens demo`: the whole path on generated data, ending with a live server.
+
+generate-demo-data -> pipeline -> train (+ evaluate) -> export -> serve -> queries.
+
+Each stage is the same verb a user runs by hand.  A stage whose output already
+exists in the work directory is skipped (delete that folder to redo it), so a
+second `make demo` goes straight to serving.  The server runs as a child
+process (`clicklens serve`), exactly as a user would start it; the demo waits
+until TF Serving's ModelService reports the retrieval model AVAILABLE, sends
+queries in English and Chinese through the gRPC client, prints the page's
+address and keeps serving until Ctrl-C (or stops at once with --no-wait).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Sequence
+
+from trainer import cli
+from trainer.errors import ClicklensError
+from trainer.workdir import Workdir
+
+logger = logging.getLogger(__name__)
+
+DEMO_QUERIES = ["red circle", "红色 圆形", "large blue striped square", "蓝色 正方形", "yellow star", "绿色 三角形"]
+RETRIEVAL_MODEL = "retrieval_scann"
+SERVER_START_TIMEOUT_S = 300
+
+
+def _common_args(args) -> List[str]:
+    out = ["--config", args.config, "--workdir", args.workdir]
+    for override in args.overrides:
+        out += ["--set", override]
+    return out
+
+
+def _run_stage(verb: str, done_marker: str, args, config, workdir: Workdir) -> None:
+    """Runs one verb in-process unless its output marker already exists."""
+    import tensorflow as tf
+
+    if tf.io.gfile.exists(done_marker):
+        logger.info("== %s: skipped, %s exists (delete it to redo this stage)", verb, done_marker)
+        return
+    logger.info("== %s", verb)
+    started = time.time()
+    stage_args = cli.parse_args([verb] + _common_args(args))
+    code = cli.resolve(stage_args._verb)(config, workdir, stage_args)
+    if code:
+        raise ClicklensError(f"demo stopped: clicklens {verb} exited {code}")
+    logger.info("== %s done in %.0f s", verb, time.time() - started)
+
+
+def _wait_until_available(address: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Polls TF Serving's ModelService until the retrieval model is AVAILABLE."""
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = RETRIEVAL_MODEL
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    deadline = time.time() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise ClicklensError(f"the server exited with code {process.returncode} before it was ready")
+            try:
+                status = stub.GetModelStatus(request, timeout=5)
+                if any(v.state == available for v in status.model_version_status):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(1.0)
+    raise ClicklensError(f"the server at {address} was not ready after {timeout_s:.0f} s")
+
+
+def _query(address: str, config, workdir: Workdir, args, text: str = None, image: str = None) -> None:
+    """Runs `clicklens query` in-process against the demo server."""
+    argv = ["query"] + ([text] if text else []) + (["--image", image] if image else [])
+    query_args = cli.parse_args(argv + ["--server", address, "--model", RETRIEVAL_MODEL] + _common_args(args))
+    cli.resolve(query_args._verb)(config, workdir, query_args)
+
+
+def _first_catalog_image(workdir: Workdir) -> str:
+    import tensorflow as tf
+
+    from beam_pipelines.catalog_schema import parse_catalog_line, resolve_uri
+
+    with tf.io.gfile.GFile(workdir.catalog, "rb") as f:
+        for line in f:
+            entry = parse_catalog_line(line)
+            path = resolve_uri(entry.uri, workdir.catalog)
+            if entry.uri and tf.io.gfile.exists(path):
+                return path
+    raise ClicklensError(f"no readable image in {workdir.catalog}")
+
+
+def _print_metrics(workdir: Workdir) -> None:
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(workdir.metrics):
+        return
+    with tf.io.gfile.GFile(workdir.metrics) as f:
+        metrics = json.load(f)
+    print("\nEvaluation (W/model/metrics.json):")
+    print(json.dumps(metrics, indent=2, ensure_ascii=False)[:3000])
+
+
+def run(config, workdir: Workdir, args) -> int:
+    """Runs every stage on generated data, then serves and queries."""
+    _run_stage("generate-demo-data", workdir.catalog, args, config, workdir)
+    _run_stage("pipeline", workdir.report, args, config, workdir)
+    _run_stage("train", workdir.metrics, args, config, workdir)
+    _run_stage("export", workdir.models_config, args, config, workdir)
+    _print_metrics(workdir)
+
+    s = config.serving
+    address = f"{s.host}:{s.grpc_port}"
+    logger.info("== serve: starting the TF Serving API server on %s (gRPC) and %s:%d (HTTP)", address, s.host, s.http_port)
+    server = subprocess.Popen([sys.executable, "-m", "trainer.cli", "serve"] + _common_args(args), env=dict(os.environ))
+    try:
+        _wait_until_available(address, server, SERVER_START_TIMEOUT_S)
+        for text in DEMO_QUERIES:
+            print(f"\n$ clicklens query {text!r} --server {address}")
+            _query(address, config, workdir, args, text=text)
+        image = _first_catalog_image(workdir)
+        print(f"\n$ clicklens query --image {image} --server {address}")
+        _query(address, config, workdir, args, image=image)
+        print(f"\nSearch page: http://{s.host}:{s.http_port}/   (gRPC: {address})")
+        if getattr(args, "no_wait", False):
+            return 0
+        print("Serving until Ctrl-C.")
+        server.wait()
+        return 0 if server.returncode in (0, -signal.SIGTERM) else server.returncode
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def main(argv: Sequence[str] = None) -> int:
+    """`python -m trainer.demo` is the same as `clicklens demo`."""
+    return cli.main(["demo"] + list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
