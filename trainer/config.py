@@ -49,6 +49,7 @@ class DemoDataConfig:
     query_by_image_fraction: float = _field(0.1, min=0.0, max=1.0)
     chinese_fraction: float = _field(0.4, min=0.0, max=1.0)
     malformed_lines: int = _field(200, min=0)
+    broken_images: int = _field(4, min=0, help="Extra catalog entries whose image file is missing or corrupt.")
 
 
 @dataclasses.dataclass
@@ -122,6 +123,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = _field(200, min=1)
     seed: int = _field(7, min=0)
     shuffle_buffer: int = _field(10000, min=1)
+    augment: bool = _field(True, help="Random flips and brightness / contrast jitter of training pixels.")
 
 
 @dataclasses.dataclass
@@ -141,6 +143,8 @@ class ExportConfig:
     k: int = _field(10, min=1, max=10000)
     version: int = _field(0, min=0, help="0 means one above the newest existing version.")
     hamming: bool = _field(False, help="Brute-force retrieval by Hamming distance of binary codes.")
+    keep_versions: int = _field(2, min=1, max=100,
+                                help="models.config asks the server to keep this many latest versions loaded.")
     scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
 
 
