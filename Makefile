@@ -23,6 +23,10 @@ $(VENV)/.installed: requirements.txt setup.py | $(BIN)/python
 
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet --quiet -r requirements-test.txt
+	@# The search page's browser test drives Debian's chromium; a CJK font renders Chinese
+	@# queries (page screenshots, plot-embeddings labels).
+	command -v chromium >/dev/null && fc-list :lang=zh | grep -q . || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei)
 	touch $@
 
 venv: $(VENV)/.installed

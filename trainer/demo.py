@@ -136,7 +136,11 @@ def run(config, workdir: Workdir, args) -> int:
         if getattr(args, "no_wait", False):
             return 0
         print("Serving until Ctrl-C.")
-        server.wait()
+        try:
+            server.wait()
+        except KeyboardInterrupt:  # Ctrl-C is how a demo is meant to end
+            print("\nstopping the server")
+            return 0
         return 0 if server.returncode in (0, -signal.SIGTERM) else server.returncode
     finally:
         if server.poll() is None:

@@ -1,0 +1,155 @@
+"""Image id -> image bytes from the work directory's catalog, for the search page's thumbnails.
+
+    GET /images/<image_id>   ->  the bytes of the catalog entry's uri
+
+The request names an image id, never a path: the id is looked up in
+W/raw/catalog.jsonl and only a uri that the catalog lists for that id is
+read.  Ids that could only be a path trick (`..`, `/`, `\\`, NUL, also when
+percent-encoded) are refused before the lookup, and a file is served only
+when its bytes are an image of a known type, so even a catalog line pointing
+at some other file cannot turn the route into a file reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+from typing import Dict, Optional, Tuple
+
+from trainer import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+
+from beam_pipelines.catalog_schema import parse_catalog_line, resolve_uri
+from beam_pipelines.log_schema import BadRecord
+
+logger = logging.getLogger(__name__)
+
+ROUTE_PREFIX = "/images/"
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_ID_CHARS = 256
+RECHECK_SECONDS = 5.0  # how often the catalog file is checked for changes (a stat; remote on gs://)
+# Leading bytes -> content type.  Anything else is not served.
+IMAGE_SIGNATURES: Tuple[Tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+class ImageRequestError(Exception):
+    """A refused image request: `status` is the HTTP status (400 bad id, 404 unknown or unreadable)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def sniff_content_type(data: bytes) -> Optional[str]:
+    """The image content type of `data` from its leading bytes, or None when it is not a known image."""
+    for magic, content_type in IMAGE_SIGNATURES:
+        if data.startswith(magic):
+            return content_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def image_id_from_path(request_path: str) -> str:
+    """The image id of a `/images/<id>` request path (query string ignored); raises ImageRequestError(400)."""
+    raw = request_path.split("?", 1)[0].split("#", 1)[0]
+    if not raw.startswith(ROUTE_PREFIX):
+        raise ImageRequestError(400, f"not an image path: {request_path!r}")
+    encoded = raw[len(ROUTE_PREFIX):]
+    try:
+        image_id = urllib.parse.unquote(encoded, errors="strict")
+    except UnicodeDecodeError:
+        raise ImageRequestError(400, "an image id must be UTF-8") from None
+    if "%" in image_id:  # double encoding ("%252e%252e") is never a real id
+        raise ImageRequestError(400, "image ids are not percent-encoded twice")
+    if not image_id or len(image_id) > MAX_ID_CHARS:
+        raise ImageRequestError(400, "an image id is 1 to %d characters" % MAX_ID_CHARS)
+    if any(c in image_id for c in "/\\\x00") or ".." in image_id:
+        raise ImageRequestError(400, f"not an image id: {image_id!r} (ids are looked up in the catalog, never paths)")
+    if image_id != image_id.strip():
+        raise ImageRequestError(400, f"not an image id: {image_id!r}")
+    return image_id
+
+
+class CatalogImages:
+    """The images of one catalog file, by id.  The catalog is read on first use and re-read when it changes."""
+
+    def __init__(self, catalog_path: str):
+        self.catalog_path = catalog_path
+        self._uris: Dict[str, str] = {}
+        self._stamp: Optional[Tuple[int, int]] = None
+        self._checked_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def _catalog_stamp(self) -> Optional[Tuple[int, int]]:
+        try:
+            stat = tf.io.gfile.stat(self.catalog_path)
+        except tf.errors.NotFoundError:
+            return None
+        return (stat.length, stat.mtime_nsec)
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < RECHECK_SECONDS:
+            return
+        self._checked_at = now
+        stamp = self._catalog_stamp()
+        if stamp == self._stamp:
+            return
+        uris: Dict[str, str] = {}
+        bad = 0
+        if stamp is not None:
+            with tf.io.gfile.GFile(self.catalog_path, "rb") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        entry = parse_catalog_line(line)
+                    except BadRecord:
+                        bad += 1
+                        continue
+                    if entry.uri and entry.image_id not in uris:
+                        uris[entry.image_id] = resolve_uri(entry.uri, self.catalog_path)
+            logger.info("catalog %s: %d images with a file%s", self.catalog_path, len(uris),
+                        f" ({bad} unreadable lines skipped)" if bad else "")
+        else:
+            logger.warning("catalog %s does not exist: /images/ serves nothing", self.catalog_path)
+        self._uris, self._stamp = uris, stamp
+
+    def known_ids(self):
+        """The ids that have an image file in the catalog."""
+        with self._lock:
+            self._refresh()
+            return sorted(self._uris)
+
+    def read(self, image_id: str) -> Tuple[bytes, str]:
+        """(bytes, content type) of a catalog image; raises ImageRequestError(404) when it cannot be served."""
+        with self._lock:
+            self._refresh()
+            uri = self._uris.get(image_id)
+        if uri is None:
+            raise ImageRequestError(404, f"no image {image_id!r} in the catalog")
+        try:
+            if tf.io.gfile.stat(uri).length > MAX_IMAGE_BYTES:
+                raise ImageRequestError(404, f"image {image_id!r} is larger than {MAX_IMAGE_BYTES} bytes")
+            with tf.io.gfile.GFile(uri, "rb") as f:
+                data = f.read()
+        except tf.errors.OpError as err:
+            raise ImageRequestError(404, f"image {image_id!r} cannot be read: {err.message}") from None
+        content_type = sniff_content_type(data)
+        if content_type is None:
+            raise ImageRequestError(404, f"image {image_id!r}: its file is not a PNG, JPEG, GIF, BMP or WebP image")
+        return data, content_type
+
+    def serve(self, request_path: str) -> Tuple[bytes, str]:
+        """(bytes, content type) for a `/images/<id>` request path; raises ImageRequestError."""
+        return self.read(image_id_from_path(request_path))
