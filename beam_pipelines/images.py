@@ -1,0 +1,144 @@
+"""Stage 7: the image catalog and the images themselves.
+
+Images are read through Beam's filesystems (local paths, gs://, ...), decoded,
+centre-cropped and resized to `pipeline.image_size` square and re-encoded as
+PNG; with `image_source: features` the catalog's feature vector is used
+instead.  A bad catalog line, a duplicate image id, a missing file or an
+undecodable image becomes a dead-letter record; the image is then absent from
+the good-image output, and the joins downstream drop what needs it.
+"""
+
+
+import io
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from beam_pipelines.catalog_schema import BadRecord, CatalogEntry, parse_catalog_line, resolve_uri
+from beam_pipelines.parse import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
+
+IMAGES = "images"
+
+
+def image_dead_letter(entry: CatalogEntry, reason: str, detail: str = "") -> dict:
+    """A dead-letter record for a catalog image that cannot be used."""
+    record = dead_letter("image", reason, entry.to_json(), detail)
+    record["image_id"] = entry.image_id
+    return record
+
+
+def decode_and_resize(data: bytes, size: int) -> bytes:
+    """Decodes any image Pillow reads, centre-crops to a square, resizes to `size` and encodes PNG."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        rgb = image.convert("RGB")
+    square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    square.save(out, format="PNG")
+    return out.getvalue()
+
+
+def read_file(path: str) -> bytes:
+    """Reads a whole file from any Beam filesystem."""
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+class ParseCatalogFn(beam.DoFn):
+    """Catalog line -> (image_id, CatalogEntry); bad lines to DEAD_LETTER."""
+
+    def process(self, line: bytes):
+        try:
+            entry = parse_catalog_line(line)
+        except BadRecord as err:
+            Metrics.counter(METRICS_NAMESPACE, f"bad_catalog_{err.reason}").inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter("catalog", err.reason, line, err.detail))
+            return
+        except Exception as err:  # noqa: BLE001  (a bad line must never crash the run)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter("catalog", "internal_error", line, repr(err)[:200]))
+            return
+        yield entry.image_id, entry
+
+
+class FirstEntryFn(beam.DoFn):
+    """Keeps one catalog entry per image id (the first in a stable order); dead-letters the others."""
+
+    def process(self, element):
+        image_id, entries = element
+        entries = sorted(entries, key=lambda e: e.to_json())
+        yield entries[0]
+        for duplicate in entries[1:]:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter("catalog", "duplicate_image_id", duplicate.to_json()))
+
+
+class ReadCatalog(beam.PTransform):
+    """Catalog lines -> {"entries": CatalogEntry (one per id), DEAD_LETTER: dead letters}."""
+
+    def expand(self, lines):
+        parsed = lines | "Parse" >> beam.ParDo(ParseCatalogFn()).with_outputs(DEAD_LETTER, main="entries")
+        unique = (
+            parsed.entries
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstPerId" >> beam.ParDo(FirstEntryFn()).with_outputs(DEAD_LETTER, main="entries")
+        )
+        dead = (parsed[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
+        return {"entries": unique.entries, DEAD_LETTER: dead}
+
+
+class LoadImageFn(beam.DoFn):
+    """CatalogEntry -> (image_id, PNG bytes or feature tuple); bad images to DEAD_LETTER."""
+
+    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int):
+        self._catalog_path = catalog_path
+        self._source = image_source
+        self._size = image_size
+        self._dim = feature_dim
+
+    def _bad(self, entry: CatalogEntry, reason: str, detail: str = ""):
+        Metrics.counter(METRICS_NAMESPACE, f"bad_image_{reason}").inc()
+        return beam.pvalue.TaggedOutput(DEAD_LETTER, image_dead_letter(entry, reason, detail))
+
+    def process(self, entry: CatalogEntry):
+        if self._source == "features":
+            if entry.features is None:
+                yield self._bad(entry, "no_features")
+            elif len(entry.features) != self._dim:
+                yield self._bad(entry, "bad_feature_dim", f"{len(entry.features)} != {self._dim}")
+            else:
+                yield entry.image_id, tuple(entry.features)
+            return
+        if not entry.uri:
+            yield self._bad(entry, "no_uri")
+            return
+        path = resolve_uri(entry.uri, self._catalog_path)
+        try:
+            data = read_file(path)
+        except Exception as err:  # noqa: BLE001  (any filesystem's not-found / permission error)
+            yield self._bad(entry, "missing_image", f"{path}: {type(err).__name__}")
+            return
+        try:
+            encoded = decode_and_resize(data, self._size)
+        except Exception as err:  # noqa: BLE001  (Pillow raises several types for bad data)
+            yield self._bad(entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}"[:300])
+            return
+        Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
+        yield entry.image_id, encoded
+
+
+class LoadImages(beam.PTransform):
+    """CatalogEntry -> {IMAGES: (image_id, image value), DEAD_LETTER: dead letters}."""
+
+    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0):
+        super().__init__()
+        self._fn = LoadImageFn(catalog_path, image_source, image_size, feature_dim)
+
+    def expand(self, entries):
+        loaded = (
+            entries
+            | "Reshuffle" >> beam.Reshuffle()  # spread file reads over workers
+            | "Load" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main=IMAGES)
+        )
+        return {IMAGES: loaded[IMAGES], DEAD_LETTER: loaded[DEAD_LETTER]}
+

@@ -1,0 +1,102 @@
+"""Stage 1: read raw log lines and parse them, with a dead-letter output.
+
+Logs are read as bytes lines (gzip by file extension) so that a line that is
+not UTF-8 reaches `parse_log_line`, which calls it a bad record, instead of
+crashing the text reader.  Every bad line becomes one dead-letter record
+`{"source": "log", "reason": ..., "raw": ...}` and increments the Beam counter
+named after its reason.
+"""
+
+
+import base64
+import json
+from typing import Any, Dict, Optional, Tuple, Union
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.metrics import Metrics
+
+from beam_pipelines.log_schema import BadRecord, LogRecord, parse_log_line
+
+# Output tags of ParseLogs.
+RECORDS = "records"
+DEAD_LETTER = "dead_letter"
+
+METRICS_NAMESPACE = "clicklens"
+
+
+def dead_letter(source: str, reason: str, raw: Union[bytes, str], detail: str = "") -> Dict[str, Any]:
+    """A dead-letter record: where it came from, why it was rejected, and the raw input.
+
+    Raw bytes that are not UTF-8 are stored base64-encoded, with
+    `"raw_encoding": "base64"`, so the record is always one valid JSON line.
+    """
+    record: Dict[str, Any] = {"source": source, "reason": reason}
+    if isinstance(raw, bytes):
+        try:
+            record["raw"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            record["raw"] = base64.b64encode(raw).decode("ascii")
+            record["raw_encoding"] = "base64"
+    else:
+        record["raw"] = raw
+    if detail:
+        record["detail"] = detail
+    return record
+
+
+def dead_letter_json(record: Dict[str, Any]) -> str:
+    """One dead-letter record as a JSON line (non-ASCII kept readable)."""
+    return json.dumps(record, ensure_ascii=False, sort_keys=True)
+
+
+def parse_or_dead_letter(line: bytes) -> Tuple[Optional[LogRecord], Optional[Dict[str, Any]]]:
+    """Parses one raw line: (record, None) when good, (None, dead letter) when bad.
+
+    Any exception is caught: a line can never stop the pipeline.  An error that
+    is not a BadRecord is a bug in the schema, reported as `internal_error`.
+    """
+    try:
+        return parse_log_line(line), None
+    except BadRecord as err:
+        return None, dead_letter("log", err.reason, line, err.detail)
+    except Exception as err:  # noqa: BLE001  (a bad line must never crash the run)
+        return None, dead_letter("log", "internal_error", line, f"{type(err).__name__}: {err}"[:200])
+
+
+class ParseLogLineFn(beam.DoFn):
+    """Parses log lines; bad ones go to the DEAD_LETTER output."""
+
+    def __init__(self):
+        self._read = Metrics.counter(METRICS_NAMESPACE, "log_lines_read")
+        self._good = Metrics.counter(METRICS_NAMESPACE, "log_records_ok")
+
+    def process(self, line: bytes):
+        self._read.inc()
+        record, bad = parse_or_dead_letter(line)
+        if record is not None:
+            self._good.inc()
+            yield record
+        else:
+            Metrics.counter(METRICS_NAMESPACE, f"bad_log_{bad['reason']}").inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, bad)
+
+
+class ReadLines(beam.PTransform):
+    """Reads every line of the files matching a glob as bytes (gzip auto-detected by extension)."""
+
+    def __init__(self, file_pattern: str):
+        super().__init__()
+        self._pattern = file_pattern
+
+    def expand(self, pbegin):
+        return pbegin | "ReadText" >> beam.io.ReadFromText(
+            self._pattern, coder=coders.BytesCoder(), compression_type=CompressionTypes.AUTO)
+
+
+class ParseLogs(beam.PTransform):
+    """bytes lines -> {RECORDS: LogRecord, DEAD_LETTER: dead-letter dict}."""
+
+    def expand(self, lines):
+        return lines | "Parse" >> beam.ParDo(ParseLogLineFn()).with_outputs(DEAD_LETTER, main=RECORDS)

@@ -1,0 +1,84 @@
+"""Stage 8: the WordPiece query vocabulary, learned from the training queries.
+
+Words are counted in Beam with tensorflow-text's BasicTokenizer using the
+parameters the trainer's BertTokenizer uses (trainer.features.BERT_TOKENIZER_PARAMS),
+so CJK ideographs are single words and Latin text is case-folded exactly as at
+training and serving time.  The word counts (one row per distinct word: a
+vocabulary-sized collection, not a log-sized one) are then handed to
+tensorflow-text's WordPiece learner, with trainer.features.RESERVED_TOKENS first.
+"""
+
+
+from typing import Iterable, List, Tuple
+
+import apache_beam as beam
+
+# Queries tokenized per TensorFlow call.
+TOKENIZE_BATCH = 512
+
+
+class CountWordsFn(beam.DoFn):
+    """Batches of (query, count) -> (word, count) per word of each query, BasicTokenizer-split."""
+
+    def __init__(self):
+        self._tokenizer = None
+
+    def setup(self):
+        from trainer import compat  # noqa: F401
+        from tensorflow_text.python.ops import bert_tokenizer
+
+        from trainer.features import BERT_TOKENIZER_PARAMS
+
+        self._tokenizer = bert_tokenizer.BasicTokenizer(**BERT_TOKENIZER_PARAMS)
+
+    def process(self, batch: List[Tuple[str, int]]):
+        queries = [q for q, _ in batch]
+        words = self._tokenizer.tokenize(queries).to_list()
+        for (_, count), query_words in zip(batch, words):
+            for word in query_words:
+                yield word.decode("utf-8"), count
+
+
+def basic_tokenize(queries: List[str]) -> List[List[str]]:
+    """The words BasicTokenizer(**BERT_TOKENIZER_PARAMS) splits each query into (for tests and checks)."""
+    fn = CountWordsFn()
+    fn.setup()
+    return [[w.decode("utf-8") for w in ws] for ws in fn._tokenizer.tokenize(queries).to_list()]
+
+
+def learn_vocabulary(word_counts: Iterable[Tuple[str, int]], vocab_size: int) -> List[str]:
+    """tensorflow-text's WordPiece learner over word counts; reserved tokens first.
+
+    Every character of the counted words is allowed into the alphabet (up to
+    max(vocab_size, 1000) distinct characters), so each CJK character seen in
+    training is its own token.
+    """
+    from tensorflow_text.tools.wordpiece_vocab import wordpiece_tokenizer_learner_lib as learner
+
+    from trainer.features import RESERVED_TOKENS
+
+    counts = sorted(word_counts, key=lambda wc: (-wc[1], wc[0]))
+    if not counts:
+        return list(RESERVED_TOKENS)
+    vocab = learner.learn(counts, vocab_size, list(RESERVED_TOKENS), max_unique_chars=max(vocab_size, 1000))
+    return list(RESERVED_TOKENS) + [t for t in vocab if t not in RESERVED_TOKENS]
+
+
+class LearnVocabulary(beam.PTransform):
+    """Training queries (one element per query event) -> a single list of vocabulary tokens."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self._vocab_size = vocab_size
+
+    def expand(self, queries):
+        vocab_size = self._vocab_size
+        return (
+            queries
+            | "CountQueries" >> beam.combiners.Count.PerElement()
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TOKENIZE_BATCH)
+            | "Tokenize" >> beam.ParDo(CountWordsFn())
+            | "CountWords" >> beam.CombinePerKey(sum)
+            | "AllWordCounts" >> beam.combiners.ToList()
+            | "Learn" >> beam.Map(learn_vocabulary, vocab_size)
+        )

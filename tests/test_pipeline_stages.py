@@ -1,0 +1,358 @@
+"""Unit tests of the pipeline's transforms, each alone, against numbers computed by hand."""
+
+import base64
+import io
+import json
+import math
+
+import apache_beam as beam
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_pipelines import graph, images, neighbors, outputs, parse, selection, split, vocab
+from beam_pipelines.click_stats import ComputeClickStats, PairStats, QueryCategory
+from beam_pipelines.log_schema import Impression, LogRecord
+
+
+def beam_pipeline():
+    """A TestPipeline on the FnApiRunner (the DirectRunner would first try to download Prism)."""
+    return BeamTestPipeline(runner=FnApiRunner())
+
+
+def text_event(query, shown, clicked=(), category="", session="s"):
+    return LogRecord(session_id=session, time=0.0, query=query, category=category,
+                     impressions=tuple(Impression(img, i + 1, img in clicked) for i, img in enumerate(shown)))
+
+
+def image_event(source, shown, clicked=()):
+    return LogRecord(session_id="s", time=0.0, query_image_id=source,
+                     impressions=tuple(Impression(img, i + 1, img in clicked) for i, img in enumerate(shown)))
+
+
+# --------------------------------------------------------------------------- stage 1: parsing
+
+
+GOOD_LINE = json.dumps({"session_id": "s1", "time": 1.0, "query": "  Red  CIRCLE ", "category": "Color",
+                        "impressions": [{"image_id": "a", "position": 1, "clicked": True}]}).encode()
+
+
+def test_parse_or_dead_letter_keeps_raw_and_reason():
+    record, bad = parse.parse_or_dead_letter(GOOD_LINE)
+    assert bad is None and record.query == "red circle" and record.category == "color"
+    _, bad = parse.parse_or_dead_letter(b"{not json")
+    assert bad == {"source": "log", "reason": "bad_json", "raw": "{not json", "detail": bad["detail"]}
+    _, bad = parse.parse_or_dead_letter(b"\xff\xfe{}")
+    assert bad["reason"] == "not_utf8" and bad["raw_encoding"] == "base64"
+    assert base64.b64decode(bad["raw"]) == b"\xff\xfe{}"
+    json.loads(parse.dead_letter_json(bad))  # always one valid JSON line
+
+
+def test_parse_logs_transform_splits_good_and_dead_letters():
+    with beam_pipeline() as p:
+        out = p | beam.Create([GOOD_LINE, b"[1, 2]", b"", "红色".encode("gbk")]) | parse.ParseLogs()
+        assert_that(out[parse.RECORDS] | beam.Map(lambda r: r.query), equal_to(["red circle"]), label="good")
+        assert_that(out[parse.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
+                    equal_to(["not_an_object", "empty_line", "not_utf8"]), label="bad")
+
+
+# --------------------------------------------------------------------------- stage 2: click statistics
+
+
+def test_click_stats_and_query_category():
+    events = [
+        text_event("red", ["a", "b"], clicked=["a"], category="color"),
+        text_event("red", ["b", "c", "a"], clicked=["b"], category="color"),
+        text_event("red", ["a"], category=""),
+        text_event("blue", ["a"], category="shape"),
+        text_event("blue", ["a"], category="color"),
+        image_event("a", ["b", "c"], clicked=["b"]),  # query-by-image: not a (query, image) pair
+    ]
+    with beam_pipeline() as p:
+        records = p | beam.Create(events)
+        stats = records | ComputeClickStats()
+        # a for "red": shown at 1, 3, 1 -> 3 impressions, 1 click, positions 5.
+        assert_that(stats, equal_to([
+            (("red", "a"), PairStats(3, 1, 5)), (("red", "b"), PairStats(2, 1, 3)),
+            (("red", "c"), PairStats(1, 0, 2)), (("blue", "a"), PairStats(2, 0, 2)),
+        ]), label="stats")
+        # "red": color twice, "" once -> color; "blue": tie 1-1 -> the smaller name.
+        assert_that(records | QueryCategory(), equal_to([("red", "color"), ("blue", "color")]), label="category")
+
+
+def test_smoothed_ctr_and_mean_position():
+    stats = PairStats(impressions=2, clicks=1, position_sum=3)
+    assert stats.mean_position == 1.5
+    assert stats.smoothed_ctr(prior=0.05, prior_impressions=10) == pytest.approx((1 + 0.5) / 12)
+    assert stats.smoothed_ctr(prior=0.0, prior_impressions=0) == 0.5
+
+
+# --------------------------------------------------------------------------- stage 3: selection
+
+RAW_CTR = dict(ctr_prior=0.0, ctr_prior_impressions=0.0)  # CTR = clicks / impressions, easy to check
+
+
+def test_ctr_threshold_per_category_with_default():
+    rules = selection.SelectionRules(ctr_threshold_default=0.1, ctr_threshold_by_category=(("color", 0.3),),
+                                     **RAW_CTR)
+    shown = [("a", PairStats(10, 3, 10)), ("b", PairStats(10, 5, 10)), ("c", PairStats(10, 1, 10))]
+    # color: threshold 0.3 -> a (0.3, not above) and c (0.1) out.
+    assert [s.image_id for s in selection.select_for_query("red", "color", shown, rules)] == ["b"]
+    # unknown category: default 0.1 -> c (0.1, not above) out.
+    assert [s.image_id for s in selection.select_for_query("red", "shape", shown, rules)] == ["b", "a"]
+
+
+def test_top_n_min_clicks_and_click_weight():
+    rules = selection.SelectionRules(top_n_per_query=2, min_clicks=2, **RAW_CTR)
+    shown = [("a", PairStats(10, 4, 10)), ("b", PairStats(5, 4, 10)), ("c", PairStats(10, 5, 10)),
+             ("d", PairStats(1, 1, 1))]
+    selected = selection.select_for_query("q", "", shown, rules)
+    # c has most clicks; a and b tie on 4 clicks, b has the higher CTR (0.8 > 0.4); d has < 2 clicks.
+    assert [s.image_id for s in selected] == ["c", "b"]
+    assert [s.click_weight for s in selected] == [pytest.approx(math.log(6)), pytest.approx(math.log(5))]
+
+
+def test_entity_cap_applies_only_to_matching_queries():
+    rules = selection.SelectionRules(entity_patterns=(r"^taylor\b", "明星"), entity_cap=1, **RAW_CTR)
+    shown = [(f"i{k}", PairStats(10, 10 - k, 10)) for k in range(4)]
+    assert len(selection.select_for_query("taylor swift", "", shown, rules)) == 1
+    assert len(selection.select_for_query("明星 照片", "", shown, rules)) == 1
+    assert len(selection.select_for_query("red taylor", "", shown, rules)) == 4
+
+
+def test_hard_negatives_are_shown_but_never_clicked_most_shown_first():
+    rules = selection.SelectionRules(hard_negatives=2, **RAW_CTR)
+    shown = [("pos", PairStats(5, 2, 5)), ("n1", PairStats(3, 0, 9)), ("n2", PairStats(7, 0, 9)),
+             ("n3", PairStats(3, 0, 9)), ("clicked", PairStats(9, 1, 9))]
+    (first, *_) = selection.select_for_query("q", "", shown, rules)
+    assert first.negatives == ("n2", "n1")
+
+
+def test_select_pairs_transform_joins_category():
+    rules = selection.SelectionRules(ctr_threshold_by_category=(("color", 0.6),), **RAW_CTR)
+    with beam_pipeline() as p:
+        stats = p | "Stats" >> beam.Create([(("red", "a"), PairStats(2, 1, 2)), (("red", "b"), PairStats(1, 1, 1)),
+                                            (("blue", "a"), PairStats(2, 1, 2))])
+        cats = p | "Cats" >> beam.Create([("red", "color")])
+        out = {"stats": stats, "category": cats} | selection.SelectPairs(rules)
+        assert_that(out | beam.Map(lambda s: (s.query, s.category, s.image_id)),
+                    equal_to([("red", "color", "b"), ("blue", "", "a")]))
+
+
+# --------------------------------------------------------------------------- stage 4: graph
+
+GRAPH_EVENTS = [
+    text_event("x", ["a", "b", "c"], clicked=["a", "b"]),
+    text_event("y", ["a", "b"], clicked=["a"]),
+    image_event("a", ["b", "c"], clicked=["b"]),
+    image_event("b", ["a"]),
+]
+
+
+def test_edge_stats_coclick_and_similar_click_rates():
+    with beam_pipeline() as p:
+        stats = p | beam.Create(GRAPH_EVENTS) | graph.ComputeEdgeStats()
+        # (a,b): shown together in 2 text lists + 1 image list (b, c); co-clicked once in a text list
+        # and the image list of "a" shows b, c (no co-click of a,b there: a is the query, not shown).
+        # similar: b shown for a (clicked), a shown for b (not) -> 2 shown, 1 click.
+        assert_that(stats, equal_to([
+            (("a", "b"), graph.EdgeStats(2, 1, 2, 1)),
+            (("a", "c"), graph.EdgeStats(1, 0, 1, 0)),
+            (("b", "c"), graph.EdgeStats(2, 0, 0, 0)),
+        ]))
+
+
+def test_edge_weight_is_the_configured_linear_combination():
+    stats = graph.EdgeStats(co_shown=2, co_clicks=1, similar_shown=4, similar_clicks=1)
+    assert stats.coclick_rate == 0.5 and stats.similar_click_rate == 0.25
+    assert stats.weight(coclick_weight=1.0, similar_click_weight=2.0) == pytest.approx(0.5 + 0.5)
+    assert graph.EdgeStats().weight(1.0, 1.0) == 0.0
+
+
+def test_in_bundle_pre_summing_flushes_without_changing_totals():
+    fn = graph.PairCountsFn(max_pairs=2)
+    fn.start_bundle()
+    emitted = [kv for event in GRAPH_EVENTS for kv in fn.process(event)]
+    emitted += [wv.value for wv in fn.finish_bundle()]
+    totals = {}
+    for pair, counts in emitted:
+        totals[pair] = tuple(x + y for x, y in zip(totals.get(pair, (0, 0, 0, 0)), counts))
+    assert totals == {("a", "b"): (2, 1, 2, 1), ("a", "c"): (1, 0, 1, 0), ("b", "c"): (2, 0, 0, 0)}
+    assert len(emitted) > len(totals)  # it did flush mid-bundle
+
+
+def test_image_graph_is_symmetric_top_k_above_min_weight():
+    with beam_pipeline() as p:
+        edges = p | beam.Create([(("a", "b"), 0.9), (("a", "c"), 0.5), (("a", "d"), 0.5), (("c", "d"), 0.2)])
+        top = edges | graph.TopNeighbors(k=2)
+        # a keeps b and, of the tied c/d, the smaller id c; every edge also appears from its other end.
+        assert_that(top, equal_to([
+            ("a", [("b", 0.9), ("c", 0.5)]), ("b", [("a", 0.9)]),
+            ("c", [("a", 0.5), ("d", 0.2)]), ("d", [("a", 0.5), ("c", 0.2)]),
+        ]), label="top")
+        stats = p | "Stats" >> beam.Create([(("a", "b"), graph.EdgeStats(2, 1, 0, 0)),
+                                            (("a", "c"), graph.EdgeStats(10, 1, 0, 0)),
+                                            (("b", "c"), graph.EdgeStats(0, 0, 3, 1))])
+        weighted = stats | graph.WeightEdges(coclick_weight=1.0, similar_click_weight=0.5, min_weight=0.15)
+        # 0.5 kept; 0.1 < 0.15 dropped; 0.5 * 1/3 = 0.1667 kept.
+        assert_that(weighted, equal_to([(("a", "b"), 0.5), (("b", "c"), pytest.approx(1 / 6))]), label="weights")
+
+
+# --------------------------------------------------------------------------- stages 5-6: joins
+
+
+def _records_by_key(records):
+    return {(r["query"], r["image_id"]): r for r in records}
+
+
+def test_neighbor_join_pads_drops_bad_slots_and_makes_image_only_nodes():
+    pairs = [selection.SelectedPair("red", "color", "a", 1.0, ("n", "gone")),
+             selection.SelectedPair("blue", "", "gone", 2.0)]
+    nbrs = [("a", [("b", 0.9), ("gone", 0.8), ("c", 0.4)]), ("c", [("a", 0.4)]), ("b", [("a", 0.9)]),
+            ("gone", [("a", 0.8)])]
+    good = [("a", b"A"), ("b", b"B"), ("c", b"C"), ("n", b"N")]
+    with beam_pipeline() as p:
+        good_images = p | "Images" >> beam.Create(good)
+        links = {"neighbors": p | "Nbrs" >> beam.Create(nbrs), "images": good_images} | neighbors.AttachNeighborImages()
+        joined = {"pairs": p | "Pairs" >> beam.Create(pairs), "images": good_images, "neighbors": links,
+                  "bad": p | "Bad" >> beam.Create([("gone", "missing_image")])} | neighbors.JoinExamplesPerImage(0.0)
+        with_negs = {"examples": joined[neighbors.EXAMPLES], "images": good_images} | neighbors.AttachHardNegatives()
+        final = {neighbors.EXAMPLES: with_negs, neighbors.TRAIN_COUNTS: joined[neighbors.TRAIN_COUNTS]} | (
+            neighbors.AddCandidateProbability())
+
+        def check(records):
+            by_key = _records_by_key(records)
+            # "gone" has no image: its example is dropped; as a neighbour its slot is removed; as a negative too.
+            assert set(by_key) == {("red", "a"), ("", "b"), ("", "c")}
+            red = by_key[("red", "a")]
+            assert [(n, w) for n, w, _ in red["neighbors"]] == [("b", 0.9), ("c", 0.4)]
+            assert [v for _, _, v in red["neighbors"]] == [b"B", b"C"]
+            assert red["negatives"] == [("n", b"N")]
+            # b and c are graph nodes with no query: image-only examples, weight 0, train split.
+            assert by_key[("", "b")]["click_weight"] == 0.0 and by_key[("", "b")]["split"] == split.TRAIN
+            # 3 train examples, one per image.
+            assert all(r["candidate_probability"] == pytest.approx(1 / 3) for r in records)
+
+        assert_that(final, check)
+        assert_that(joined[neighbors.DROPPED], equal_to([1]), label="dropped")
+        assert_that(joined[parse.DEAD_LETTER], equal_to([]), label="no_dead_letter_for_known_bad")
+
+
+def test_unknown_image_is_dead_lettered_once():
+    with beam_pipeline() as p:
+        joined = {"pairs": p | "Pairs" >> beam.Create([selection.SelectedPair("q", "", "ghost", 1.0)]),
+                  "images": p | "Images" >> beam.Create([]), "neighbors": p | "Nbrs" >> beam.Create([]),
+                  "bad": p | "Bad" >> beam.Create([])} | neighbors.JoinExamplesPerImage(0.1)
+        assert_that(joined[parse.DEAD_LETTER] | beam.Map(lambda d: (d["reason"], d["image_id"])),
+                    equal_to([("not_in_catalog", "ghost")]))
+
+
+def test_written_example_has_every_slot_padded():
+    import tensorflow as tf
+    from trainer import features as F
+
+    spec = F.example_feature_spec("pixels", 0, max_neighbors=3, hard_negatives=2)
+    record = neighbors.make_record("红色 圆形", "color", "a", b"A", 1.5, split.TRAIN, [("b", 0.7, b"B")])
+    record["negatives"] = [("n", b"N")]
+    record["candidate_probability"] = 0.25
+    features = outputs.example_features(record, "pixels", max_neighbors=3, hard_negatives=2)
+    parsed = tf.io.parse_single_example(F.make_example(features, spec).SerializeToString(), spec)
+    assert parsed[F.QUERY].numpy().decode() == "红色 圆形"
+    assert parsed[F.neighbor_key(0, F.IMAGE_ID)].numpy() == b"b"
+    assert parsed[F.neighbor_weight_key(0)].numpy() == pytest.approx(0.7)
+    for i in (1, 2):
+        assert parsed[F.neighbor_key(i, F.IMAGE_ID)].numpy() == b""
+        assert parsed[F.neighbor_key(i, F.IMAGE)].numpy() == b""
+        assert parsed[F.neighbor_weight_key(i)].numpy() == 0.0
+    assert parsed[F.negative_key(0, F.IMAGE_ID)].numpy() == b"n"
+    assert parsed[F.negative_key(1, F.IMAGE_ID)].numpy() == b""
+    # Feature vectors pad with zeros.
+    fspec = F.example_feature_spec("features", 2, max_neighbors=2)
+    record = neighbors.make_record("q", "", "a", (0.5, 1.0), 1.0, split.TRAIN, [])
+    parsed = tf.io.parse_single_example(
+        F.make_example(outputs.example_features(record, "features", 2, 0), fspec).SerializeToString(), fspec)
+    assert parsed[F.neighbor_key(1, F.IMAGE_FEATURES)].numpy().tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- stage 7: images
+
+
+def _png(size=20, color=(200, 10, 10)):
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (size, size * 2), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_load_images_resizes_and_dead_letters_missing_and_corrupt(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ok.png").write_bytes(_png())
+    (tmp_path / "images" / "bad.png").write_bytes(_png()[:40])
+    catalog = str(tmp_path / "catalog.jsonl")
+    lines = [json.dumps({"image_id": "ok", "uri": "images/ok.png"}).encode(),
+             json.dumps({"image_id": "bad", "uri": "images/bad.png"}).encode(),
+             json.dumps({"image_id": "missing", "uri": "images/missing.png"}).encode(),
+             json.dumps({"image_id": "ok", "uri": "images/other.png"}).encode(),  # duplicate id
+             b"not json"]
+    with beam_pipeline() as p:
+        cat = p | beam.Create(lines) | images.ReadCatalog()
+        loaded = cat["entries"] | images.LoadImages(catalog, "pixels", image_size=8)
+
+        def check_images(elements):
+            [(image_id, png)] = elements
+            assert image_id == "ok" and Image.open(io.BytesIO(png)).size == (8, 8)
+
+        assert_that(loaded[images.IMAGES], check_images, label="good")
+        assert_that(loaded[parse.DEAD_LETTER] | beam.Map(lambda d: (d["image_id"], d["reason"])),
+                    equal_to([("bad", "corrupt_image"), ("missing", "missing_image")]), label="bad")
+        assert_that(cat[parse.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
+                    equal_to(["duplicate_image_id", "bad_json"]), label="catalog")
+
+
+# --------------------------------------------------------------------------- stage 8: split, vocabulary
+
+
+def test_query_split_is_stable_and_disjoint():
+    queries = [f"query {i}" for i in range(2000)] + ["红色 圆形", ""]
+    splits = {q: split.query_split(q, 0.1) for q in queries}
+    assert splits == {q: split.query_split(q, 0.1) for q in queries}
+    assert splits[""] == split.TRAIN
+    assert 0.07 < sum(s == split.EVAL for s in splits.values()) / len(queries) < 0.13
+    assert all(split.query_split(q, 0.0) == split.TRAIN for q in queries)
+
+
+def test_vocabulary_has_reserved_tokens_first_and_every_cjk_character(tmp_path):
+    import tensorflow_text as text
+    from trainer import features as F
+
+    queries = [("red circle", 30), ("红色 圆形", 20), ("large blue square", 12), ("Ｂｌｕｅ 条纹", 11), ("稀有", 1)]
+    words = vocab.basic_tokenize([q for q, _ in queries])
+    assert words[1] == ["红", "色", "圆", "形"]  # CJK ideographs are single words
+    counts = {}
+    for (_, n), ws in zip(queries, words):
+        for w in ws:
+            counts[w] = counts.get(w, 0) + n
+    tokens = vocab.learn_vocabulary(counts.items(), vocab_size=200)
+    assert tokens[:2] == F.RESERVED_TOKENS
+    assert {"red", "circle", "blue", "红", "色", "圆", "形", "条", "纹", "稀", "有"} <= set(tokens)
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(tokens), encoding="utf-8")
+    tokenizer = text.BertTokenizer(str(vocab_file), **F.BERT_TOKENIZER_PARAMS)
+    ids = tokenizer.tokenize([q for q, _ in queries]).merge_dims(1, -1).to_list()
+    assert all(1 not in row for row in ids)  # no [UNK]
+
+
+def test_learn_vocabulary_transform_counts_query_events():
+    with beam_pipeline() as p:
+        tokens = p | beam.Create(["red circle"] * 12 + ["红色"] * 3) | vocab.LearnVocabulary(vocab_size=100)
+
+        def check(result):
+            [vocabulary] = result
+            assert vocabulary[:2] == ["[PAD]", "[UNK]"]
+            assert {"red", "circle", "红", "色"} <= set(vocabulary)
+
+        assert_that(tokens, check)
