@@ -1,0 +1,174 @@
+"""TF Serving's gRPC services (tensorflow_serving.apis) over a ModelRegistry.
+
+`PredictionService`: Predict and GetModelMetadata; Classify, Regress and
+MultiInference answer UNIMPLEMENTED (the exported models have no
+classification/regression signatures).  `ModelService`: GetModelStatus;
+HandleReloadConfigRequest answers UNIMPLEMENTED (the server reloads versions
+by itself).
+
+Requests are registered with a raw-bytes deserializer so their size is checked
+before parsing: a request over serving.max_request_bytes gets
+INVALID_ARGUMENT, like any other request the server will not run.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Callable, Optional
+
+import grpc
+
+from trainer import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import status_pb2
+
+from serving.model_registry import ModelRegistry
+from serving.predict import DEFAULT_SIGNATURE, ServingError, invalid, predict_proto
+from trainer.errors import ClicklensError
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+SIGNATURE_DEF_FIELD = "signature_def"
+# The transport limit sits well above max_request_bytes, so oversized requests
+# reach the handler and get TF Serving's INVALID_ARGUMENT rather than gRPC's
+# own RESOURCE_EXHAUSTED.
+TRANSPORT_LIMIT_FACTOR = 4
+
+
+def requested_version(model_spec) -> Optional[int]:
+    """The version a ModelSpec names, or None for the latest; labels are not configured here."""
+    which = model_spec.WhichOneof("version_choice")
+    if which == "version_label":
+        raise ServingError(grpc.StatusCode.NOT_FOUND, f"Unrecognized servable version label: {model_spec.version_label}")
+    return model_spec.version.value if which == "version" else None
+
+
+class Handlers:
+    """The RPC bodies: parse, size-check, run against the registry, map errors to status codes."""
+
+    def __init__(self, registry: ModelRegistry, max_request_bytes: int, max_batch: int):
+        self.registry = registry
+        self.max_request_bytes = max_request_bytes
+        self.max_batch = max_batch
+
+    def _parse(self, raw: bytes, message_type):
+        if len(raw) > self.max_request_bytes:
+            raise invalid(f"request of {len(raw)} bytes exceeds serving.max_request_bytes={self.max_request_bytes}")
+        try:
+            return message_type.FromString(raw)
+        except Exception as err:  # protobuf DecodeError
+            raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {err}") from None
+
+    def predict(self, raw: bytes, context) -> predict_pb2.PredictResponse:
+        request = self._parse(raw, predict_pb2.PredictRequest)
+        loaded = self.registry.get(request.model_spec.name, requested_version(request.model_spec))
+        outputs = predict_proto(loaded.model, request, self.max_batch)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = loaded.name
+        response.model_spec.version.value = loaded.version
+        response.model_spec.signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        for name, value in outputs.items():
+            response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def get_model_metadata(self, raw: bytes, context) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        request = self._parse(raw, get_model_metadata_pb2.GetModelMetadataRequest)
+        fields = list(request.metadata_field)
+        if not fields:
+            raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
+        unsupported = [f for f in fields if f != SIGNATURE_DEF_FIELD]
+        if unsupported:
+            raise invalid(f"Metadata field {unsupported[0]} is not supported")
+        loaded = self.registry.get(request.model_spec.name, requested_version(request.model_spec))
+        return metadata_response(loaded)
+
+    def get_model_status(self, raw: bytes, context) -> get_model_status_pb2.GetModelStatusResponse:
+        request = self._parse(raw, get_model_status_pb2.GetModelStatusRequest)
+        return status_response(self.registry, request.model_spec.name, requested_version(request.model_spec))
+
+
+def metadata_response(loaded) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    """GetModelMetadataResponse with the version's SignatureDefMap."""
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = loaded.name
+    response.model_spec.version.value = loaded.version
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature in loaded.signature_defs.items():
+        signature_map.signature_def[key].CopyFrom(signature)
+    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+    return response
+
+
+def status_response(registry: ModelRegistry, name: str, version: Optional[int]):
+    """GetModelStatusResponse for a model (all versions it knows) or one version."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for number, st in registry.status(name, version):
+        entry = response.model_version_status.add()
+        entry.version = number
+        entry.state = st.state
+        entry.status.CopyFrom(status_pb2.StatusProto(error_code=st.error_code.value[0], error_message=st.error_message))
+    return response
+
+
+def _unary(body: Callable, response_type) -> grpc.RpcMethodHandler:
+    def handler(raw: bytes, context):
+        try:
+            return body(raw, context)
+        except ServingError as err:
+            context.abort(err.code, err.message)
+        except Exception as err:  # an unexpected failure is INTERNAL, never a dropped connection
+            logger.exception("request failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=None,
+                                               response_serializer=response_type.SerializeToString)
+
+
+def _unimplemented(method: str) -> grpc.RpcMethodHandler:
+    def handler(raw: bytes, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by the clicklens server")
+
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
+def build_grpc_server(handlers: Handlers, host: str, port: int, workers: int) -> tuple[grpc.Server, int]:
+    """A grpc.Server with both services on host:port (0 picks a free port); returns it and the bound port."""
+    limit = handlers.max_request_bytes * TRANSPORT_LIMIT_FACTOR
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                         options=[("grpc.max_receive_message_length", limit),
+                                  ("grpc.max_send_message_length", -1),
+                                  ("grpc.so_reuseport", 0)])
+    prediction = {
+        "Predict": _unary(handlers.predict, predict_pb2.PredictResponse),
+        "GetModelMetadata": _unary(handlers.get_model_metadata, get_model_metadata_pb2.GetModelMetadataResponse),
+        "Classify": _unimplemented("Classify"),
+        "Regress": _unimplemented("Regress"),
+        "MultiInference": _unimplemented("MultiInference"),
+    }
+    models = {
+        "GetModelStatus": _unary(handlers.get_model_status, get_model_status_pb2.GetModelStatusResponse),
+        "HandleReloadConfigRequest": _unimplemented("HandleReloadConfigRequest"),
+    }
+    # The stub modules name the full method set; fail loudly if a proto update adds one.
+    assert set(prediction) == _methods(prediction_service_pb2_grpc.PredictionServiceServicer)
+    assert set(models) == _methods(model_service_pb2_grpc.ModelServiceServicer)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
+                                     grpc.method_handlers_generic_handler(MODEL_SERVICE, models)])
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as err:
+        bound, reason = 0, str(err)
+    else:
+        reason = "address in use or not available"
+    if not bound:
+        raise ClicklensError(f"cannot listen for gRPC on {host}:{port}: {reason}")
+    return server, bound
+
+
+def _methods(servicer_class) -> set:
+    return {name for name in vars(servicer_class) if not name.startswith("_")}

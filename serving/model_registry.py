@@ -1,0 +1,221 @@
+"""The models a server serves, and their versions, loaded and hot-swapped from disk.
+
+Each model in models.config has a base path with integer version directories
+(`<base_path>/<version>/saved_model.pb`).  A background thread looks for
+versions every `poll_seconds`, loads the ones the model's version policy asks
+for (replaying their warmup requests before they take traffic), and only then
+swaps them in and retires old ones, so requests never see a half-loaded model
+and a request in flight keeps its own reference to the version it started on.
+Directories whose names are not integers (e.g. an export's temporary
+directory) are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import grpc
+
+from trainer import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
+
+from serving import saved_models
+from serving.models_config import ModelConfig
+from serving.predict import ServingError, predict_proto
+from trainer.workdir import join
+
+logger = logging.getLogger(__name__)
+
+MAX_LOAD_ATTEMPTS = 5  # as tensorflow_model_server's default --max_num_load_retries
+MAX_WARMUP_RECORDS = 1000  # TF Serving replays at most this many
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+@dataclasses.dataclass
+class LoadedVersion:
+    """One model version that can take requests."""
+
+    name: str
+    version: int
+    path: str
+    model: object  # the tf.saved_model.load result
+    signature_defs: Dict[str, object]
+
+
+@dataclasses.dataclass
+class VersionStatus:
+    state: int = State.START
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+    error_message: str = ""
+    attempts: int = 0
+
+
+def disk_versions(base_path: str) -> List[int]:
+    """Integer version directories under base_path that hold a saved_model.pb."""
+    if not tf.io.gfile.isdir(base_path):
+        return []
+    versions = []
+    for entry in tf.io.gfile.listdir(base_path):
+        entry = entry.rstrip("/")
+        if entry.isdigit() and tf.io.gfile.exists(join(base_path, entry, saved_models.SAVED_MODEL_PB)):
+            versions.append(int(entry))
+    return sorted(versions)
+
+
+def aspired_versions(config: ModelConfig, on_disk: Sequence[int]) -> List[int]:
+    """The versions a model's version policy asks to serve (TF Serving's default: the latest one)."""
+    policy = config.model_version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return list(on_disk)
+    if which == "specific":
+        return [v for v in on_disk if v in set(policy.specific.versions)]
+    num = policy.latest.num_versions if which == "latest" else 1
+    return list(on_disk)[-max(num, 1):]
+
+
+def replay_warmup(loaded: LoadedVersion, max_batch: int) -> int:
+    """Runs the version's assets.extra warmup requests (as TF Serving does); returns how many ran."""
+    path = join(loaded.path, saved_models.WARMUP_FILE)
+    if not tf.io.gfile.exists(path):
+        return 0
+    count = 0
+    for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if log.WhichOneof("log_type") != "predict_log":
+            raise ValueError(f"{path}: only predict_log warmup records are supported")
+        predict_proto(loaded.model, log.predict_log.request, max_batch)
+        count += 1
+    return count
+
+
+class ModelRegistry:
+    """Serves the versions of the models in a models.config, reloading as versions appear."""
+
+    def __init__(self, configs: Sequence[ModelConfig], poll_seconds: float = 2.0, max_batch: int = 256):
+        self._configs = {c.name: c for c in configs}
+        self._poll_seconds = poll_seconds
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self._serving: Dict[str, Dict[int, LoadedVersion]] = {name: {} for name in self._configs}
+        self._status: Dict[str, Dict[int, VersionStatus]] = {name: {} for name in self._configs}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def model_names(self) -> List[str]:
+        return list(self._configs)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Loads what is on disk now, then keeps polling in a background thread."""
+        self.poll()
+        self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # a broken poll must not kill the poller; the next one retries
+                logger.exception("polling for model versions failed")
+
+    def poll(self) -> None:
+        """One pass over every model: load new aspired versions, then retire unwanted ones."""
+        with self._poll_lock:
+            for name, config in self._configs.items():
+                if self._stop.is_set():
+                    return
+                self._poll_model(name, config)
+
+    def _poll_model(self, name: str, config: ModelConfig) -> None:
+        on_disk = disk_versions(config.base_path)
+        aspired = aspired_versions(config, on_disk)
+        status = self._status[name]
+        for version in aspired:
+            if version in self._serving[name]:
+                continue
+            st = status.setdefault(version, VersionStatus())
+            if st.attempts >= MAX_LOAD_ATTEMPTS:
+                continue
+            loaded = self._load(name, version, join(config.base_path, str(version)), st)
+            if loaded is not None:
+                with self._lock:
+                    self._serving[name] = {**self._serving[name], version: loaded}
+                st.state = State.AVAILABLE
+                logger.info("model %s version %d is available", name, version)
+        # Retire versions no longer aspired, but never the last available one
+        # while nothing aspired is available (availability-preserving, as TF Serving).
+        serving = self._serving[name]
+        aspired_available = any(v in serving for v in aspired)
+        retire = [v for v in serving if v not in aspired and (aspired_available or v not in on_disk)]
+        if retire:
+            for version in retire:
+                status[version].state = State.UNLOADING
+            with self._lock:
+                self._serving[name] = {v: lv for v, lv in serving.items() if v not in retire}
+            for version in retire:
+                status[version].state = State.END
+                logger.info("model %s version %d is unloaded", name, version)
+
+    def _load(self, name: str, version: int, path: str, st: VersionStatus) -> Optional[LoadedVersion]:
+        st.state = State.LOADING
+        st.attempts += 1
+        logger.info("loading model %s version %d from %s", name, version, path)
+        try:
+            model = saved_models.load(path)
+            loaded = LoadedVersion(name, version, path, model, saved_models.signature_defs(path))
+            warmed = replay_warmup(loaded, self._max_batch)
+            logger.info("model %s version %d: replayed %d warmup requests", name, version, warmed)
+            st.error_code, st.error_message = grpc.StatusCode.OK, ""
+            return loaded
+        except Exception as err:  # any load failure is reported through GetModelStatus
+            logger.warning("model %s version %d failed to load (attempt %d/%d): %s",
+                           name, version, st.attempts, MAX_LOAD_ATTEMPTS, err)
+            code = err.code if isinstance(err, ServingError) else grpc.StatusCode.UNKNOWN
+            st.state = State.END if st.attempts >= MAX_LOAD_ATTEMPTS else State.START
+            st.error_code, st.error_message = code, f"failed to load: {err}"
+            return None
+
+    # -- lookups -------------------------------------------------------------
+
+    def get(self, name: str, version: Optional[int] = None) -> LoadedVersion:
+        """The requested version (default: the latest available); NOT_FOUND otherwise."""
+        if name not in self._configs:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
+        with self._lock:
+            versions = self._serving[name]
+        if version is None:
+            if not versions:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Servable not found for request: Latest({name}) (no version is available)")
+            return versions[max(versions)]
+        if version not in versions:
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"Servable not found for request: Specific({name}, {version})")
+        return versions[version]
+
+    def status(self, name: str, version: Optional[int] = None) -> List[Tuple[int, VersionStatus]]:
+        """(version, status) pairs of a model, newest first; NOT_FOUND for unknown model or version."""
+        if name not in self._configs:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
+        statuses = dict(self._status[name])
+        if version is not None:
+            if version not in statuses:
+                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
+            return [(version, statuses[version])]
+        if not statuses:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
+        return sorted(statuses.items(), reverse=True)

@@ -1,0 +1,61 @@
+"""TF Serving's model config file (`ModelServerConfig` in protobuf text format).
+
+`clicklens export` writes `W/export/models.config`; `clicklens serve` and a
+stock `tensorflow_model_server --model_config_file=...` both read it.
+"""
+
+from __future__ import annotations
+
+from typing import List, Mapping
+
+from trainer import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from trainer.errors import ClicklensError
+
+ModelConfig = model_server_config_pb2.ModelConfig
+
+
+def build(base_paths: Mapping[str, str], num_versions: int = 1) -> model_server_config_pb2.ModelServerConfig:
+    """A config that serves each named model's latest `num_versions` versions."""
+    config = model_server_config_pb2.ModelServerConfig()
+    for name, base_path in base_paths.items():
+        entry = config.model_config_list.config.add()
+        entry.name = name
+        entry.base_path = base_path
+        entry.model_platform = "tensorflow"
+        entry.model_version_policy.latest.num_versions = num_versions
+    return config
+
+
+def write(path: str, config: model_server_config_pb2.ModelServerConfig) -> None:
+    """Writes the config as protobuf text (atomically where the filesystem allows)."""
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text_format.MessageToString(config))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read(path: str) -> List[ModelConfig]:
+    """The model entries of a models.config file; ClicklensError if missing or malformed."""
+    if not tf.io.gfile.exists(path):
+        raise ClicklensError(f"{path}: model config not found (run `clicklens export` first)")
+    with tf.io.gfile.GFile(path, "r") as f:
+        text = f.read()
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as err:
+        raise ClicklensError(f"{path}: not a TF Serving ModelServerConfig: {err}") from None
+    if config.WhichOneof("config") != "model_config_list":
+        raise ClicklensError(f"{path}: only model_config_list configs are supported")
+    models = list(config.model_config_list.config)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names) or not all(names):
+        raise ClicklensError(f"{path}: model names must be non-empty and unique, got {names}")
+    for m in models:
+        if m.model_platform not in ("", "tensorflow"):
+            raise ClicklensError(f"{path}: model {m.name}: platform {m.model_platform!r} is not supported")
+    return models
