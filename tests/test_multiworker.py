@@ -49,10 +49,6 @@ def _wait_all(processes, timeout: float):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "trainer/losses.py gather_across_replicas: ReplicaContext.all_gather of a tensor taken straight from the "
-    "distributed dataset fails under MultiWorkerMirroredStrategy ('destinations can not be empty': it has no "
-    "device); all_gather(tf.identity(values), axis=0) fixes it. Remove this marker with that fix."))
 def test_two_workers_train_and_write_one_checkpoint(demo_examples, tmp_path):
     # ~60 s on 2 cores: two TensorFlow processes start and train in lockstep.
     import tensorflow as tf

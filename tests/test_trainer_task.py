@@ -1,0 +1,110 @@
+"""`clicklens train` / `evaluate` / `python -m trainer.task`: run management end to end on synthetic data."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer import compat  # noqa: F401
+import tensorflow as tf
+
+from tests import trainer_synthetic as synth
+from tests.conftest import REPO
+from trainer import cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A synthetic workdir after `clicklens train` (in-process)."""
+    root = tmp_path_factory.mktemp("trainer_task")
+    workdir = synth.write_workdir(root)
+    config = synth.write_config_yaml(str(root / "config.yaml"))
+    code = cli.main(["train", "--config", config, "--workdir", str(root),
+                     "--set", "training.steps_per_epoch=10", "--set", "training.epochs=2"])
+    assert code == 0
+    return workdir, config
+
+
+def test_train_writes_checkpoints_tensorboard_and_metrics(trained):
+    workdir, _ = trained
+    assert tf.train.latest_checkpoint(workdir.checkpoints).endswith("ckpt-20")
+    events = [p for p in pathlib.Path(workdir.tensorboard).rglob("events.out.tfevents*")]
+    assert events
+    tags = set()
+    for path in events:
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"epoch_loss", "epoch_retrieval_loss", "epoch_graph_loss"} <= tags
+    metrics = json.loads(pathlib.Path(workdir.metrics).read_text())
+    assert metrics["corpus_size"] == 24 and metrics["num_eval_queries"] == 4
+    for source in ("selected_pairs", "ground_truth"):
+        for model in ("trained", "untrained"):
+            values = metrics[source][model]
+            assert set(values) == {"recall@1", "recall@5", "recall@10", "recall@50", "mrr", "ndcg@10"}
+            assert all(0.0 <= v <= 1.0 for v in values.values())
+            assert values["recall@50"] == pytest.approx(1.0)  # the corpus has only 24 images
+
+
+def test_evaluate_verb_restores_the_checkpoint(trained):
+    workdir, config = trained
+    before = json.loads(pathlib.Path(workdir.metrics).read_text())
+    os.remove(workdir.metrics)
+    assert cli.main(["evaluate", "--config", config, "--workdir", workdir.root]) == 0
+    after = json.loads(pathlib.Path(workdir.metrics).read_text())
+    assert after["selected_pairs"]["trained"] == pytest.approx(before["selected_pairs"]["trained"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, capsys):
+    workdir, config = trained
+    root = tmp_path / "nan"
+    shutil.copytree(workdir.root, root)
+    nan = synth.write_workdir(tmp_path / "nan_data", nan_weight=True)
+    for path in pathlib.Path(root, "examples").glob("train-*"):
+        shutil.copy(pathlib.Path(nan.examples, path.name), path)
+    # Resume the finished 20-step run for 10 more steps on data whose click weights are NaN.
+    code = cli.main(["train", "--config", config, "--workdir", str(root),
+                     "--set", "training.steps_per_epoch=10", "--set", "training.epochs=3"])
+    assert code == 2
+    assert "NaN" in capsys.readouterr().err
+    latest = tf.train.latest_checkpoint(str(root / "model" / "checkpoints"))
+    assert latest.endswith("ckpt-20")
+    for name, _ in tf.train.list_variables(latest):
+        if "query_tower" in name or "image_tower" in name:
+            assert tf.reduce_all(tf.math.is_finite(tf.train.load_variable(latest, name))), name
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    # ~40 s (2 idle cores): two training processes (the first is SIGKILLed mid-run).
+    workdir = synth.write_workdir(tmp_path)
+    config = synth.write_config_yaml(str(tmp_path / "config.yaml"))
+    total = 120
+    command = [sys.executable, "-m", "trainer.task", "--config", config, "--workdir", str(tmp_path),
+               "--set", "training.steps_per_epoch=60", "--set", "training.epochs=2",
+               "--set", "training.checkpoint_every_steps=10"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    latest = None
+    while time.time() < deadline and first.poll() is None:
+        latest = tf.train.latest_checkpoint(workdir.checkpoints)
+        if latest and int(latest.rsplit("-", 1)[1]) >= 20:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before it could be killed: " + first.stderr.read()[-2000:]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = int(tf.train.latest_checkpoint(workdir.checkpoints).rsplit("-", 1)[1])
+    assert 20 <= killed_at < total
+    assert not os.path.exists(workdir.metrics)
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = [line for line in second.stderr.splitlines() if "resuming from" in line]
+    assert resumed and f"at step {killed_at} of {total}" in resumed[0]
+    assert tf.train.latest_checkpoint(workdir.checkpoints).endswith(f"ckpt-{total}")
+    assert os.path.exists(workdir.metrics)

@@ -1,0 +1,147 @@
+"""A tiny synthetic examples/ directory for the trainer tests (no generator, no pipeline).
+
+Images are 16x16 PNGs: a coloured shape on a grey background.  Each image's
+queries name its colour and shape, in English or Chinese, so a model can
+learn them; some examples are image-only graph nodes (no query, weight 0).
+Neighbours are images of the same colour; hard negatives are of another
+colour.  Files are written with trainer.features.make_example, exactly as the
+pipeline writes them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from trainer import compat  # noqa: F401
+import tensorflow as tf
+
+from trainer import features
+from trainer.config import config_from_dict
+from trainer.workdir import Workdir
+
+COLOURS = {"red": ((220, 30, 30), "红色"), "green": ((30, 200, 30), "绿色"), "blue": ((30, 30, 220), "蓝色"),
+           "yellow": ((230, 220, 20), "黄色")}
+SHAPES = {"square": "方形", "circle": "圆形", "bar": "条形"}
+IMAGE_SIZE = 16
+
+# Small everything: the trainer tests share this config (plus per-test overrides).
+TRAINER_TEST_CONFIG = {
+    "pipeline": {"image_size": IMAGE_SIZE, "max_neighbors": 2, "hard_negatives": 1, "num_shards": 2},
+    "model": {"embedding_dim": 8, "token_embedding_dim": 8, "max_query_tokens": 6, "cnn_filters": [4, 8]},
+    "training": {"per_replica_batch_size": 8, "epochs": 1, "steps_per_epoch": 6, "checkpoint_every_steps": 2,
+                 "learning_rate": 0.01, "shuffle_buffer": 64},
+}
+
+
+def trainer_config(overrides=()):
+    """The trainer tests' Config."""
+    return config_from_dict(TRAINER_TEST_CONFIG, "trainer-test", overrides)
+
+
+def write_config_yaml(path: str) -> str:
+    """TRAINER_TEST_CONFIG as a YAML file, for `clicklens --config`."""
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(TRAINER_TEST_CONFIG, f)
+    return str(path)
+
+
+def png(colour, shape: str, size: int = IMAGE_SIZE) -> bytes:
+    """A PNG of a coloured shape."""
+    pixels = np.full((size, size, 3), 128, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    if shape == "square":
+        inside = (abs(yy - c) < size / 3) & (abs(xx - c) < size / 3)
+    elif shape == "circle":
+        inside = (yy - c) ** 2 + (xx - c) ** 2 < (size / 3) ** 2
+    else:
+        inside = abs(yy - c) < size / 8
+    pixels[inside] = colour
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def images():
+    """{image id: (colour name, shape name, png bytes)}: two variants of every colour x shape."""
+    out = {}
+    for colour, (rgb, _) in COLOURS.items():
+        for shape in SHAPES:
+            for variant in range(2):
+                shade = tuple(max(0, v - 40 * variant) for v in rgb)
+                out[f"{colour}-{shape}-{variant}"] = (colour, shape, png(shade, shape))
+    return out
+
+
+def vocab_tokens():
+    """A vocab.txt with the English words, the Chinese characters and a few word pieces."""
+    words = list(COLOURS) + list(SHAPES)
+    chars = sorted({ch for zh, _ in [(v[1], 0) for v in COLOURS.values()] for ch in zh} |
+                   {ch for zh in SHAPES.values() for ch in zh})
+    return features.RESERVED_TOKENS + words + chars + ["##s", "photo"]
+
+
+def write_workdir(root: str, config=None, nan_weight: bool = False) -> Workdir:
+    """Writes examples/{train,eval,corpus}-*.tfrecord.gz, vocab.txt and raw/ground_truth.jsonl under root."""
+    config = config or trainer_config()
+    workdir = Workdir(str(root))
+    tf.io.gfile.makedirs(workdir.examples)
+    tf.io.gfile.makedirs(workdir.raw)
+    spec = features.spec_from_config(config)
+    catalog = images()
+    ids = sorted(catalog)
+    rng = np.random.default_rng(0)
+    k, j = config.pipeline.max_neighbors, config.pipeline.hard_negatives
+
+    def example(image_id, query, weight):
+        colour, shape, data = catalog[image_id]
+        same = [i for i in ids if catalog[i][0] == colour and i != image_id]
+        other = [i for i in ids if catalog[i][0] != colour]
+        values = {features.QUERY: query, features.CATEGORY: "shapes", features.IMAGE_ID: image_id,
+                  features.IMAGE: data, features.CLICK_WEIGHT: weight,
+                  features.CANDIDATE_PROBABILITY: 1.0 / len(ids)}
+        for n, nbr in enumerate(rng.choice(same, size=min(k - 1, len(same)), replace=False)):
+            values[features.neighbor_key(n, features.IMAGE_ID)] = nbr
+            values[features.neighbor_key(n, features.IMAGE)] = catalog[nbr][2]
+            values[features.neighbor_weight_key(n)] = float(rng.uniform(0.2, 1.0))
+        # the last neighbour slot stays padded
+        for n, neg in enumerate(rng.choice(other, size=j, replace=False)):
+            values[features.negative_key(n, features.IMAGE_ID)] = neg
+            values[features.negative_key(n, features.IMAGE)] = catalog[neg][2]
+        return features.make_example(values, spec).SerializeToString()
+
+    def queries(image_id):
+        colour, shape, _ = catalog[image_id]
+        return [f"{colour} {shape}", f"{COLOURS[colour][1]}{SHAPES[shape]}", f"{colour.upper()} {shape}s"]
+
+    train, evals = [], []
+    for image_id in ids:
+        for q in queries(image_id):
+            weight = float("nan") if nan_weight else float(rng.uniform(0.5, 2.0))
+            train.append(example(image_id, q, weight))
+        train.append(example(image_id, "", 0.0))  # an image-only graph node
+        evals.append(example(image_id, f"{catalog[image_id][0]} photo", 1.0))
+    rng.shuffle(train)
+    corpus_spec = features.corpus_feature_spec()
+    corpus = [features.make_example({features.IMAGE_ID: i, features.IMAGE: catalog[i][2]}, corpus_spec)
+              .SerializeToString() for i in ids]
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    for split, records in (("train", train), ("eval", evals), ("corpus", corpus)):
+        for shard in range(2):
+            path = f"{workdir.examples}/{split}-{shard:05d}-of-00002.tfrecord.gz"
+            with tf.io.TFRecordWriter(path, options) as w:
+                for record in records[shard::2]:
+                    w.write(record)
+    with tf.io.gfile.GFile(workdir.vocab, "w") as f:
+        f.write("\n".join(vocab_tokens()) + "\n")
+    with tf.io.gfile.GFile(workdir.ground_truth, "w") as f:
+        for colour in COLOURS:
+            relevant = [i for i in ids if catalog[i][0] == colour]
+            f.write(json.dumps({"query": f"{colour} photo", "relevant_image_ids": relevant}) + "\n")
+    return workdir
