@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import posixpath
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from beam_pipelines.log_schema import BadRecord
 
@@ -77,3 +77,24 @@ def parse_catalog_line(line: bytes | str) -> CatalogEntry:
     if not uri and features is None:
         raise BadRecord("no_image", "a catalog entry needs a uri or features")
     return CatalogEntry(image_id=image_id.strip(), uri=uri, features=features, extra=tuple(sorted(data.items())))
+
+
+def read_catalog(path: str, on_bad: Optional[Callable[[bytes, BadRecord], None]] = None) -> Iterator[CatalogEntry]:
+    """Yields the entries of a catalog file (local or any TF filesystem), skipping blank lines.
+
+    A line that does not parse goes to `on_bad(line, error)`, or is skipped when
+    `on_bad` is None.  This is for tools and the server, which read a catalog
+    whole; the Beam pipeline reads it with Beam and dead-letters bad lines.
+    """
+    from trainer import compat  # noqa: F401  (must precede TensorFlow)
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield parse_catalog_line(line)
+            except BadRecord as err:
+                if on_bad is not None:
+                    on_bad(line, err)

@@ -21,8 +21,7 @@ from typing import Dict, Optional, Tuple
 from trainer import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from beam_pipelines.catalog_schema import parse_catalog_line, resolve_uri
-from beam_pipelines.log_schema import BadRecord
+from beam_pipelines.catalog_schema import read_catalog, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -106,21 +105,13 @@ class CatalogImages:
         if stamp == self._stamp:
             return
         uris: Dict[str, str] = {}
-        bad = 0
+        bad = []
         if stamp is not None:
-            with tf.io.gfile.GFile(self.catalog_path, "rb") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        entry = parse_catalog_line(line)
-                    except BadRecord:
-                        bad += 1
-                        continue
-                    if entry.uri and entry.image_id not in uris:
-                        uris[entry.image_id] = resolve_uri(entry.uri, self.catalog_path)
+            for entry in read_catalog(self.catalog_path, on_bad=lambda line, err: bad.append(err)):
+                if entry.uri and entry.image_id not in uris:
+                    uris[entry.image_id] = resolve_uri(entry.uri, self.catalog_path)
             logger.info("catalog %s: %d images with a file%s", self.catalog_path, len(uris),
-                        f" ({bad} unreadable lines skipped)" if bad else "")
+                        f" ({len(bad)} unreadable lines skipped)" if bad else "")
         else:
             logger.warning("catalog %s does not exist: /images/ serves nothing", self.catalog_path)
         self._uris, self._stamp = uris, stamp

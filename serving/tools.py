@@ -32,7 +32,7 @@ import numpy as np
 from trainer import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from beam_pipelines.catalog_schema import parse_catalog_line, resolve_uri
+from beam_pipelines.catalog_schema import read_catalog, resolve_uri
 from beam_pipelines.log_schema import BadRecord, parse_log_line
 from serving import saved_models
 from trainer.errors import ClicklensError
@@ -143,25 +143,18 @@ def logged_queries(workdir: Workdir, limit: int = MAX_QUERIES) -> List[Tuple[str
 def catalog_images(workdir: Workdir, encoder: Encoder) -> Tuple[List[str], np.ndarray]:
     """(image ids, embeddings) of the catalog images the image encoder can read; unreadable ones are skipped."""
     ids, inputs = [], []
-    with tf.io.gfile.GFile(workdir.catalog, "rb") as f:
-        for line in f:
-            if not line.strip():
+    for entry in read_catalog(workdir.catalog):
+        if encoder.input_name == "image_bytes":
+            path = resolve_uri(entry.uri, workdir.catalog) if entry.uri else ""
+            if not path or not tf.io.gfile.exists(path):
                 continue
-            try:
-                entry = parse_catalog_line(line)
-            except BadRecord:
-                continue
-            if encoder.input_name == "image_bytes":
-                path = resolve_uri(entry.uri, workdir.catalog) if entry.uri else ""
-                if not path or not tf.io.gfile.exists(path):
-                    continue
-                with tf.io.gfile.GFile(path, "rb") as image:
-                    inputs.append(image.read())
-            elif entry.features is not None:
-                inputs.append(np.asarray(entry.features, np.float32))
-            else:
-                continue
-            ids.append(entry.image_id)
+            with tf.io.gfile.GFile(path, "rb") as image:
+                inputs.append(image.read())
+        elif entry.features is not None:
+            inputs.append(np.asarray(entry.features, np.float32))
+        else:
+            continue
+        ids.append(entry.image_id)
     if not ids:
         raise ClicklensError(f"no readable images in {workdir.catalog}")
     return _embed_skipping_bad(encoder, ids, inputs)

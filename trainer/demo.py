@@ -90,14 +90,12 @@ def _query(address: str, config, workdir: Workdir, args, text: str = None, image
 def _first_catalog_image(workdir: Workdir) -> str:
     import tensorflow as tf
 
-    from beam_pipelines.catalog_schema import parse_catalog_line, resolve_uri
+    from beam_pipelines.catalog_schema import read_catalog, resolve_uri
 
-    with tf.io.gfile.GFile(workdir.catalog, "rb") as f:
-        for line in f:
-            entry = parse_catalog_line(line)
-            path = resolve_uri(entry.uri, workdir.catalog)
-            if entry.uri and tf.io.gfile.exists(path):
-                return path
+    for entry in read_catalog(workdir.catalog):
+        path = resolve_uri(entry.uri, workdir.catalog) if entry.uri else ""
+        if path and tf.io.gfile.exists(path):
+            return path
     raise ClicklensError(f"no readable image in {workdir.catalog}")
 
 

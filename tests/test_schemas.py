@@ -1,0 +1,61 @@
+"""The log-record and catalog contracts: what is accepted, what is refused and why."""
+
+import json
+
+import pytest
+
+from beam_pipelines.catalog_schema import read_catalog, resolve_uri
+from beam_pipelines.log_schema import MAX_QUERY_CHARS, BadRecord, normalize_query, parse_log_line
+
+
+def _line(**overrides) -> bytes:
+    record = {"session_id": "s1", "time": 1.0, "query": "红色 圆形", "category": "color_shape", "locale": "zh",
+              "impressions": [{"image_id": "img_1", "position": 1, "clicked": True, "dwell_ms": 1200}]}
+    record.update(overrides)
+    return json.dumps({k: v for k, v in record.items() if v is not ...}, ensure_ascii=False).encode("utf-8")
+
+
+def test_chinese_query_round_trips():
+    record = parse_log_line(_line())
+    assert record.query == "红色 圆形"
+    assert parse_log_line(record.to_json()) == record
+
+
+def test_normalization_folds_width_case_and_spaces_but_keeps_cjk():
+    assert normalize_query("  ＲＥＤ\u3000Circle ") == "red circle"
+    assert normalize_query("红色　圆形") == "红色 圆形"
+    assert normalize_query("Κόκκινο") == "κόκκινο"
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"\xff\xfe not utf-8", "not_utf8"),
+    (b"", "empty_line"),
+    (b"{not json", "bad_json"),
+    (b"[1, 2]", "not_an_object"),
+    (_line(query="   "), "empty_query"),
+    (_line(query="字" * (MAX_QUERY_CHARS + 1)), "query_too_long"),
+    (_line(query=..., query_image_id=None), "missing_query"),
+    (_line(query_image_id="img_2"), "both_query_and_image"),
+    (_line(session_id=""), "bad_session_id"),
+    (_line(time="yesterday"), "bad_time"),
+    (_line(impressions=[]), "no_impressions"),
+    (_line(impressions=[{"image_id": "img_1", "position": 0, "clicked": True}]), "bad_impression"),
+    (_line(impressions=[{"image_id": "img_1", "position": 1, "clicked": "yes"}]), "bad_impression"),
+])
+def test_bad_lines_name_their_reason(line, reason):
+    with pytest.raises(BadRecord) as err:
+        parse_log_line(line)
+    assert err.value.reason == reason
+
+
+def test_read_catalog_reports_bad_lines_and_skips_blanks(tmp_path):
+    path = tmp_path / "catalog.jsonl"
+    path.write_bytes(b'{"image_id": "a", "uri": "images/a.png"}\n\n{"image_id": ""}\n\xff\n'
+                     b'{"image_id": "b", "features": [0.5, 1]}\n')
+    bad = []
+    entries = list(read_catalog(str(path), on_bad=lambda line, err: bad.append(err.reason)))
+    assert [e.image_id for e in entries] == ["a", "b"]
+    assert entries[1].features == (0.5, 1.0)
+    assert bad == ["bad_image_id", "not_utf8"]
+    assert resolve_uri(entries[0].uri, str(path)) == str(tmp_path / "images" / "a.png")
+    assert resolve_uri("gs://b/x.png", str(path)) == "gs://b/x.png"
