@@ -45,8 +45,18 @@ def input_paths(config: Config, workdir: Workdir) -> Dict[str, str]:
 
 
 def pipeline_options(extra_args: Sequence[str]) -> PipelineOptions:
-    """Beam PipelineOptions from the command line's unknown options (DirectRunner when none is given)."""
-    return PipelineOptions(list(extra_args or []))
+    """Beam PipelineOptions from the command line's unknown options (DirectRunner when none is given).
+
+    Beam itself only warns about options it does not know and drops them, so a
+    typo such as `--runnr DataflowRunner` would quietly run locally; here it is
+    an error that names the option.
+    """
+    options = PipelineOptions(list(extra_args or []))
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    if unknown:
+        raise ClicklensError("unknown option(s) for `clicklens pipeline` (neither clicklens nor Beam knows them): "
+                             + ", ".join(f"--{name}" for name in sorted(unknown)))
+    return options
 
 
 def local_runner(options: PipelineOptions):

@@ -125,6 +125,15 @@ def test_unknown_cli_options_are_beam_pipeline_options(tiny_world):
     assert type(pipeline.local_runner(pipeline.pipeline_options([]))).__name__ == "FnApiRunner"
 
 
+def test_options_unknown_to_beam_are_refused_by_name():
+    from beam_pipelines import pipeline
+    from trainer.errors import ClicklensError
+
+    with pytest.raises(ClicklensError, match="--runnr"):
+        pipeline.pipeline_options(["--runnr", "DataflowRunner", "--project", "p"])
+    pipeline.pipeline_options(["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])
+
+
 def test_missing_inputs_are_clear_errors(tmp_path):
     from beam_pipelines import pipeline
     from trainer.errors import ClicklensError
