@@ -8,6 +8,7 @@ precision policy and dot products are cosine similarities.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Dict
@@ -124,16 +125,35 @@ _BACKBONES = {
 }
 
 
+def _load_backbone_weights(backbone: tf.keras.Model, weights: str) -> None:
+    """Loads `weights` (an .h5 file or a TF-format checkpoint prefix from `save_weights`) into `backbone`.
+
+    Every backbone variable must come from the file: a file saved from another
+    architecture or input size is a ClicklensError, never a silent partial load.
+    """
+    try:
+        status = backbone.load_weights(weights)
+        if status is not None:  # TF checkpoint format matches loosely unless asked
+            status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        raise ClicklensError(f"model.backbone_weights: {weights} does not fit {backbone.name} "
+                             f"(include_top=False, pooling='avg', input {backbone.input_shape[1:]}): {e}") from e
+
+
 def _backbone_features(pixels, config):
     m = config.model
-    weights = m.backbone_weights or None
-    if weights and not tf.io.gfile.exists(weights):
+    weights = m.backbone_weights
+    if weights and not (tf.io.gfile.exists(weights) or tf.io.gfile.exists(weights + ".index")):
         raise ClicklensError(f"model.backbone_weights: {weights} not found (weights are never downloaded)")
     constructor, preprocess = (f() if f else None for f in _BACKBONES[m.backbone])
     x = tf.keras.layers.Rescaling(255.0, name="to_0_255")(pixels)
     if preprocess is not None:
         x = preprocess(x)
-    backbone = constructor(include_top=False, weights=weights, input_shape=image_input_shape(config), pooling="avg")
+    # Built with weights=None (nothing is ever downloaded), then loaded here so that both
+    # .h5 files and TF checkpoints work and a mismatched file is a clear error.
+    backbone = constructor(include_top=False, weights=None, input_shape=image_input_shape(config), pooling="avg")
+    if weights:
+        _load_backbone_weights(backbone, weights)
     return backbone(x)
 
 
@@ -335,6 +355,9 @@ def restore_model(config, workdir) -> TwoTowerModel:
     latest = tf.train.latest_checkpoint(directory)
     if latest is None:
         raise ClicklensError(f"no checkpoint under {directory} (run `clicklens train` first)")
+    # The checkpoint holds every weight, so the backbone's starting weights file is neither
+    # needed nor read: export and evaluate work on machines that do not have it.
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights=""))
     model = build_model(config, len(load_vocab(workdir.vocab)))
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     logger.info("restored %s", latest)

@@ -102,6 +102,17 @@ def steps_per_epoch(config, workdir, global_batch: int) -> int:
     return steps
 
 
+def _check_eval_batches(workdir, global_batch: int) -> None:
+    """Early stopping watches val_loss, which needs at least one whole global batch of eval-*."""
+    examples = model_input.count_examples(workdir.split_glob("eval"))
+    if examples < global_batch:
+        # Keras would only warn that val_loss is missing and never stop.
+        raise ClicklensError(f"training.early_stopping_patience watches the eval loss, but the {examples} eval "
+                             f"examples are fewer than one global batch of {global_batch} (lower "
+                             f"training.per_replica_batch_size, raise pipeline.eval_fraction or set "
+                             f"training.early_stopping_patience=0)")
+
+
 def _fit(model, dataset, callbacks, first_epoch: int, epochs: int, steps: int, skip: int, verbose, **kwargs):
     """model.fit from a resumed position: finishes a partly done epoch first, then the rest."""
     if skip:
@@ -125,6 +136,8 @@ def train(config, workdir) -> TwoTowerModel:
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     steps = steps_per_epoch(config, workdir, global_batch)
     total_steps = steps * t.epochs
+    if t.early_stopping_patience:
+        _check_eval_batches(workdir, global_batch)
     dataset = model_input.make_dataset(config, workdir, "train", global_batch, training=True, tokenizer=tokenizer)
 
     with strategy.scope():
@@ -151,10 +164,12 @@ def train(config, workdir) -> TwoTowerModel:
     callbacks = [saver, tf.keras.callbacks.TensorBoard(scratch or tensorboard_dir(workdir),
                                                        update_freq=t.checkpoint_every_steps)]
     kwargs = {}
+    early_stopping = None
     if t.early_stopping_patience:
         kwargs["validation_data"] = model_input.make_dataset(config, workdir, "eval", global_batch,
                                                              training=False, tokenizer=tokenizer)
-        callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience))
+        early_stopping = tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience)
+        callbacks.append(early_stopping)
     logger.info("training %d steps (%d epochs x %d) on global batches of %d", total_steps - done, t.epochs,
                 steps, global_batch)
     started = time.time()
@@ -172,6 +187,9 @@ def train(config, workdir) -> TwoTowerModel:
         raise TrainingDiverged(
             f"training loss became NaN/inf at step {saver.diverged_at}; stopped. The last good checkpoint is kept: "
             f"{kept or 'none was written'} (lower training.learning_rate or use float32)")
+    if early_stopping is not None and early_stopping.stopped_epoch:
+        logger.info("early stopping: val_loss has not improved for %d epochs; stopped after epoch %d of %d",
+                    t.early_stopping_patience, early_stopping.stopped_epoch + 1, t.epochs)
     logger.info("trained to step %d in %.1f s", int(model.optimizer.iterations.numpy()), time.time() - started)
     return model
 
