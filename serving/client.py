@@ -6,7 +6,7 @@ Uses only tensorflow-serving-api's stubs, so it works the same against
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import grpc
 
@@ -46,26 +46,41 @@ def top_k(response: predict_pb2.PredictResponse) -> List[Tuple[str, float]]:
     return [(i.decode("utf-8"), float(s)) for i, s in zip(ids, scores)]
 
 
+def predict(address: str, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    """Sends one Predict request over gRPC; a failure is a ClicklensError naming the status code."""
+    with grpc.insecure_channel(address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            return stub.Predict(request, timeout=TIMEOUT_SECONDS)
+        except grpc.RpcError as err:
+            raise ClicklensError(f"query: {address}: {err.code().name}: {err.details()}") from None
+
+
+def print_results(response: predict_pb2.PredictResponse, what: str,
+                  annotate: Optional[Callable[[str], str]] = None) -> None:
+    """Prints the model that answered and its ranked image ids and scores (plus `annotate(id)` if given)."""
+    results = top_k(response)
+    print(f"{response.model_spec.name} v{response.model_spec.version.value}: top {len(results)} for {what}")
+    for rank, (image_id, score) in enumerate(results, 1):
+        note = f"  {annotate(image_id)}" if annotate else ""
+        print(f"{rank:3d}  {image_id}  {score:.4f}{note}")
+
+
+def read_query_image(path: str) -> bytes:
+    """The bytes of an image file to query by (local or any TF filesystem)."""
+    if not tf.io.gfile.exists(path):
+        raise ClicklensError(f"query: {path}: no such file")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
 def run(config, workdir, args) -> int:
     """Sends args.text or args.image to args.server and prints the ranked image ids."""
     if (args.text is None) == (args.image is None):
         raise ClicklensError("query: give a query text or --image FILE (one of them)")
-    image_bytes = None
-    if args.image is not None:
-        if not tf.io.gfile.exists(args.image):
-            raise ClicklensError(f"query: {args.image}: no such file")
-        with tf.io.gfile.GFile(args.image, "rb") as f:
-            image_bytes = f.read()
+    image_bytes = read_query_image(args.image) if args.image is not None else None
     address = args.server or f"{config.serving.host}:{config.serving.grpc_port}"
     request = build_request(args.model, text=args.text, image_bytes=image_bytes, version=args.version)
-    with grpc.insecure_channel(address) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        try:
-            response = stub.Predict(request, timeout=TIMEOUT_SECONDS)
-        except grpc.RpcError as err:
-            raise ClicklensError(f"query: {address}: {err.code().name}: {err.details()}") from None
-    what = repr(args.text) if args.text is not None else args.image
-    print(f"{response.model_spec.name} v{response.model_spec.version.value}: top {len(top_k(response))} for {what}")
-    for rank, (image_id, score) in enumerate(top_k(response), 1):
-        print(f"{rank:3d}  {image_id}  {score:.4f}")
+    response = predict(address, request)
+    print_results(response, repr(args.text) if args.text is not None else args.image)
     return 0

@@ -11,27 +11,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, REPO, SMALL_WORLD
+from tests.conftest import DEMO_CONFIG, REPO, SMALL_WORLD, free_ports
 
 STEPS = 4
-
-
-def _free_ports(n: int):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _wait_all(processes, timeout: float):
@@ -65,7 +53,7 @@ def test_two_workers_train_and_write_one_checkpoint(demo_examples, tmp_path):
                                "training.epochs=1", "training.checkpoint_every_steps=2"]
     argv = [sys.executable, "-m", "trainer.task", "--config", DEMO_CONFIG, "--workdir", workdir.root]
     argv += [a for o in overrides for a in ("--set", o)]
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",

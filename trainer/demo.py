@@ -28,7 +28,7 @@ from trainer.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
-DEMO_QUERIES = ["red circle", "红色 圆形", "large blue striped square", "蓝色 正方形", "yellow star", "绿色 三角形"]
+DEMO_QUERIES = ["red circle", "红色 圆形", "large yellow star", "蓝色 正方形", "purple ring", "绿色 三角形"]
 RETRIEVAL_MODEL = "retrieval_scann"
 SERVER_START_TIMEOUT_S = 300
 
@@ -80,11 +80,54 @@ def _wait_until_available(address: str, process: subprocess.Popen, timeout_s: fl
     raise ClicklensError(f"the server at {address} was not ready after {timeout_s:.0f} s")
 
 
-def _query(address: str, config, workdir: Workdir, args, text: str = None, image: str = None) -> None:
-    """Runs `clicklens query` in-process against the demo server."""
-    argv = ["query"] + ([text] if text else []) + (["--image", image] if image else [])
-    query_args = cli.parse_args(argv + ["--server", address, "--model", RETRIEVAL_MODEL] + _common_args(args))
-    cli.resolve(query_args._verb)(config, workdir, query_args)
+class _GroundTruth:
+    """The generated world's attributes and relevance, to show why each result was returned."""
+
+    ATTRIBUTES = ("color", "shape", "size", "pattern", "background")
+
+    def __init__(self, workdir: Workdir):
+        import tensorflow as tf
+
+        from beam_pipelines.catalog_schema import read_catalog
+        from beam_pipelines.log_schema import normalize_query
+
+        self._normalize = normalize_query
+        self.attributes = {e.image_id: " ".join(str(dict(e.extra).get(a, "")) for a in self.ATTRIBUTES).strip()
+                           for e in read_catalog(workdir.catalog)}
+        self.relevant = {}
+        if tf.io.gfile.exists(workdir.ground_truth):
+            with tf.io.gfile.GFile(workdir.ground_truth) as f:
+                for line in f:
+                    row = json.loads(line)
+                    self.relevant[row["query"]] = set(row["relevant_image_ids"])
+
+    def annotator(self, text: str = None):
+        """annotate(image_id) -> "✓ red circle small solid light" (✓ when relevant to `text`)."""
+        relevant = self.relevant.get(self._normalize(text), set()) if text else set()
+        return lambda image_id: f"{'✓' if image_id in relevant else ' '} {self.attributes.get(image_id, '')}"
+
+    def summary(self, text: str, image_ids: List[str]) -> str:
+        relevant = self.relevant.get(self._normalize(text))
+        if relevant is None:
+            return ""
+        hits = sum(i in relevant for i in image_ids)
+        chance = len(relevant) / max(1, len(self.attributes)) * len(image_ids)
+        return f"     {hits} of {len(image_ids)} relevant per the generated ground truth (chance: {chance:.1f})"
+
+
+def _query(address: str, truth: _GroundTruth, text: str = None, image: str = None) -> None:
+    """Queries the demo server with TF Serving's gRPC client and prints annotated results."""
+    from serving import client
+
+    image_bytes = client.read_query_image(image) if image else None
+    response = client.predict(address, client.build_request(RETRIEVAL_MODEL, text=text, image_bytes=image_bytes))
+    print(f"\n$ clicklens query {text!r}" if text else f"\n$ clicklens query --image {image}")
+    if image:  # demo images are named <image_id>.png
+        print(f"     (the query image: {truth.attributes.get(image.rsplit('/', 1)[-1].rsplit('.', 1)[0], '?')})")
+    client.print_results(response, repr(text) if text else image, annotate=truth.annotator(text))
+    summary = truth.summary(text, [image_id for image_id, _ in client.top_k(response)]) if text else ""
+    if summary:
+        print(summary)
 
 
 def _first_catalog_image(workdir: Workdir) -> str:
@@ -121,15 +164,17 @@ def run(config, workdir: Workdir, args) -> int:
     s = config.serving
     address = f"{s.host}:{s.grpc_port}"
     logger.info("== serve: starting the TF Serving API server on %s (gRPC) and %s:%d (HTTP)", address, s.host, s.http_port)
+    # SIGTERM (e.g. `kill`, or a CI job's timeout) must also stop the child server: raising
+    # SystemExit here runs the `finally` below, as Ctrl-C's KeyboardInterrupt does.
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     server = subprocess.Popen([sys.executable, "-m", "trainer.cli", "serve"] + _common_args(args), env=dict(os.environ))
     try:
         _wait_until_available(address, server, SERVER_START_TIMEOUT_S)
+        truth = _GroundTruth(workdir)
         for text in DEMO_QUERIES:
-            print(f"\n$ clicklens query {text!r} --server {address}")
-            _query(address, config, workdir, args, text=text)
+            _query(address, truth, text=text)
         image = _first_catalog_image(workdir)
-        print(f"\n$ clicklens query --image {image} --server {address}")
-        _query(address, config, workdir, args, image=image)
+        _query(address, truth, image=image)
         print(f"\nSearch page: http://{s.host}:{s.http_port}/   (gRPC: {address})")
         if getattr(args, "no_wait", False):
             return 0
@@ -141,6 +186,7 @@ def run(config, workdir: Workdir, args) -> int:
             return 0
         return 0 if server.returncode in (0, -signal.SIGTERM) else server.returncode
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             try:
