@@ -1,4 +1,4 @@
-"""Stage 4: the image-image graph from co-clicks and similar-image clicks.
+"""Stage 4: the image graph from co-clicks and similar-image clicks.
 
 For an unordered image pair {a, b}:
   * co-click rate = (result lists where both were clicked) / (result lists where both were shown);
@@ -8,25 +8,38 @@ For an unordered image pair {a, b}:
 Edges of weight >= min_edge_weight (and > 0) are kept, in both directions, and
 each image keeps its `max_neighbors` heaviest neighbours (ties: smaller id).
 
-Co-shown pairs grow with the square of the result-list length, so the pair
-counts are pre-summed inside each bundle (in-mapper combining, flushed at a
-fixed dictionary size so memory stays bounded) before the keyed CombinePerKey.
+A pair that was never co-clicked has co-click rate 0 however often it was
+shown, so "both shown" is counted only for co-clicked pairs (counting it for
+every pair shown together grows with the square of the result-list length).
+All counts of a pair {a < b} are gathered at key a, in one GroupByKey: each
+result list sends every shown image a the images shown after it (in id order)
+and, if a was clicked, the images clicked after it; each query-by-image
+impression sends the smaller of its two ids the other one.  Per image, one pass
+finds the co-click partners and the similar-image counts, a second counts the
+lists that showed a with each partner.  No side input; a worker holds one
+image's evidence at a time (the grouped values are re-iterated, not listed).
 """
 
 
-from typing import Dict, Iterable, List, NamedTuple, Tuple
+import collections
+import itertools
+from typing import Iterable, NamedTuple, Tuple
 
 import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines.log_schema import LogRecord
 
-# Distinct pairs held per bundle before the partial sums are flushed downstream.
-MAX_PAIRS_IN_MEMORY = 200_000
+Pair = Tuple[str, str]
+# What one search event tells image a (the key) about images b > a:
+# (b shown after a, b clicked after a if a was clicked, ((b, clicked), ...) query-by-image impressions of the pair).
+Evidence = Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[Tuple[str, int], ...]]
 
 
 class EdgeStats(NamedTuple):
-    """Counts behind one unordered image pair's edge weight."""
+    """Counts behind one unordered image pair's edge weight.
+
+    `co_shown` is counted only for co-clicked pairs: it is 0 when `co_clicks` is 0.
+    """
 
     co_shown: int = 0
     co_clicks: int = 0
@@ -46,78 +59,56 @@ class EdgeStats(NamedTuple):
         return coclick_weight * self.coclick_rate + similar_click_weight * self.similar_click_rate
 
 
-def _ordered(a: str, b: str) -> Tuple[str, str]:
-    return (a, b) if a < b else (b, a)
-
-
-def record_pair_counts(record: LogRecord) -> Iterable[Tuple[Tuple[str, str], Tuple[int, int, int, int]]]:
-    """The EdgeStats increments one search event contributes, per unordered image pair."""
+def record_evidence(record: LogRecord) -> Iterable[Tuple[str, Evidence]]:
+    """(a, Evidence) for the images a of one search event, each pair {a < b} sent to key a only."""
     shown = sorted({imp.image_id for imp in record.impressions})
-    clicked = {imp.image_id for imp in record.impressions if imp.clicked}
-    for i, a in enumerate(shown):
-        a_clicked = a in clicked
-        for b in shown[i + 1:]:
-            yield (a, b), (1, int(a_clicked and b in clicked), 0, 0)
+    clicked = sorted({imp.image_id for imp in record.impressions if imp.clicked})
+    clicked_rank = {image_id: rank for rank, image_id in enumerate(clicked)}
+    for i in range(len(shown) - 1):
+        a = shown[i]
+        rank = clicked_rank.get(a)
+        yield a, (tuple(shown[i + 1:]), tuple(clicked[rank + 1:]) if rank is not None else (), ())
     if record.query_image_id is not None:
         source = record.query_image_id
+        after_source = []
         for imp in record.impressions:
-            if imp.image_id != source:
-                yield _ordered(source, imp.image_id), (0, 0, 1, int(imp.clicked))
+            if imp.image_id < source:
+                yield imp.image_id, ((), (), ((source, int(imp.clicked)),))
+            elif imp.image_id > source:
+                after_source.append((imp.image_id, int(imp.clicked)))
+        if after_source:
+            yield source, ((), (), tuple(after_source))
 
 
-class PairCountsFn(beam.DoFn):
-    """LogRecord -> ((a, b), counts), pre-summed per bundle (in-mapper combining)."""
+def edge_stats_of_image(image_id: str, evidence: Iterable[Evidence]) -> Iterable[Tuple[Pair, EdgeStats]]:
+    """((a, b), EdgeStats) for every b > a that was co-clicked with a or shown in a query-by-image event of the pair.
 
-    def __init__(self, max_pairs: int = MAX_PAIRS_IN_MEMORY):
-        self._max_pairs = max_pairs
-        self._sums: Dict[Tuple[str, str], List[int]] = {}
-
-    def start_bundle(self):
-        self._sums = {}
-
-    def process(self, record: LogRecord):
-        sums = self._sums
-        for pair, inc in record_pair_counts(record):
-            acc = sums.get(pair)
-            if acc is None:
-                sums[pair] = list(inc)
-            else:
-                acc[0] += inc[0]
-                acc[1] += inc[1]
-                acc[2] += inc[2]
-                acc[3] += inc[3]
-        if len(sums) >= self._max_pairs:
-            yield from self._flush()
-
-    def _flush(self):
-        sums, self._sums = self._sums, {}
-        for pair, acc in sums.items():
-            yield pair, tuple(acc)
-
-    def finish_bundle(self):
-        for pair, acc in self._flush():
-            yield GlobalWindows.windowed_value((pair, acc))
-
-
-def _sum_counts(values: Iterable[Tuple[int, int, int, int]]) -> Tuple[int, int, int, int]:
-    a = b = c = d = 0
-    for v in values:
-        a += v[0]
-        b += v[1]
-        c += v[2]
-        d += v[3]
-    return (a, b, c, d)
+    `evidence` (key a's grouped values) is iterated more than once, as a GroupByKey result may be.
+    """
+    co_clicks = collections.Counter(itertools.chain.from_iterable(e[1] for e in evidence))
+    similar_shown = collections.Counter()
+    similar_clicks = collections.Counter()
+    for other, clicked in itertools.chain.from_iterable(e[2] for e in evidence):
+        similar_shown[other] += 1
+        similar_clicks[other] += clicked
+    co_shown = collections.Counter()
+    if co_clicks:
+        partners = set(co_clicks)
+        co_shown.update(itertools.chain.from_iterable(map(partners.intersection, (e[0] for e in evidence))))
+    for other in co_clicks.keys() | similar_shown.keys():
+        yield (image_id, other), EdgeStats(co_shown[other], co_clicks[other],
+                                           similar_shown[other], similar_clicks[other])
 
 
 class ComputeEdgeStats(beam.PTransform):
-    """LogRecords -> ((a, b), EdgeStats) for every unordered pair shown together or similar-clicked."""
+    """LogRecords -> ((a, b), EdgeStats), a < b, for every pair co-clicked or shown for the other's image."""
 
     def expand(self, records):
         return (
             records
-            | "PairCounts" >> beam.ParDo(PairCountsFn())
-            | "SumPerPair" >> beam.CombinePerKey(_sum_counts)
-            | "ToEdgeStats" >> beam.MapTuple(lambda pair, counts: (pair, EdgeStats(*counts)))
+            | "Evidence" >> beam.FlatMap(record_evidence)
+            | "EvidencePerImage" >> beam.GroupByKey()
+            | "CountPerPair" >> beam.FlatMapTuple(edge_stats_of_image)
         )
 
 

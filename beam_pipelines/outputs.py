@@ -60,7 +60,7 @@ class ToSerializedExample(beam.DoFn):
 
         image_source, _, max_neighbors, hard_negatives = self._args
         features = example_features(record, image_source, max_neighbors, hard_negatives)
-        yield F.make_example(features, self._spec).SerializeToString()
+        yield F.make_example(features, self._spec).SerializeToString(deterministic=True)
 
 
 class ToSerializedCorpusExample(beam.DoFn):
@@ -80,7 +80,7 @@ class ToSerializedCorpusExample(beam.DoFn):
 
         image_id, value = element
         features = {F.IMAGE_ID: image_id, F.image_key(self._args[0]): _image_value(value)}
-        yield F.make_example(features, self._spec).SerializeToString()
+        yield F.make_example(features, self._spec).SerializeToString(deterministic=True)
 
 
 class WriteTFRecords(beam.PTransform):

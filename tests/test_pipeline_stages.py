@@ -150,17 +150,34 @@ GRAPH_EVENTS = [
 ]
 
 
+# (d, e): shown together in 4 lists, co-clicked in 1; (d, f), (e, f): shown together 4 times, never co-clicked.
+OFTEN_SHOWN_EVENTS = [text_event("z", ["d", "e", "f"], clicked=["d", "e"])] + [text_event("z", ["e", "d", "f"])] * 3
+
+
 def test_edge_stats_coclick_and_similar_click_rates():
     with beam_pipeline() as p:
-        stats = p | beam.Create(GRAPH_EVENTS) | graph.ComputeEdgeStats()
-        # (a,b): shown together in 2 text lists + 1 image list (b, c); co-clicked once in a text list
-        # and the image list of "a" shows b, c (no co-click of a,b there: a is the query, not shown).
-        # similar: b shown for a (clicked), a shown for b (not) -> 2 shown, 1 click.
+        stats = p | beam.Create(GRAPH_EVENTS + OFTEN_SHOWN_EVENTS) | graph.ComputeEdgeStats()
+        # (a,b): shown together in the 2 text lists (the image list of "a" shows b, c: a is the query, not
+        # shown), co-clicked in x; similar: b shown for a (clicked), a shown for b (not) -> 2 shown, 1 click.
+        # (a,c): co-shown in x but never co-clicked, so co_shown is not counted; c shown for a, not clicked.
+        # (b,c): co-shown twice, never co-clicked, no similar-image event: no stats at all.
+        # (d,e): co-shown 4 times, co-clicked once -> co-click rate 1/4.
         assert_that(stats, equal_to([
             (("a", "b"), graph.EdgeStats(2, 1, 2, 1)),
-            (("a", "c"), graph.EdgeStats(1, 0, 1, 0)),
-            (("b", "c"), graph.EdgeStats(2, 0, 0, 0)),
+            (("a", "c"), graph.EdgeStats(0, 0, 1, 0)),
+            (("d", "e"), graph.EdgeStats(4, 1, 0, 0)),
         ]))
+
+
+def test_coclick_rate_is_one_over_co_shown_and_never_co_clicked_pairs_get_no_edge():
+    with beam_pipeline() as p:
+        graph_out = p | beam.Create(GRAPH_EVENTS + OFTEN_SHOWN_EVENTS) | graph.BuildImageGraph(
+            coclick_weight=1.0, similar_click_weight=0.5, min_weight=0.1, max_neighbors=2)
+        # (a,b) = 1/2 + 0.5 * 1/2; (d,e) = 1/4; (a,c) weighs 0; (b,c), (d,f), (e,f) were never co-clicked.
+        assert_that(graph_out["edges"], equal_to([(("a", "b"), 0.75), (("d", "e"), 0.25)]), label="edges")
+        assert_that(graph_out["neighbors"], equal_to([
+            ("a", [("b", 0.75)]), ("b", [("a", 0.75)]), ("d", [("e", 0.25)]), ("e", [("d", 0.25)])]),
+            label="neighbors")
 
 
 def test_edge_weight_is_the_configured_linear_combination():
@@ -170,16 +187,20 @@ def test_edge_weight_is_the_configured_linear_combination():
     assert graph.EdgeStats().weight(1.0, 1.0) == 0.0
 
 
-def test_in_bundle_pre_summing_flushes_without_changing_totals():
-    fn = graph.PairCountsFn(max_pairs=2)
-    fn.start_bundle()
-    emitted = [kv for event in GRAPH_EVENTS for kv in fn.process(event)]
-    emitted += [wv.value for wv in fn.finish_bundle()]
-    totals = {}
-    for pair, counts in emitted:
-        totals[pair] = tuple(x + y for x, y in zip(totals.get(pair, (0, 0, 0, 0)), counts))
-    assert totals == {("a", "b"): (2, 1, 2, 1), ("a", "c"): (1, 0, 1, 0), ("b", "c"): (2, 0, 0, 0)}
-    assert len(emitted) > len(totals)  # it did flush mid-bundle
+def test_each_pair_is_counted_at_its_smaller_id_only():
+    text = text_event("x", ["c", "a", "b", "a"], clicked=["b", "c"])
+    assert list(graph.record_evidence(text)) == [("a", (("b", "c"), (), ())), ("b", (("c",), ("c",), ()))]
+    # The query image b is also shown: it counts as co-shown; a < b goes to key a, c > b to key b.
+    by_image = image_event("b", ["a", "c", "b"], clicked=["c"])
+    assert list(graph.record_evidence(by_image)) == [
+        ("a", (("b", "c"), (), ())), ("b", (("c",), (), ())),
+        ("a", ((), (), (("b", 0),))), ("b", ((), (), (("c", 1),)))]
+    grouped = {}
+    for image_id, evidence in [kv for event in (text, by_image) for kv in graph.record_evidence(event)]:
+        grouped.setdefault(image_id, []).append(evidence)
+    assert sorted(graph.edge_stats_of_image("a", grouped["a"])) == [(("a", "b"), graph.EdgeStats(0, 0, 1, 0))]
+    # (b,c): shown together twice, co-clicked once in x, c shown once for b and clicked.
+    assert sorted(graph.edge_stats_of_image("b", grouped["b"])) == [(("b", "c"), graph.EdgeStats(2, 1, 1, 1))]
 
 
 def test_image_graph_is_symmetric_top_k_above_min_weight():
