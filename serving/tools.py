@@ -500,16 +500,22 @@ def cluster_queries(config, workdir: Workdir, args) -> int:
     return 0
 
 
-def label_images(config, workdir: Workdir, args) -> int:
-    """`clicklens label-images`: each catalog image's nearest logged queries as zero-shot labels -> JSON."""
+def _queries_and_images(workdir: Workdir, args):
+    """Both encoders, the logged queries, and the embeddings of those queries and of the catalog images."""
     query_encoder = load_encoder(workdir, QUERY_ENCODER)
     image_encoder = load_encoder(workdir, IMAGE_ENCODER)
     queries = logged_queries(workdir, _arg(args, "max_queries", MAX_QUERIES))
     query_embeddings = query_encoder.embed([q.encode("utf-8") for q, _ in queries])
     image_ids, image_embeddings = catalog_images(workdir, image_encoder)
+    return (query_encoder, image_encoder), queries, query_embeddings, image_ids, image_embeddings
+
+
+def label_images(config, workdir: Workdir, args) -> int:
+    """`clicklens label-images`: each catalog image's nearest logged queries as zero-shot labels -> JSON."""
+    encoders, queries, query_embeddings, image_ids, image_embeddings = _queries_and_images(workdir, args)
     labels = image_labels(image_ids, image_embeddings, queries, query_embeddings,
                           _arg(args, "labels_per_image", LABELS_PER_IMAGE))
-    result = {"models": {e.name: e.version for e in (query_encoder, image_encoder)},
+    result = {"models": {e.name: e.version for e in encoders},
               "num_queries": len(queries), "num_images": len(labels), "images": labels}
     path = _output(workdir, args, "image_labels.json")
     _write_text(path, json.dumps(result, ensure_ascii=False, indent=1))
@@ -520,12 +526,8 @@ def label_images(config, workdir: Workdir, args) -> int:
 
 def plot_embeddings(config, workdir: Workdir, args) -> int:
     """`clicklens plot-embeddings`: a PCA plot of query and image embeddings -> PNG."""
-    query_encoder = load_encoder(workdir, QUERY_ENCODER)
-    image_encoder = load_encoder(workdir, IMAGE_ENCODER)
-    queries = logged_queries(workdir, _arg(args, "max_queries", MAX_QUERIES))
-    query_embeddings = unit_rows(query_encoder.embed([q.encode("utf-8") for q, _ in queries]))
-    image_ids, image_embeddings = catalog_images(workdir, image_encoder)
-    image_embeddings = unit_rows(image_embeddings)
+    _, queries, query_embeddings, image_ids, image_embeddings = _queries_and_images(workdir, args)
+    query_embeddings, image_embeddings = unit_rows(query_embeddings), unit_rows(image_embeddings)
     # Two-tower spaces have a "modality gap" (all images sit on one side of all queries, often with a
     # different spread), which would make PC1 just "query or image"; standardizing each side keeps the
     # structure they share.
