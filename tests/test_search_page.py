@@ -187,6 +187,12 @@ def _served_version(base: str, model: str) -> int:
 
 
 def _wait_for_search(page, states=("done",)):
+    # Wait for an expected settled state, not merely "not loading": right after an action the page
+    # may still show the previous search's state for a moment before it switches to "loading".
+    try:
+        page.wait_for_function(f"{json.dumps(list(states))}.includes(document.body.dataset.state)")
+    except Exception:
+        pass  # the assertion below reports the state the page is in
     page.wait_for_function("!['loading', 'idle'].includes(document.body.dataset.state)")
     page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete)")
     state = page.evaluate("document.body.dataset.state")
