@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 WORKDIR ?= demo_workdir
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
+# The slowest tests are listed at the end of every run, to keep the inner loop fast.
+PYTEST_DURATIONS ?= --durations=15
 
 .PHONY: demo test venv clean
 
@@ -35,7 +37,7 @@ demo: $(VENV)/.installed
 	$(BIN)/clicklens demo --config $(CONFIG) --workdir $(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_DURATIONS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache *.egg-info

@@ -20,10 +20,13 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["trainer", "trainer.*", "beam_pipelines", "beam_pipelines.*", "serving", "serving.*"]),
+    # The core and the three stages; a container copies the core and its own stage only, and
+    # find_packages installs what is there.
+    packages=find_packages(include=["clicklens", "clicklens.*", "trainer", "trainer.*", "beam_pipelines",
+                                    "beam_pipelines.*", "serving", "serving.*"]),
     package_data={"serving": ["static/*"]},
     include_package_data=True,
     install_requires=requirements("requirements.txt"),
     extras_require={"test": requirements("requirements-test.txt")},
-    entry_points={"console_scripts": ["clicklens=trainer.cli:main"]},
+    entry_points={"console_scripts": ["clicklens=clicklens.cli:main"]},
 )

@@ -1,3 +1,6 @@
-"""clicklens Beam pipelines: query logs -> click statistics, graph, training examples."""
+"""clicklens Beam pipelines: query logs -> click statistics, graph, training examples.
 
-from trainer import compat  # noqa: F401  (sets up TensorFlow before anything imports it)
+This package imports only the clicklens core and libraries, never `trainer` or `serving`.
+"""
+
+import clicklens  # noqa: F401  (sets up the pinned TensorFlow stack before anything imports TensorFlow)

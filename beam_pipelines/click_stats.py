@@ -5,7 +5,7 @@ from typing import Iterable, NamedTuple, Tuple
 
 import apache_beam as beam
 
-from beam_pipelines.log_schema import LogRecord
+from clicklens.log_schema import LogRecord
 
 
 class PairStats(NamedTuple):

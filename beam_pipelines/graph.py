@@ -27,7 +27,8 @@ from typing import Iterable, NamedTuple, Tuple
 
 import apache_beam as beam
 
-from beam_pipelines.log_schema import LogRecord
+from beam_pipelines.progress import LogProgress
+from clicklens.log_schema import LogRecord
 
 Pair = Tuple[str, str]
 # What one search event tells image a (the key) about images b > a:
@@ -159,7 +160,12 @@ class BuildImageGraph(beam.PTransform):
         self._k = max_neighbors
 
     def expand(self, records):
-        edges = records | "EdgeStats" >> ComputeEdgeStats() | "WeightEdges" >> WeightEdges(*self._args)
+        edges = (
+            records
+            | "EdgeStats" >> ComputeEdgeStats()
+            | "WeightEdges" >> WeightEdges(*self._args)
+            | "LogEdges" >> LogProgress("ImageGraph", "graph edges")
+        )
         if self._k == 0:
             neighbors = edges | "NoNeighbors" >> beam.Filter(lambda _: False)
         else:

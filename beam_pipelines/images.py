@@ -1,23 +1,30 @@
 """Stage 7: the image catalog and the images themselves.
 
-Images are read through Beam's filesystems (local paths, gs://, ...), decoded,
-centre-cropped and resized to `pipeline.image_size` square and re-encoded as
-PNG; with `image_source: features` the catalog's feature vector is used
-instead.  A bad catalog line, a duplicate image id, a missing file or an
-undecodable image becomes a dead-letter record; the image is then absent from
-the good-image output, and the joins downstream drop what needs it.
+Images are read through Beam's filesystems (local paths, gs://, ...) and
+prepared by the one image preparation function in clicklens/images.py, shared
+with training and the exported graphs (decode, centre-crop to a square, resize
+to `pipeline.image_size`), and stored as PNG (`clicklens.images.PngPreparer`).
+With `image_source: features` the catalog's feature vector is used instead.
+A bad catalog line, a duplicate image id, a missing file or an undecodable
+image becomes a dead-letter record; the image is then absent from the
+good-image output, and the joins downstream drop what needs it.
 """
 
 
-import io
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines.catalog_schema import BadRecord, CatalogEntry, parse_catalog_line, resolve_uri
-from beam_pipelines.parse import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
+from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
+from beam_pipelines.parse import ReadLines
+from beam_pipelines.progress import LogProgress
+from clicklens.catalog import CatalogEntry, parse_catalog_line, resolve_uri
+from clicklens.errors import BadRecord
 
+# Output tags: catalog entries, good images, and the (image_id, reason) of each catalog image that is not good.
+ENTRIES = "entries"
 IMAGES = "images"
+BAD_IMAGE_IDS = "bad_image_ids"
 
 
 def image_dead_letter(entry: CatalogEntry, reason: str, detail: str = "") -> dict:
@@ -25,19 +32,6 @@ def image_dead_letter(entry: CatalogEntry, reason: str, detail: str = "") -> dic
     record = dead_letter("image", reason, entry.to_json(), detail)
     record["image_id"] = entry.image_id
     return record
-
-
-def decode_and_resize(data: bytes, size: int) -> bytes:
-    """Decodes any image Pillow reads, centre-crops to a square, resizes to `size` and encodes PNG."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        rgb = image.convert("RGB")
-    square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
-    out = io.BytesIO()
-    square.save(out, format="PNG")
-    return out.getvalue()
 
 
 def read_file(path: str) -> bytes:
@@ -74,17 +68,17 @@ class FirstEntryFn(beam.DoFn):
 
 
 class ReadCatalog(beam.PTransform):
-    """Catalog lines -> {"entries": CatalogEntry (one per id), DEAD_LETTER: dead letters}."""
+    """Catalog lines -> {ENTRIES: CatalogEntry (one per id), DEAD_LETTER: dead letters}."""
 
     def expand(self, lines):
-        parsed = lines | "Parse" >> beam.ParDo(ParseCatalogFn()).with_outputs(DEAD_LETTER, main="entries")
+        parsed = lines | "Parse" >> beam.ParDo(ParseCatalogFn()).with_outputs(DEAD_LETTER, main=ENTRIES)
         unique = (
-            parsed.entries
+            parsed[ENTRIES]
             | "GroupById" >> beam.GroupByKey()
-            | "FirstPerId" >> beam.ParDo(FirstEntryFn()).with_outputs(DEAD_LETTER, main="entries")
+            | "FirstPerId" >> beam.ParDo(FirstEntryFn()).with_outputs(DEAD_LETTER, main=ENTRIES)
         )
         dead = (parsed[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
-        return {"entries": unique.entries, DEAD_LETTER: dead}
+        return {ENTRIES: unique.entries, DEAD_LETTER: dead}
 
 
 class LoadImageFn(beam.DoFn):
@@ -95,6 +89,14 @@ class LoadImageFn(beam.DoFn):
         self._source = image_source
         self._size = image_size
         self._dim = feature_dim
+        self._prepare_png = None
+
+    def setup(self):
+        if self._source != "features":
+            # Imports TensorFlow: here, on the worker, not when the pipeline is built.
+            from clicklens.images import PngPreparer
+
+            self._prepare_png = PngPreparer(self._size)
 
     def _bad(self, entry: CatalogEntry, reason: str, detail: str = ""):
         Metrics.counter(METRICS_NAMESPACE, f"bad_image_{reason}").inc()
@@ -119,12 +121,23 @@ class LoadImageFn(beam.DoFn):
             yield self._bad(entry, "missing_image", f"{path}: {type(err).__name__}")
             return
         try:
-            encoded = decode_and_resize(data, self._size)
-        except Exception as err:  # noqa: BLE001  (Pillow raises several types for bad data)
-            yield self._bad(entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}"[:300])
+            encoded = self._prepare_png(data)
+        except Exception as err:  # noqa: BLE001  (InvalidArgumentError, or anything else: no image may stop the run)
+            yield self._bad(entry, "corrupt_image", f"{path}: {type(err).__name__}: {_error_summary(err)}"[:300])
             return
         Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
         yield entry.image_id, encoded
+
+
+def _error_summary(err: Exception) -> str:
+    """The line of an error's message that says what was wrong.
+
+    TensorFlow puts it after the Python traceback of the graph's ops and
+    before the op's name ("[[{{node ...}}]]"); other errors have one line.
+    """
+    lines = [line.strip() for line in str(getattr(err, "message", err)).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("[[")]
+    return lines[-1] if lines else ""
 
 
 class LoadImages(beam.PTransform):
@@ -142,3 +155,29 @@ class LoadImages(beam.PTransform):
         )
         return {IMAGES: loaded[IMAGES], DEAD_LETTER: loaded[DEAD_LETTER]}
 
+
+class ReadCatalogImages(beam.PTransform):
+    """PBegin -> {ENTRIES, IMAGES, BAD_IMAGE_IDS, DEAD_LETTER} of the image catalog at `catalog_path`.
+
+    ENTRIES are the catalog entries (one per id), IMAGES the good images as
+    (image_id, PNG bytes or feature tuple), BAD_IMAGE_IDS (image_id, reason)
+    for each entry whose image could not be loaded, DEAD_LETTER the bad
+    catalog lines and images.
+    """
+
+    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0):
+        super().__init__()
+        self._catalog_path = catalog_path
+        self._load = (image_source, image_size, feature_dim)
+
+    def expand(self, pbegin):
+        catalog = (
+            pbegin
+            | "ReadLines" >> ReadLines(self._catalog_path)
+            | "ParseCatalog" >> ReadCatalog()
+        )
+        loaded = catalog[ENTRIES] | "LoadImages" >> LoadImages(self._catalog_path, *self._load)
+        good = loaded[IMAGES] | "LogImages" >> LogProgress("LoadImages", "images loaded")
+        bad_ids = loaded[DEAD_LETTER] | "BadImageIds" >> beam.Map(lambda r: (r["image_id"], r["reason"]))
+        dead = (catalog[DEAD_LETTER], loaded[DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
+        return {ENTRIES: catalog[ENTRIES], IMAGES: good, BAD_IMAGE_IDS: bad_ids, DEAD_LETTER: dead}

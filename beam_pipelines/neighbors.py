@@ -14,7 +14,8 @@ image's pairs and neighbours, or one example's negatives:
      with their images and regrouped per example; missing ones are dropped.
   4. AddCandidateProbability: the image's share of training examples.
 
-An example in flight is a plain dict with the keys below (see make_record).
+JoinTrainingExamples is the stage: the four steps in order.  An example in
+flight is a plain dict with the keys below (see make_record).
 """
 
 
@@ -23,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_pipelines.parse import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
+from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
 from beam_pipelines.selection import SelectedPair
 from beam_pipelines.split import TRAIN, query_split
 
@@ -185,3 +186,39 @@ def _with_probability(record: Dict[str, Any], total: int) -> Dict[str, Any]:
     record = dict(record)
     record["candidate_probability"] = max(record["image_train_examples"], 1) / max(total, 1)
     return record
+
+
+class JoinTrainingExamples(beam.PTransform):
+    """Selected pairs, good images and graph neighbours -> finished example records.
+
+    Inputs: {"selected": SelectedPair, "images": (image_id, image value),
+    "neighbors": (image_id, [(neighbour id, weight)]), "bad_image_ids": (image_id, reason)}.
+    Outputs: {EXAMPLES: example records, DROPPED: the number of selected pairs
+    dropped for each bad image, DEAD_LETTER: one record per image that is
+    needed but not in the catalog}.
+    """
+
+    def __init__(self, eval_fraction: float, hard_negatives: int):
+        super().__init__()
+        self._eval_fraction = eval_fraction
+        self._hard_negatives = hard_negatives
+
+    def expand(self, inputs):
+        images = inputs["images"]
+        neighbor_links = (
+            {"neighbors": inputs["neighbors"], "images": images}
+            | "AttachNeighborImages" >> AttachNeighborImages()
+        )
+        joined = (
+            {"pairs": inputs["selected"], "images": images, "neighbors": neighbor_links,
+             "bad": inputs["bad_image_ids"]}
+            | "JoinExamplesPerImage" >> JoinExamplesPerImage(self._eval_fraction)
+        )
+        examples = joined[EXAMPLES]
+        if self._hard_negatives:
+            examples = {"examples": examples, "images": images} | "AttachHardNegatives" >> AttachHardNegatives()
+        examples = (
+            {EXAMPLES: examples, TRAIN_COUNTS: joined[TRAIN_COUNTS]}
+            | "AddCandidateProbability" >> AddCandidateProbability()
+        )
+        return {EXAMPLES: examples, DROPPED: joined[DROPPED], DEAD_LETTER: joined[DEAD_LETTER]}

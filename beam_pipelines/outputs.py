@@ -1,8 +1,10 @@
-"""Writing: tf.train.Examples exactly as trainer.features declares them, dead letters, single files.
+"""Writing: tf.train.Examples exactly as clicklens.features declares them, dead letters, single files.
 
-Feature names come only from trainer.features; `make_example` fills every
+Feature names come only from clicklens.features; `make_example` fills every
 spec key it is not given with the spec's default, which is how padded
 neighbour and negative slots are written ("" ids, b"" / zero images, 0 weights).
+clicklens.features imports TensorFlow, so it is imported inside the functions
+and DoFn setups that write examples, never when the pipeline is built.
 """
 
 
@@ -10,13 +12,16 @@ from typing import Any, Dict
 
 import apache_beam as beam
 
-from beam_pipelines.parse import dead_letter_json
+from beam_pipelines.dead_letters import dead_letter_json
+from beam_pipelines.progress import LogProgress
+from beam_pipelines.split import SPLITS
+from clicklens.workdir import join
 
 
 def example_features(record: Dict[str, Any], image_source: str, max_neighbors: int,
                      hard_negatives: int) -> Dict[str, Any]:
-    """The trainer.features dict of one example record (neighbours and negatives beyond the slots dropped)."""
-    from trainer import features as F
+    """The clicklens.features dict of one example record (neighbours and negatives beyond the slots dropped)."""
+    from clicklens import features as F
 
     image = F.image_key(image_source)
     out = {
@@ -50,13 +55,13 @@ class ToSerializedExample(beam.DoFn):
         self._spec = None
 
     def setup(self):
-        from trainer import features as F
+        from clicklens import features as F
 
         image_source, feature_dim, max_neighbors, hard_negatives = self._args
         self._spec = F.example_feature_spec(image_source, feature_dim, max_neighbors, hard_negatives)
 
     def process(self, record):
-        from trainer import features as F
+        from clicklens import features as F
 
         image_source, _, max_neighbors, hard_negatives = self._args
         features = example_features(record, image_source, max_neighbors, hard_negatives)
@@ -71,12 +76,12 @@ class ToSerializedCorpusExample(beam.DoFn):
         self._spec = None
 
     def setup(self):
-        from trainer import features as F
+        from clicklens import features as F
 
         self._spec = F.corpus_feature_spec(*self._args)
 
     def process(self, element):
-        from trainer import features as F
+        from clicklens import features as F
 
         image_id, value = element
         features = {F.IMAGE_ID: image_id, F.image_key(self._args[0]): _image_value(value)}
@@ -96,19 +101,53 @@ class WriteTFRecords(beam.PTransform):
             self._prefix, file_name_suffix=".tfrecord.gz", num_shards=self._num_shards)
 
 
+class WriteExamples(beam.PTransform):
+    """{"examples": example records, "images": good images} -> `train-*`, `eval-*`, `corpus-*` under `out_dir`.
+
+    Returns {split name: that split's example records}.
+    """
+
+    def __init__(self, config, out_dir: str):
+        super().__init__()
+        self._config = config
+        self._out_dir = out_dir
+
+    def expand(self, inputs):
+        num_shards = self._config.pipeline.num_shards
+        by_split = inputs["examples"] | "SplitByQuery" >> beam.Partition(
+            lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
+        written = {}
+        for index, name in enumerate(SPLITS):
+            written[name] = by_split[index] | f"Log{name.title()}" >> LogProgress("WriteExamples", f"{name} examples")
+            (written[name]
+             | f"Serialize{name.title()}" >> beam.ParDo(ToSerializedExample(self._config))
+             | f"Write{name.title()}" >> WriteTFRecords(join(self._out_dir, name), num_shards))
+        (inputs["images"]
+         | "SerializeCorpus" >> beam.ParDo(ToSerializedCorpusExample(self._config))
+         | "WriteCorpus" >> WriteTFRecords(join(self._out_dir, "corpus"), num_shards))
+        return written
+
+
 class WriteDeadLetters(beam.PTransform):
-    """Dead-letter dicts -> `<prefix>-SSSSS-of-NNNNN.jsonl`, one JSON object per line."""
+    """The dead-letter PCollections of every stage -> `<prefix>-SSSSS-of-NNNNN.jsonl`, one JSON object per line.
+
+    Returns all dead letters as one PCollection.
+    """
 
     def __init__(self, prefix: str):
         super().__init__()
         self._prefix = prefix
 
-    def expand(self, records):
-        return (
-            records
-            | "ToJson" >> beam.Map(dead_letter_json)
-            | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=1)
+    def expand(self, dead_letter_pcolls):
+        records = (
+            tuple(dead_letter_pcolls)
+            | "Flatten" >> beam.Flatten()
+            | "LogDeadLetters" >> LogProgress("DeadLetters", "dead-letter records")
         )
+        (records
+         | "ToJson" >> beam.Map(dead_letter_json)
+         | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=1))
+        return records
 
 
 class WriteSingleFile(beam.PTransform):

@@ -4,51 +4,26 @@ Logs are read as bytes lines (gzip by file extension) so that a line that is
 not UTF-8 reaches `parse_log_line`, which calls it a bad record, instead of
 crashing the text reader.  Every bad line becomes one dead-letter record
 `{"source": "log", "reason": ..., "raw": ...}` and increments the Beam counter
-named after its reason.
+named after its reason.  `ReadLogs` is the stage: read, then parse.
 """
 
 
-import base64
-import json
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import coders
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from beam_pipelines.log_schema import BadRecord, LogRecord, parse_log_line
+from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
+from beam_pipelines.progress import LogProgress
+from clicklens.errors import BadRecord
+from clicklens.log_schema import LogRecord, parse_log_line
 
-# Output tags of ParseLogs.
+# The main output of ParseLogs and ReadLogs; their dead letters are tagged DEAD_LETTER.
 RECORDS = "records"
-DEAD_LETTER = "dead_letter"
-
-METRICS_NAMESPACE = "clicklens"
-
-
-def dead_letter(source: str, reason: str, raw: Union[bytes, str], detail: str = "") -> Dict[str, Any]:
-    """A dead-letter record: where it came from, why it was rejected, and the raw input.
-
-    Raw bytes that are not UTF-8 are stored base64-encoded, with
-    `"raw_encoding": "base64"`, so the record is always one valid JSON line.
-    """
-    record: Dict[str, Any] = {"source": source, "reason": reason}
-    if isinstance(raw, bytes):
-        try:
-            record["raw"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            record["raw"] = base64.b64encode(raw).decode("ascii")
-            record["raw_encoding"] = "base64"
-    else:
-        record["raw"] = raw
-    if detail:
-        record["detail"] = detail
-    return record
-
-
-def dead_letter_json(record: Dict[str, Any]) -> str:
-    """One dead-letter record as a JSON line (non-ASCII kept readable)."""
-    return json.dumps(record, ensure_ascii=False, sort_keys=True)
+# The raw lines ReadLogs read (for the report's count).
+LINES = "lines"
 
 
 def parse_or_dead_letter(line: bytes) -> Tuple[Optional[LogRecord], Optional[Dict[str, Any]]]:
@@ -100,3 +75,17 @@ class ParseLogs(beam.PTransform):
 
     def expand(self, lines):
         return lines | "Parse" >> beam.ParDo(ParseLogLineFn()).with_outputs(DEAD_LETTER, main=RECORDS)
+
+
+class ReadLogs(beam.PTransform):
+    """PBegin -> {LINES: raw bytes lines, RECORDS: LogRecord, DEAD_LETTER: dead letters} of the logs matching a glob."""
+
+    def __init__(self, file_pattern: str):
+        super().__init__()
+        self._pattern = file_pattern
+
+    def expand(self, pbegin):
+        lines = pbegin | "ReadLines" >> ReadLines(self._pattern)
+        parsed = lines | "ParseLogs" >> ParseLogs()
+        records = parsed[RECORDS] | "LogRecords" >> LogProgress("ParseLogs", "log records")
+        return {LINES: lines, RECORDS: records, DEAD_LETTER: parsed[DEAD_LETTER]}

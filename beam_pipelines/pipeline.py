@@ -6,15 +6,21 @@ Options the clicklens command line does not know are Beam pipeline options, so
 `--runner DataflowRunner --project P --region R --temp_location gs://B/tmp
 --setup_file ./setup.py` runs the same pipeline on Dataflow, and
 `--direct_num_workers 2 --direct_running_mode multi_processing` uses two local
-processes.  The stages (each a named composite PTransform in its own module):
+processes.  The stages, each a named composite PTransform in the module of its stage:
 
-    ReadLogs / ParseLogs ---------> dead letters
-      |-- ComputeClickStats + QueryCategory -> SelectPairs
-      |-- BuildImageGraph (co-click + similar-image-click edges, top-k neighbours)
-      `-- LearnVocabulary (training queries only)
-    ReadCatalog / LoadImages -----> dead letters; corpus
-    AttachNeighborImages, JoinExamplesPerImage, AttachHardNegatives, AddCandidateProbability
-    split by query hash -> train-*, eval-*; report.json
+    ReadLogs (parse) ------------------------------------------> dead letters
+      |-- SelectTrainingPairs (selection: click stats, query category, selection rules)
+      |-- BuildImageGraph (graph: co-click + similar-image-click edges, top-k neighbours)
+      `-- LearnAndWriteVocabulary (vocab: training queries only) -> vocab.txt
+    ReadCatalogImages (images: catalog, image loading) --------> dead letters
+    JoinTrainingExamples (neighbors: neighbour images, per-image join, hard negatives,
+                          candidate probability) --------------> dead letters
+    WriteExamples (outputs: split by query hash) --------------> train-*, eval-*, corpus-*
+    WriteDeadLetters (outputs) --------------------------------> dead_letter-*
+    PipelineReport (report: every figure) ---------------------> report.json
+
+Each stage logs a progress line with its count ("pipeline: ClickStats: 12,345
+(query, image) pairs"), and `run` logs the report's headline figures at the end.
 """
 
 
@@ -27,11 +33,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import graph, images, neighbors, outputs, parse, report, selection, split, vocab
-from beam_pipelines.click_stats import ComputeClickStats, QueryCategory
-from trainer.config import Config
-from trainer.errors import ClicklensError
-from trainer.workdir import Workdir, join
+from beam_pipelines import graph, images, neighbors, outputs, parse, report, selection, vocab
+from beam_pipelines.dead_letters import DEAD_LETTER
+from clicklens.config import Config
+from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir, join
 
 logger = logging.getLogger(__name__)
 
@@ -109,101 +115,37 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
     """Adds every stage, from the raw inputs to the written outputs, to pipeline `p`."""
     cfg = config.pipeline
     paths = input_paths(config, workdir)
-    out = workdir.examples
 
-    # Stage 1: logs.
-    lines = p | "ReadLogs" >> parse.ReadLines(paths["logs"])
-    parsed = lines | "ParseLogs" >> parse.ParseLogs()
-    records = parsed[parse.RECORDS]
-
-    # Stages 2-3 (and 6's negative ids): click statistics and pair selection.
-    pair_stats = records | "ClickStats" >> ComputeClickStats()
-    categories = records | "QueryCategory" >> QueryCategory()
-    selected = {"stats": pair_stats, "category": categories} | "SelectPairs" >> selection.SelectPairs(
+    logs = p | "ReadLogs" >> parse.ReadLogs(paths["logs"])
+    records = logs[parse.RECORDS]
+    pairs = records | "SelectTrainingPairs" >> selection.SelectTrainingPairs(
         selection.SelectionRules.from_config(cfg))
-
-    # Stage 4: the image graph.
-    image_graph = records | "ImageGraph" >> graph.BuildImageGraph(
+    image_graph = records | "BuildImageGraph" >> graph.BuildImageGraph(
         cfg.coclick_weight, cfg.similar_click_weight, cfg.min_edge_weight, cfg.max_neighbors)
-
-    # Stage 7: catalog and images.
-    catalog = p | "ReadCatalog" >> parse.ReadLines(paths["catalog"]) | "ParseCatalog" >> images.ReadCatalog()
-    loaded = catalog["entries"] | "LoadImages" >> images.LoadImages(
+    catalog = p | "ReadCatalogImages" >> images.ReadCatalogImages(
         paths["catalog"], cfg.image_source, cfg.image_size, cfg.feature_dim)
-    good_images = loaded[images.IMAGES]
-    bad_image_ids = loaded[parse.DEAD_LETTER] | "BadImageIds" >> beam.Map(lambda r: (r["image_id"], r["reason"]))
 
-    # Stages 5-6: joins.
-    neighbor_links = {"neighbors": image_graph["neighbors"], "images": good_images} | (
-        "AttachNeighborImages" >> neighbors.AttachNeighborImages())
-    joined = {"pairs": selected, "images": good_images, "neighbors": neighbor_links, "bad": bad_image_ids} | (
-        "JoinExamplesPerImage" >> neighbors.JoinExamplesPerImage(cfg.eval_fraction))
-    examples = joined[neighbors.EXAMPLES]
-    if cfg.hard_negatives:
-        examples = {"examples": examples, "images": good_images} | (
-            "AttachHardNegatives" >> neighbors.AttachHardNegatives())
-    examples = {neighbors.EXAMPLES: examples, neighbors.TRAIN_COUNTS: joined[neighbors.TRAIN_COUNTS]} | (
-        "AddCandidateProbability" >> neighbors.AddCandidateProbability())
+    joined = {"selected": pairs[selection.SELECTED], "images": catalog[images.IMAGES],
+              "neighbors": image_graph["neighbors"], "bad_image_ids": catalog[images.BAD_IMAGE_IDS]} | (
+        "JoinTrainingExamples" >> neighbors.JoinTrainingExamples(cfg.eval_fraction, cfg.hard_negatives))
+    by_split = {"examples": joined[neighbors.EXAMPLES], "images": catalog[images.IMAGES]} | (
+        "WriteExamples" >> outputs.WriteExamples(config, workdir.examples))
+    vocabulary = records | "LearnAndWriteVocabulary" >> vocab.LearnAndWriteVocabulary(
+        cfg.vocab_size, cfg.eval_fraction, workdir.vocab)
+    dead_letters = (logs[DEAD_LETTER], catalog[DEAD_LETTER], joined[DEAD_LETTER]) | (
+        "WriteDeadLetters" >> outputs.WriteDeadLetters(join(workdir.examples, "dead_letter")))
 
-    # Stage 8: split, write.
-    by_split = examples | "SplitByQuery" >> beam.Partition(
-        lambda r, _: split.SPLITS.index(r["split"]), len(split.SPLITS))
-    counts = {}
-    for index, name in enumerate(split.SPLITS):
-        part = by_split[index]
-        (part
-         | f"Serialize{name.title()}" >> beam.ParDo(outputs.ToSerializedExample(config))
-         | f"Write{name.title()}" >> outputs.WriteTFRecords(join(out, name), cfg.num_shards))
-        counts[f"examples.{name}"] = part | f"Count{name.title()}" >> report.Count()
-    (good_images
-     | "SerializeCorpus" >> beam.ParDo(outputs.ToSerializedCorpusExample(config))
-     | "WriteCorpus" >> outputs.WriteTFRecords(join(out, "corpus"), cfg.num_shards))
-
-    train_queries = (
-        records
-        | "TextQueries" >> beam.FlatMap(lambda r: [r.query] if r.query is not None else [])
-        | "TrainQueries" >> beam.Filter(lambda q, f: split.query_split(q, f) == split.TRAIN, cfg.eval_fraction)
-    )
-    vocabulary = train_queries | "LearnVocabulary" >> vocab.LearnVocabulary(cfg.vocab_size)
-    vocabulary | "VocabText" >> beam.Map("\n".join) | "WriteVocab" >> outputs.WriteSingleFile(workdir.vocab)
-
-    dead_letters = (
-        (parsed[parse.DEAD_LETTER], catalog[parse.DEAD_LETTER], loaded[parse.DEAD_LETTER], joined[parse.DEAD_LETTER])
-        | "AllDeadLetters" >> beam.Flatten()
-    )
-    dead_letters | "WriteDeadLetters" >> outputs.WriteDeadLetters(join(out, "dead_letter"))
-
-    # report.json
-    image_only = examples | "ImageOnly" >> beam.Filter(lambda r: r["query"] == "")
     figures = {
-        "log_records.read": lines | "CountLines" >> report.Count(),
-        "log_records.ok": records | "CountRecords" >> report.Count(),
-        "bad_records": dead_letters | "BadByReason" >> report.CountByReason(),
-        "dead_letter_records": dead_letters | "CountDeadLetters" >> report.Count(),
-        "pairs": pair_stats | "CountPairs" >> report.Count(),
-        "selected_pairs": selected | "CountSelected" >> report.Count(),
-        "graph.edges": image_graph["edges"] | "CountEdges" >> report.Count(),
-        "graph.nodes": image_graph["neighbors"] | "CountNodes" >> report.Count(),
-        "graph.neighbor_links": image_graph["neighbors"]
-        | "LinkSizes" >> beam.MapTuple(lambda _, nbrs: len(nbrs)) | "SumLinks" >> report.Sum(),
-        "examples.image_only": image_only | "CountImageOnly" >> report.Count(),
-        "examples.dropped_bad_image": joined[neighbors.DROPPED] | "SumDropped" >> report.Sum(),
-        "examples.corpus": good_images | "CountCorpus" >> report.Count(),
-        "neighbors_per_example": examples
-        | "NeighborCounts" >> beam.Map(lambda r, k: min(len(r["neighbors"]), k), cfg.max_neighbors)
-        | "NeighborHistogram" >> report.Histogram(),
-        "images.ok": good_images | "CountGoodImages" >> report.Count(),
-        "images.bad": loaded[parse.DEAD_LETTER] | "BadImages" >> report.Count(),
-        "catalog_entries": catalog["entries"] | "CountCatalog" >> report.Count(),
-        "vocab_size": vocabulary | "VocabSize" >> beam.Map(len),
-        **counts,
+        "lines": logs[parse.LINES], "records": records, "dead_letters": dead_letters,
+        "pair_stats": pairs[selection.PAIR_STATS], "selected": pairs[selection.SELECTED],
+        "graph_edges": image_graph["edges"], "graph_neighbors": image_graph["neighbors"],
+        "catalog_entries": catalog[images.ENTRIES], "images": catalog[images.IMAGES],
+        "bad_image_ids": catalog[images.BAD_IMAGE_IDS], "examples": joined[neighbors.EXAMPLES],
+        "dropped": joined[neighbors.DROPPED], "vocabulary": vocabulary, **by_split,
     }
-    if cfg.hard_negatives:
-        figures["negatives_per_example"] = (
-            examples
-            | "NegativeCounts" >> beam.Map(lambda r, m: min(len(r["negatives"]), m), cfg.hard_negatives)
-            | "NegativeHistogram" >> report.Histogram())
-    (figures | "BuildReport" >> report.BuildReport()) | "WriteReport" >> outputs.WriteSingleFile(workdir.report)
+    (figures
+     | "PipelineReport" >> report.PipelineReport(cfg.max_neighbors, cfg.hard_negatives)
+     | "WriteReport" >> outputs.WriteSingleFile(workdir.report))
 
 
 def run(config: Config, workdir: Workdir, args) -> int:

@@ -3,6 +3,7 @@
 Each figure is a small global aggregate of one PCollection (a count, a sum or
 a per-reason count), combined into one JSON document by a Map over side
 inputs, so the report is the same on every runner and matches the files.
+`PipelineReport` names every figure.
 """
 
 
@@ -10,6 +11,8 @@ import json
 from typing import Dict
 
 import apache_beam as beam
+
+from beam_pipelines.split import SPLITS
 
 
 class Count(beam.PTransform):
@@ -80,3 +83,53 @@ class BuildReport(beam.PTransform):
             | "Start" >> beam.Create([None])
             | "Assemble" >> beam.Map(assemble_report, **side)
         )
+
+
+class PipelineReport(beam.PTransform):
+    """The stages' named PCollections -> the report JSON (one string).
+
+    Inputs: "lines" (raw log lines), "records" (LogRecords), "dead_letters"
+    (all of them), "pair_stats", "selected", "graph_edges", "graph_neighbors",
+    "catalog_entries", "images" (good images), "bad_image_ids", "examples"
+    (finished records), one per split name ("train", "eval"), "dropped"
+    (selected pairs dropped per bad image) and "vocabulary".
+    """
+
+    def __init__(self, max_neighbors: int, hard_negatives: int):
+        super().__init__()
+        self._max_neighbors = max_neighbors
+        self._hard_negatives = hard_negatives
+
+    def expand(self, pcolls):
+        examples = pcolls["examples"]
+        figures = {
+            "log_records.read": pcolls["lines"] | "CountLines" >> Count(),
+            "log_records.ok": pcolls["records"] | "CountRecords" >> Count(),
+            "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
+            "dead_letter_records": pcolls["dead_letters"] | "CountDeadLetters" >> Count(),
+            "pairs": pcolls["pair_stats"] | "CountPairs" >> Count(),
+            "selected_pairs": pcolls["selected"] | "CountSelected" >> Count(),
+            "graph.edges": pcolls["graph_edges"] | "CountEdges" >> Count(),
+            "graph.nodes": pcolls["graph_neighbors"] | "CountNodes" >> Count(),
+            "graph.neighbor_links": pcolls["graph_neighbors"]
+            | "LinkSizes" >> beam.MapTuple(lambda _, nbrs: len(nbrs)) | "SumLinks" >> Sum(),
+            "catalog_entries": pcolls["catalog_entries"] | "CountCatalog" >> Count(),
+            "images.ok": pcolls["images"] | "CountGoodImages" >> Count(),
+            "images.bad": pcolls["bad_image_ids"] | "CountBadImages" >> Count(),
+            "examples.corpus": pcolls["images"] | "CountCorpus" >> Count(),
+            "examples.image_only": examples
+            | "ImageOnly" >> beam.Filter(lambda r: r["query"] == "") | "CountImageOnly" >> Count(),
+            "examples.dropped_bad_image": pcolls["dropped"] | "SumDropped" >> Sum(),
+            "neighbors_per_example": examples
+            | "NeighborCounts" >> beam.Map(lambda r, k: min(len(r["neighbors"]), k), self._max_neighbors)
+            | "NeighborHistogram" >> Histogram(),
+            "vocab_size": pcolls["vocabulary"] | "VocabSize" >> beam.Map(len),
+        }
+        for name in SPLITS:
+            figures[f"examples.{name}"] = pcolls[name] | f"Count{name.title()}" >> Count()
+        if self._hard_negatives:
+            figures["negatives_per_example"] = (
+                examples
+                | "NegativeCounts" >> beam.Map(lambda r, m: min(len(r["negatives"]), m), self._hard_negatives)
+                | "NegativeHistogram" >> Histogram())
+        return figures | "BuildReport" >> BuildReport()

@@ -20,7 +20,12 @@ from typing import Iterable, List, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
 
-from beam_pipelines.click_stats import PairStats
+from beam_pipelines.click_stats import ComputeClickStats, PairStats, QueryCategory
+from beam_pipelines.progress import LogProgress
+
+# Outputs of SelectTrainingPairs.
+PAIR_STATS = "pair_stats"
+SELECTED = "selected"
 
 
 class SelectedPair(NamedTuple):
@@ -137,3 +142,28 @@ class SelectPairs(beam.PTransform):
             | "GroupPerQuery" >> beam.CoGroupByKey()
             | "Select" >> beam.ParDo(SelectPairsFn(self._rules))
         )
+
+
+class SelectTrainingPairs(beam.PTransform):
+    """LogRecords -> {PAIR_STATS: ((query, image_id), PairStats), SELECTED: SelectedPair}.
+
+    Stages 2 and 3: click statistics and each query's category, then the selection rules.
+    """
+
+    def __init__(self, rules: SelectionRules):
+        super().__init__()
+        self._rules = rules
+
+    def expand(self, records):
+        pair_stats = (
+            records
+            | "ClickStats" >> ComputeClickStats()
+            | "LogPairStats" >> LogProgress("ClickStats", "(query, image) pairs")
+        )
+        categories = records | "QueryCategory" >> QueryCategory()
+        selected = (
+            {"stats": pair_stats, "category": categories}
+            | "SelectPairs" >> SelectPairs(self._rules)
+            | "LogSelected" >> LogProgress("SelectPairs", "selected pairs")
+        )
+        return {PAIR_STATS: pair_stats, SELECTED: selected}

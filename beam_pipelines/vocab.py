@@ -1,11 +1,11 @@
 """Stage 8: the WordPiece query vocabulary, learned from the training queries.
 
 Words are counted in Beam with tensorflow-text's BasicTokenizer using the
-parameters the trainer's BertTokenizer uses (trainer.features.BERT_TOKENIZER_PARAMS),
+parameters the trainer's BertTokenizer uses (clicklens.vocabulary.BERT_TOKENIZER_PARAMS),
 so CJK ideographs are single words and Latin text is case-folded exactly as at
 training and serving time.  The word counts (one row per distinct word: a
 vocabulary-sized collection, not a log-sized one) are then handed to
-tensorflow-text's WordPiece learner, with trainer.features.RESERVED_TOKENS first.
+tensorflow-text's WordPiece learner, with clicklens.vocabulary.RESERVED_TOKENS first.
 """
 
 
@@ -13,8 +13,24 @@ from typing import Iterable, List, Tuple
 
 import apache_beam as beam
 
+from beam_pipelines.outputs import WriteSingleFile
+from beam_pipelines.split import TRAIN, query_split
+from clicklens.vocabulary import BERT_TOKENIZER_PARAMS, RESERVED_TOKENS
+
 # Queries tokenized per TensorFlow call.
 TOKENIZE_BATCH = 512
+
+
+def basic_tokenizer():
+    """tensorflow-text's BasicTokenizer(**BERT_TOKENIZER_PARAMS): how every clicklens stage splits text into words."""
+    from tensorflow_text.python.ops import bert_tokenizer  # imports TensorFlow: only where words are counted
+
+    return bert_tokenizer.BasicTokenizer(**BERT_TOKENIZER_PARAMS)
+
+
+def basic_tokenize(queries: List[str]) -> List[List[str]]:
+    """The words basic_tokenizer() splits each query into (for tests and checks)."""
+    return [[w.decode("utf-8") for w in ws] for ws in basic_tokenizer().tokenize(queries).to_list()]
 
 
 class CountWordsFn(beam.DoFn):
@@ -24,12 +40,7 @@ class CountWordsFn(beam.DoFn):
         self._tokenizer = None
 
     def setup(self):
-        from trainer import compat  # noqa: F401
-        from tensorflow_text.python.ops import bert_tokenizer
-
-        from trainer.features import BERT_TOKENIZER_PARAMS
-
-        self._tokenizer = bert_tokenizer.BasicTokenizer(**BERT_TOKENIZER_PARAMS)
+        self._tokenizer = basic_tokenizer()
 
     def process(self, batch: List[Tuple[str, int]]):
         queries = [q for q, _ in batch]
@@ -37,13 +48,6 @@ class CountWordsFn(beam.DoFn):
         for (_, count), query_words in zip(batch, words):
             for word in query_words:
                 yield word.decode("utf-8"), count
-
-
-def basic_tokenize(queries: List[str]) -> List[List[str]]:
-    """The words BasicTokenizer(**BERT_TOKENIZER_PARAMS) splits each query into (for tests and checks)."""
-    fn = CountWordsFn()
-    fn.setup()
-    return [[w.decode("utf-8") for w in ws] for ws in fn._tokenizer.tokenize(queries).to_list()]
 
 
 def learn_vocabulary(word_counts: Iterable[Tuple[str, int]], vocab_size: int) -> List[str]:
@@ -54,8 +58,6 @@ def learn_vocabulary(word_counts: Iterable[Tuple[str, int]], vocab_size: int) ->
     training is its own token.
     """
     from tensorflow_text.tools.wordpiece_vocab import wordpiece_tokenizer_learner_lib as learner
-
-    from trainer.features import RESERVED_TOKENS
 
     counts = sorted(word_counts, key=lambda wc: (-wc[1], wc[0]))
     if not counts:
@@ -82,3 +84,31 @@ class LearnVocabulary(beam.PTransform):
             | "AllWordCounts" >> beam.combiners.ToList()
             | "Learn" >> beam.Map(learn_vocabulary, vocab_size)
         )
+
+
+def is_train_query(query: str, eval_fraction: float) -> bool:
+    """Whether a normalised query's examples go to the train split (the vocabulary sees only those)."""
+    return query_split(query, eval_fraction) == TRAIN
+
+
+class LearnAndWriteVocabulary(beam.PTransform):
+    """LogRecords -> the vocabulary learned from the train-split text queries, written one token per line to `path`.
+
+    Returns the single list of tokens.
+    """
+
+    def __init__(self, vocab_size: int, eval_fraction: float, path: str):
+        super().__init__()
+        self._vocab_size = vocab_size
+        self._eval_fraction = eval_fraction
+        self._path = path
+
+    def expand(self, records):
+        vocabulary = (
+            records
+            | "TextQueries" >> beam.FlatMap(lambda r: [r.query] if r.query is not None else [])
+            | "TrainQueries" >> beam.Filter(is_train_query, self._eval_fraction)
+            | "LearnVocabulary" >> LearnVocabulary(self._vocab_size)
+        )
+        vocabulary | "VocabText" >> beam.Map("\n".join) | "WriteVocab" >> WriteSingleFile(self._path)
+        return vocabulary

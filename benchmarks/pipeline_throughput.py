@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import apache_beam as beam  # noqa: E402
 
 from beam_pipelines import parse, pipeline  # noqa: E402
-from trainer.config import DEFAULT_CONFIG, load_config  # noqa: E402
-from trainer.workdir import Workdir  # noqa: E402
+from clicklens.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from clicklens.workdir import Workdir  # noqa: E402
 
 
 def bare_parse_and_count(logs_glob: str, options) -> None:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.overrides)
     workdir = Workdir(args.workdir)
     if not beam.io.filesystems.FileSystems.match([workdir.logs_glob])[0].metadata_list:
-        from beam_pipelines.demo_data import generate
+        from clicklens.demo_data import generate
 
         print(f"generating the demo world into {workdir.raw} ...", flush=True)
         generate.run(config, workdir, argparse.Namespace(extra_args=[]))

@@ -28,12 +28,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer import compat  # noqa: E402,F401
+from clicklens import compat  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 
+from clicklens import servables  # noqa: E402
+from clicklens.config import config_from_dict, load_config  # noqa: E402
 from serving import saved_models  # noqa: E402
 from trainer import export, export_signatures as sigs  # noqa: E402
-from trainer.config import config_from_dict, load_config  # noqa: E402
 
 logger = logging.getLogger("benchmarks.retrieval")
 
@@ -75,9 +76,9 @@ def saved_model_searcher(layer, dim: int, k: int, path: str, options):
     module = sigs.Retrieval(None, layer, k)
     spec = tf.TensorSpec([None, dim], tf.float32, name="embedding")
     signature = tf.function(module.search_embeddings).get_concrete_function(spec)
-    tf.saved_model.save(module, path, signatures={"serving_default": signature}, options=options)
-    function = saved_models.load(path).signatures["serving_default"]
-    return lambda q: function(embedding=tf.constant(q))[sigs.IMAGE_IDS].numpy().astype(np.int64)
+    tf.saved_model.save(module, path, signatures={servables.TEXT_SIGNATURE: signature}, options=options)
+    function = saved_models.load(path).signatures[servables.TEXT_SIGNATURE]
+    return lambda q: function(embedding=tf.constant(q))[servables.IMAGE_IDS].numpy().astype(np.int64)
 
 
 def main() -> None:

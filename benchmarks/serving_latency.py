@@ -29,9 +29,11 @@ sys.path.insert(0, REPO)
 
 import grpc  # noqa: E402
 
-from trainer import compat  # noqa: E402,F401
+from clicklens import compat  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+
+from clicklens import servables  # noqa: E402
 
 QUERIES = ["红色 圆形", "蓝色 方形", "绿色 三角形", "red circle", "blue square", "green triangle", "yellow star",
            "黄色 星形", "large red square", "小 蓝色 圆形"]
@@ -40,7 +42,7 @@ READY = re.compile(r"gRPC on [\d.]+:(\d+), REST")
 
 def start_server(workdir: str, config: str) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "serve", "--config", config, "--workdir", workdir,
+        [sys.executable, "-m", "clicklens", "serve", "--config", config, "--workdir", workdir,
          "--set", "serving.grpc_port=0", "--set", "serving.http_port=0"],
         cwd=REPO, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
@@ -56,7 +58,7 @@ def requests_for(model: str):
     for text in QUERIES:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
-        request.inputs["query"].CopyFrom(tf.make_tensor_proto([text.encode("utf-8")], dtype=tf.string))
+        request.inputs[servables.QUERY].CopyFrom(tf.make_tensor_proto([text.encode("utf-8")], dtype=tf.string))
         out.append(request)
     return out
 
@@ -93,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="demo_workdir")
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--model", default="retrieval_scann")
+    parser.add_argument("--model", default=servables.RETRIEVAL_SCANN)
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--server", default=None, help="use a running server at host:port instead of starting one")

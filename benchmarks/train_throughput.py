@@ -23,16 +23,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer import compat  # noqa: F401,E402
+from clicklens import compat  # noqa: F401,E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
 from trainer import input as model_input  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from clicklens.config import load_config  # noqa: E402
 from trainer.model import build_model  # noqa: E402
-from trainer.preprocess import QueryTokenizer  # noqa: E402
+from trainer.tokenizer import QueryTokenizer  # noqa: E402
 from trainer.task import make_optimizer  # noqa: E402
-from trainer.workdir import Workdir  # noqa: E402
+from clicklens.workdir import Workdir  # noqa: E402
 
 
 class MinimalTfrsModel(tfrs.Model):

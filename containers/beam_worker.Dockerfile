@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The Dataflow worker image (custom container) and the pipeline launcher.
 # Based on Beam's own SDK image at the version requirements.txt pins, with the
-# same stack and clicklens installed, so the launcher that submits the job and
+# same stack and the clicklens core + pipeline installed, so the launcher that submits the job and
 # the workers that run it agree on every package:
 #
 #   docker build -f containers/beam_worker.Dockerfile -t IMAGE .
@@ -21,10 +21,10 @@ WORKDIR /opt/clicklens
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
+# The pipeline stage and the core it imports (tests/test_import_contract.py keeps it that way).
 COPY setup.py README.md ./
-COPY trainer/ trainer/
+COPY clicklens/ clicklens/
 COPY beam_pipelines/ beam_pipelines/
-COPY serving/ serving/
 COPY configs/ configs/
 RUN pip install --no-cache-dir --no-deps .
 

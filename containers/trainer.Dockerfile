@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The clicklens trainer image: Python 3.11, the pinned stack from requirements.txt,
-# clicklens itself and configs/.  Vertex AI runs `python -m trainer.task`; Cloud
+# the clicklens core, the trainer stage and configs/.  Vertex AI runs `python -m trainer.task`; Cloud
 # Build runs `clicklens export` in it.  One Dockerfile, three variants:
 #
 #   docker build -f containers/trainer.Dockerfile --build-arg VARIANT=tpu -t IMAGE .
@@ -40,10 +40,11 @@ RUN TF_VERSION="$(python -c 'import importlib.metadata as m; print(m.version("te
       *) echo "unknown VARIANT=${VARIANT} (use cpu, gpu or tpu)" >&2; exit 2 ;; \
     esac
 
+# The trainer stage and the core it imports (tests/test_import_contract.py keeps it that way);
+# setup.py installs whichever of the packages are present.
 COPY setup.py README.md ./
+COPY clicklens/ clicklens/
 COPY trainer/ trainer/
-COPY beam_pipelines/ beam_pipelines/
-COPY serving/ serving/
 COPY configs/ configs/
 RUN pip install --no-cache-dir --no-deps .
 

@@ -1,3 +1,7 @@
-"""clicklens serving: TF Serving's gRPC/REST APIs over the exported SavedModels, client, search page."""
+"""clicklens serving: TF Serving's gRPC/REST APIs over the exported SavedModels, client, search page, tools.
 
-from trainer import compat  # noqa: F401  (sets up TensorFlow before anything imports it)
+Imports the clicklens core (first, which sets up the pinned TensorFlow stack)
+and libraries, never the other stages.
+"""
+
+import clicklens  # noqa: F401

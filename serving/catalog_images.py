@@ -18,10 +18,10 @@ import time
 import urllib.parse
 from typing import Dict, Optional, Tuple
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from beam_pipelines.catalog_schema import read_catalog, resolve_uri
+from clicklens.catalog import read_catalog, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +115,6 @@ class CatalogImages:
         else:
             logger.warning("catalog %s does not exist: /images/ serves nothing", self.catalog_path)
         self._uris, self._stamp = uris, stamp
-
-    def known_ids(self):
-        """The ids that have an image file in the catalog."""
-        with self._lock:
-            self._refresh()
-            return sorted(self._uris)
 
     def read(self, image_id: str) -> Tuple[bytes, str]:
         """(bytes, content type) of a catalog image; raises ImageRequestError(404) when it cannot be served."""

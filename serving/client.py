@@ -1,23 +1,29 @@
 """`clicklens query`: top-k images for a text or an image from a TF Serving gRPC server.
 
-Uses only tensorflow-serving-api's stubs, so it works the same against
-`clicklens serve` and a real tensorflow_model_server.
+Uses only tensorflow-serving-api's stubs and the servables contract's names,
+so it works the same against `clicklens serve` and a real
+tensorflow_model_server.  `--explain` shows what each result is (its catalog
+entry's extra keys, e.g. the demo world's attributes) and marks the results
+that W/raw/ground_truth.jsonl calls relevant.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import grpc
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from trainer.errors import ClicklensError
+from clicklens import servables as S
+from clicklens.catalog import read_catalog, resolve_uri
+from clicklens.errors import ClicklensError
+from clicklens.ground_truth import read_ground_truth
+from clicklens.queries import normalize_query
 
-TEXT_SIGNATURE, TEXT_INPUT = "serving_default", "query"
-IMAGE_SIGNATURE, IMAGE_INPUT = "by_image", "image_bytes"
 TIMEOUT_SECONDS = 30.0
 
 
@@ -31,18 +37,18 @@ def build_request(model: str, *, text: Optional[str] = None, image_bytes: Option
     if version is not None:
         request.model_spec.version.value = version
     if text is not None:
-        request.model_spec.signature_name = TEXT_SIGNATURE
-        request.inputs[TEXT_INPUT].CopyFrom(tf.make_tensor_proto([text.encode("utf-8")], dtype=tf.string))
+        request.model_spec.signature_name = S.TEXT_SIGNATURE
+        request.inputs[S.QUERY].CopyFrom(tf.make_tensor_proto([text.encode("utf-8")], dtype=tf.string))
     else:
-        request.model_spec.signature_name = IMAGE_SIGNATURE
-        request.inputs[IMAGE_INPUT].CopyFrom(tf.make_tensor_proto([image_bytes], dtype=tf.string))
+        request.model_spec.signature_name = S.IMAGE_SIGNATURE
+        request.inputs[S.IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([image_bytes], dtype=tf.string))
     return request
 
 
 def top_k(response: predict_pb2.PredictResponse) -> List[Tuple[str, float]]:
     """(image id, score) pairs of the first query in a retrieval response."""
-    ids = tf.make_ndarray(response.outputs["image_ids"])[0]
-    scores = tf.make_ndarray(response.outputs["scores"])[0]
+    ids = tf.make_ndarray(response.outputs[S.IMAGE_IDS])[0]
+    scores = tf.make_ndarray(response.outputs[S.SCORES])[0]
     return [(i.decode("utf-8"), float(s)) for i, s in zip(ids, scores)]
 
 
@@ -74,6 +80,39 @@ def read_query_image(path: str) -> bytes:
         return f.read()
 
 
+class Explainer:
+    """What each result is: its catalog entry's extra keys, and ✓ where the ground truth calls it relevant."""
+
+    def __init__(self, workdir):
+        import tensorflow as tf
+
+        entries = list(read_catalog(workdir.catalog)) if tf.io.gfile.exists(workdir.catalog) else []
+        self.descriptions: Dict[str, str] = {
+            e.image_id: " ".join(str(v) for _, v in e.extra) for e in entries}
+        self.paths: Dict[str, str] = {
+            os.path.abspath(resolve_uri(e.uri, workdir.catalog)): e.image_id for e in entries if e.uri}
+        self.relevant: Dict[str, Set[str]] = read_ground_truth(workdir.ground_truth)
+
+    def annotator(self, text: Optional[str]) -> Callable[[str], str]:
+        """annotate(image_id) -> "✓ red circle small solid light" (✓ when relevant to `text`)."""
+        relevant = self.relevant.get(normalize_query(text), set()) if text else set()
+        return lambda image_id: f"{'✓' if image_id in relevant else ' '} {self.descriptions.get(image_id, '')}"
+
+    def query_image(self, path: str) -> str:
+        """The catalog description of a query image file, when the file is a catalog image."""
+        image_id = self.paths.get(os.path.abspath(path))
+        return f"{image_id}: {self.descriptions.get(image_id, '')}" if image_id else ""
+
+    def summary(self, text: str, image_ids: List[str]) -> str:
+        """"7 of 10 relevant per the ground truth (chance: 0.1)", or "" without ground truth for `text`."""
+        relevant = self.relevant.get(normalize_query(text))
+        if relevant is None:
+            return ""
+        hits = sum(i in relevant for i in image_ids)
+        chance = len(relevant) / max(1, len(self.descriptions)) * len(image_ids)
+        return f"     {hits} of {len(image_ids)} relevant per the ground truth (chance: {chance:.1f})"
+
+
 def run(config, workdir, args) -> int:
     """Sends args.text or args.image to args.server and prints the ranked image ids."""
     if (args.text is None) == (args.image is None):
@@ -82,5 +121,13 @@ def run(config, workdir, args) -> int:
     address = args.server or f"{config.serving.host}:{config.serving.grpc_port}"
     request = build_request(args.model, text=args.text, image_bytes=image_bytes, version=args.version)
     response = predict(address, request)
-    print_results(response, repr(args.text) if args.text is not None else args.image)
+    explainer = Explainer(workdir) if args.explain else None
+    if explainer and args.image is not None and explainer.query_image(args.image):
+        print(f"     (the query image is {explainer.query_image(args.image)})")
+    print_results(response, repr(args.text) if args.text is not None else args.image,
+                  annotate=explainer.annotator(args.text) if explainer else None)
+    if explainer and args.text is not None:
+        summary = explainer.summary(args.text, [image_id for image_id, _ in top_k(response)])
+        if summary:
+            print(summary)
     return 0

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import grpc
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
@@ -27,7 +27,7 @@ from tensorflow_serving.apis import status_pb2
 
 from serving.model_registry import ModelRegistry
 from serving.predict import DEFAULT_SIGNATURE, ServingError, invalid, predict_proto
-from trainer.errors import ClicklensError
+from clicklens.errors import ClicklensError
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,14 @@
 """The models a server serves, and their versions, loaded and hot-swapped from disk.
 
 Each model in models.config has a base path with integer version directories
-(`<base_path>/<version>/saved_model.pb`).  A background thread looks for
+(`<base_path>/<version>/saved_model.pb`, listed by `clicklens.servables.version_dirs`).  A background thread looks for
 versions every `poll_seconds`, loads the ones the model's version policy asks
 for (replaying their warmup requests before they take traffic), and only then
 swaps them in and retires old ones, so requests never see a half-loaded model
 and a request in flight keeps its own reference to the version it started on.
 Directories whose names are not integers (e.g. an export's temporary
-directory) are ignored.
+directory) are ignored; zero-padded names (`00000123`) are version 123, as in
+TF Serving.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import grpc
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
+from clicklens import servables
+from clicklens.models_config import ModelConfig
+from clicklens.workdir import join
 from serving import saved_models
-from serving.models_config import ModelConfig
 from serving.predict import ServingError, predict_proto
-from trainer.workdir import join
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +57,6 @@ class VersionStatus:
     attempts: int = 0
 
 
-def disk_versions(base_path: str) -> List[int]:
-    """Integer version directories under base_path that hold a saved_model.pb."""
-    if not tf.io.gfile.isdir(base_path):
-        return []
-    versions = []
-    for entry in tf.io.gfile.listdir(base_path):
-        entry = entry.rstrip("/")
-        if entry.isdigit() and tf.io.gfile.exists(join(base_path, entry, saved_models.SAVED_MODEL_PB)):
-            versions.append(int(entry))
-    return sorted(versions)
-
-
 def aspired_versions(config: ModelConfig, on_disk: Sequence[int]) -> List[int]:
     """The versions a model's version policy asks to serve (TF Serving's default: the latest one)."""
     policy = config.model_version_policy
@@ -81,7 +71,7 @@ def aspired_versions(config: ModelConfig, on_disk: Sequence[int]) -> List[int]:
 
 def replay_warmup(loaded: LoadedVersion, max_batch: int) -> int:
     """Runs the version's assets.extra warmup requests (as TF Serving does); returns how many ran."""
-    path = join(loaded.path, saved_models.WARMUP_FILE)
+    path = join(loaded.path, servables.WARMUP_FILE)
     if not tf.io.gfile.exists(path):
         return 0
     count = 0
@@ -141,7 +131,8 @@ class ModelRegistry:
                 self._poll_model(name, config)
 
     def _poll_model(self, name: str, config: ModelConfig) -> None:
-        on_disk = disk_versions(config.base_path)
+        folders = servables.version_dirs(config.base_path)
+        on_disk = list(folders)
         aspired = aspired_versions(config, on_disk)
         status = self._status[name]
         for version in aspired:
@@ -150,7 +141,7 @@ class ModelRegistry:
             st = status.setdefault(version, VersionStatus())
             if st.attempts >= MAX_LOAD_ATTEMPTS:
                 continue
-            loaded = self._load(name, version, join(config.base_path, str(version)), st)
+            loaded = self._load(name, version, folders[version], st)
             if loaded is not None:
                 with self._lock:
                     self._serving[name] = {**self._serving[name], version: loaded}

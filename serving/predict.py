@@ -12,10 +12,10 @@ from typing import Dict, Iterable, Mapping, Optional
 import grpc
 import numpy as np
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-DEFAULT_SIGNATURE = "serving_default"
+from clicklens.servables import DEFAULT_SIGNATURE
 
 
 class ServingError(Exception):

@@ -3,6 +3,8 @@
     POST /v1/models/<name>[/versions/<v>]:predict   {"signature_name": ..., "instances": [...]} or {"inputs": ...}
     GET  /v1/models/<name>[/versions/<v>]           model version status
     GET  /v1/models/<name>[/versions/<v>]/metadata  signature defs
+    GET  /clicklens/page.json                       model names, signatures and limits for the search page
+    GET  /images/<image_id>                         catalog images (serving/catalog_images.py)
     GET  /<file>                                    serving/static/ (the search page; index.html at /)
 
 JSON follows TF Serving's REST conventions: binary strings travel as
@@ -26,10 +28,11 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from clicklens import servables
 from serving.catalog_images import ROUTE_PREFIX as IMAGES_PREFIX, CatalogImages, ImageRequestError
 from serving.grpc_service import SIGNATURE_DEF_FIELD, metadata_response, status_response
 from serving.model_registry import ModelRegistry
@@ -38,6 +41,7 @@ from serving.predict import ServingError, input_specs, invalid, predict, signatu
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PAGE_SETTINGS_PATH = "/clicklens/page.json"
 MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?"
                         r"(?:(?P<verb>:[a-zA-Z]+)|(?P<metadata>/metadata))?/?$")
 HTTP_STATUS = {
@@ -154,6 +158,23 @@ def metadata_json(response) -> Dict[str, Any]:
             "metadata": {SIGNATURE_DEF_FIELD: _message_json(signature_map)}}
 
 
+def page_settings(max_request_bytes: int) -> Dict[str, Any]:
+    """What the search page needs to know, derived from the servables contract and this server's limits."""
+    return {
+        "retrieval_models": list(servables.RETRIEVAL_MODELS),
+        "model_labels": {servables.RETRIEVAL_SCANN: "ScaNN", servables.RETRIEVAL_BRUTEFORCE: "Brute force"},
+        "default_model": servables.RETRIEVAL_SCANN,
+        "text_signature": servables.TEXT_SIGNATURE,
+        "image_signature": servables.IMAGE_SIGNATURE,
+        "query_input": servables.QUERY,
+        "image_input": servables.IMAGE_BYTES,
+        "image_ids_output": servables.IMAGE_IDS,
+        "scores_output": servables.SCORES,
+        "images_route": IMAGES_PREFIX,
+        "max_upload_bytes": servables.max_upload_bytes(max_request_bytes),
+    }
+
+
 # -- the HTTP server ---------------------------------------------------------
 
 
@@ -165,6 +186,7 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
     registry: ModelRegistry  # set on the subclass built by build_rest_server
     max_request_bytes: int
     max_batch: int
+    page_json: bytes
     images: Optional[CatalogImages] = None  # GET /images/<id>: the catalog's images (the search page's thumbnails)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (BaseHTTPRequestHandler's name)
@@ -194,6 +216,8 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
                 return self._send_error(ServingError(grpc.StatusCode.NOT_FOUND, f"no such endpoint: {self.path}"))
             if self.path.startswith(IMAGES_PREFIX):
                 return self._image()
+            if self.path.split("?", 1)[0] == PAGE_SETTINGS_PATH:
+                return self._send(200, self.page_json, "application/json")
             return self._static()
         try:
             if match["verb"]:
@@ -259,11 +283,13 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, body, mimetypes.guess_type(path)[0] or "application/octet-stream")
 
 
-def build_rest_server(registry: ModelRegistry, host: str, port: int, max_request_bytes: int,
-                      max_batch: int, images: Optional[CatalogImages] = None) -> http.server.ThreadingHTTPServer:
-    """A ThreadingHTTPServer bound to host:port (0 picks a free port); `.server_port` is the bound port."""
+def build_rest_server(registry: ModelRegistry, serving_config,
+                      images: Optional[CatalogImages] = None) -> http.server.ThreadingHTTPServer:
+    """A ThreadingHTTPServer on serving.host:serving.http_port (0 picks a free port); `.server_port` is the bound port."""
+    c = serving_config
     handler = type("BoundRestHandler", (RestHandler,), {
-        "registry": registry, "max_request_bytes": max_request_bytes, "max_batch": max_batch, "images": images})
-    server = http.server.ThreadingHTTPServer((host, port), handler)
+        "registry": registry, "max_request_bytes": c.max_request_bytes, "max_batch": c.max_batch, "images": images,
+        "page_json": json.dumps(page_settings(c.max_request_bytes)).encode("utf-8")})
+    server = http.server.ThreadingHTTPServer((c.host, c.http_port), handler)
     server.daemon_threads = True
     return server

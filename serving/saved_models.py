@@ -12,16 +12,15 @@ from __future__ import annotations
 import logging
 from typing import Dict, Set
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from trainer.workdir import join
+from clicklens.servables import SAVED_MODEL_PB
+from clicklens.workdir import join
 
 logger = logging.getLogger(__name__)
 
-SAVED_MODEL_PB = "saved_model.pb"
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 SCANN_NAMESPACE = "Scann>"
 SERVING_TAG = "serve"
 

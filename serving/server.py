@@ -1,4 +1,4 @@
-"""`clicklens serve`: TF Serving's gRPC and REST APIs over W/export (see shared/DESIGN.md).
+"""`clicklens serve`: TF Serving's gRPC and REST APIs over W/export (docs/ARCHITECTURE.md, "Serving").
 
 A stand-in for tensorflow_model_server, which cannot be installed here and has
 no ScaNN ops in its stock build: it reads the same models.config, serves the
@@ -13,9 +13,9 @@ import signal
 import threading
 from typing import Optional
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 
-from serving import models_config
+from clicklens import models_config
 from serving.catalog_images import CatalogImages
 from serving.grpc_service import Handlers, build_grpc_server
 from serving.model_registry import ModelRegistry
@@ -46,8 +46,7 @@ class ModelServer:
         c = self.config
         handlers = Handlers(self.registry, c.max_request_bytes, c.max_batch)
         self._grpc, self.grpc_port = build_grpc_server(handlers, c.host, c.grpc_port, c.workers)
-        self._http = build_rest_server(self.registry, c.host, c.http_port, c.max_request_bytes, c.max_batch,
-                                       images=self.images)
+        self._http = build_rest_server(self.registry, c, images=self.images)
         self.http_port = self._http.server_port
         self.registry.start()  # loads what is on disk before the ports take traffic
         self._grpc.start()

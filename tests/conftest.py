@@ -8,9 +8,20 @@ import sys
 
 import pytest
 
-from trainer import compat  # noqa: F401  (before any TensorFlow import in the tests)
+from clicklens import compat  # noqa: F401  (before any TensorFlow import in the tests)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# The session fixtures below run the real verbs one after another; a test that asks for any
+# of them waits for that chain (minutes), so it is marked `slow`: `pytest -m "not slow"` is
+# the fast inner loop.
+DEMO_CHAIN_FIXTURES = {"demo_world", "demo_examples", "demo_trained", "demo_exported"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test that uses the demo chain (directly or through another fixture) `slow`."""
+    for item in items:
+        if DEMO_CHAIN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +77,7 @@ SMALL_WORLD = [
 
 def run_verb(verb: str, workdir, *extra: str, overrides=()) -> None:
     """Runs `clicklens VERB` in-process on the small world; fails the test on a non-zero exit."""
-    from trainer import cli
+    from clicklens import cli
 
     sets = [a for o in list(SMALL_WORLD) + list(overrides) for a in ("--set", o)]
     code = cli.main([verb, "--config", DEMO_CONFIG, "--workdir", str(workdir), *sets, *extra])
@@ -76,7 +87,7 @@ def run_verb(verb: str, workdir, *extra: str, overrides=()) -> None:
 @pytest.fixture(scope="session")
 def small_config():
     """The demo config with the SMALL_WORLD overrides, as the chain below uses it."""
-    from trainer.config import load_config
+    from clicklens.config import load_config
 
     return load_config(DEMO_CONFIG, SMALL_WORLD)
 
@@ -84,7 +95,7 @@ def small_config():
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
     """A Workdir with raw/ written by generate-demo-data (small world)."""
-    from trainer.workdir import Workdir
+    from clicklens.workdir import Workdir
 
     root = tmp_path_factory.mktemp("e2e")
     run_verb("generate-demo-data", root)

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from trainer import cli
+from clicklens import cli
 
-DESIGN_VERBS = {"generate-demo-data", "pipeline", "train", "evaluate", "export", "serve", "query", "demo"}
+DOCUMENTED_VERBS = {"generate-demo-data", "pipeline", "train", "evaluate", "export", "serve", "query", "demo"}
 
 
 def test_every_design_verb_exists():
-    assert DESIGN_VERBS <= {verb.name for verb in cli.VERBS}
+    assert DOCUMENTED_VERBS <= {verb.name for verb in cli.VERBS}
 
 
 def test_shared_options_on_every_verb():
@@ -37,15 +37,33 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "clicklens", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for verb in DESIGN_VERBS:
+    for verb in DOCUMENTED_VERBS:
         assert verb in result.stdout
 
 
-def test_unbuilt_verb_says_not_available(monkeypatch, capsys):
-    fake = cli.Verb("later", "serving.does_not_exist_yet:run", "a stage of a later issue")
+def test_a_verb_whose_stage_is_not_installed_says_so(monkeypatch, capsys):
+    """A container image installs only its own stage; another stage's verb is a clear error, not a traceback."""
+    fake = cli.Verb("rank", "reranking_stage.model:run", "a stage this installation does not have")
     monkeypatch.setattr(cli, "VERBS", cli.VERBS + [fake])
-    code = cli.main(["later"])
+    code = cli.main(["rank"])
     assert code == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "needs the `reranking_stage` package" in capsys.readouterr().err
+
+
+def test_config_verb_prints_every_key_with_its_bounds_and_help(capsys):
+    import dataclasses
+
+    from clicklens.config import Config
+
+    assert cli.main(["config", "--set", "training.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "  epochs: 3  # int; >= 1" in out
+    assert "log_every_steps: 50  # int; >= 1. A progress line" in out
+    assert "  image_source: pixels  # str; one of pixels, features" in out
+    config = Config()
+    for section in dataclasses.fields(config):
+        assert f"{section.name}:" in out
+        for key in dataclasses.fields(getattr(config, section.name)):
+            assert f" {key.name}:" in out, f"{section.name}.{key.name}"

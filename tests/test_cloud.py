@@ -19,8 +19,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from trainer import cli
-from trainer.config import load_config
+from clicklens import cli
+from clicklens.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLOUDBUILD = REPO / "cloudbuild.yaml"
@@ -255,7 +255,7 @@ def test_train_step_submits_trainer_task_with_a_valid_command_line(target):
 
     command, task_args = _vertex_command(step)
     assert command == ["python", "-m", "trainer.task"]
-    # `python -m trainer.task ARGS` is `clicklens train ARGS` (shared/DESIGN.md).
+    # `python -m trainer.task ARGS` is `clicklens train ARGS` (docs/ARCHITECTURE.md, the command line).
     args, config = _parse_clicklens(["train", *task_args])
     assert args.config == f"configs/{target}.yaml"
     assert args.workdir == f"gs://{SAMPLE_BUCKET}/clicklens"
@@ -290,7 +290,7 @@ def test_a_renamed_flag_or_config_key_fails_these_parsers():
     step = _steps(_build_for("tpu"))["export"]
     with pytest.raises(SystemExit):
         _parse_clicklens([a.replace("--workdir", "--work_dir") for a in step["args"]])
-    from trainer.config import ConfigError
+    from clicklens.config import ConfigError
 
     with pytest.raises(ConfigError):
         _parse_clicklens([a.replace("training.strategy", "training.strategi") for a in step["args"]])

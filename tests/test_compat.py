@@ -33,7 +33,7 @@ def test_any_import_order_gives_working_nsl_and_tfrs(order):
 def test_neighbor_naming_matches_nsl():
     import neural_structured_learning as nsl
 
-    from trainer import features
+    from clicklens import features
 
     config = nsl.configs.GraphNeighborConfig()
     assert features.NBR_PREFIX == config.prefix
@@ -41,9 +41,10 @@ def test_neighbor_naming_matches_nsl():
 
 
 def test_only_compat_knows_the_workarounds(repo_root):
-    """No module but trainer/compat.py sets TF_USE_LEGACY_KERAS or stubs tensorflow.estimator."""
+    """No module but clicklens/compat.py sets TF_USE_LEGACY_KERAS or stubs tensorflow.estimator."""
     offenders = []
-    for path in itertools.chain(*(repo_root.joinpath(p).rglob("*.py") for p in ("trainer", "beam_pipelines", "serving"))):
+    packages = ("clicklens", "trainer", "beam_pipelines", "serving", "benchmarks")
+    for path in itertools.chain(*(repo_root.joinpath(p).rglob("*.py") for p in packages)):
         if path.name == "compat.py":
             continue
         text = path.read_text(encoding="utf-8")

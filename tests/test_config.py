@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from trainer.config import Config, ConfigError, config_from_dict, load_config
+from clicklens.config import Config, ConfigError, config_from_dict, load_config
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
 

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_pipelines.catalog_schema import parse_catalog_line, resolve_uri
-from beam_pipelines.demo_data import generate, world
-from beam_pipelines.log_schema import BadRecord, parse_log_line, normalize_query
-from trainer.config import load_config
-from trainer.workdir import Workdir
+from clicklens.catalog import parse_catalog_line, resolve_uri
+from clicklens.demo_data import generate, world
+from clicklens.errors import BadRecord
+from clicklens.log_schema import parse_log_line
+from clicklens.queries import normalize_query
+from clicklens.config import load_config
+from clicklens.workdir import Workdir
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -249,7 +251,7 @@ def test_ground_truth_agrees_with_catalog_attributes(raw, logs):
 def test_remote_workdir_gets_the_same_bytes(tmp_path):
     """Any tf.io.gfile filesystem works; TensorFlow's in-memory ram:// stands in for gs:// here."""
     import tensorflow as tf
-    from trainer.config import config_from_dict
+    from clicklens.config import config_from_dict
 
     cfg = config_from_dict({}, overrides=["demo_data.num_images=12", "demo_data.num_sessions=40",
                                           "demo_data.malformed_lines=5", "demo_data.image_size=16"]).demo_data

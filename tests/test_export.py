@@ -7,19 +7,21 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_python
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
-from serving import models_config, saved_models
+from clicklens import models_config, servables
+from serving import saved_models
 from trainer import export, export_signatures as sigs
-from trainer.config import ScannConfig
-from trainer.errors import ClicklensError
-from trainer.workdir import Workdir
+from trainer.corpus import embed_corpus
+from clicklens.config import ScannConfig
+from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir
 
 
 def _corpus_record(workdir):
     """(image_id, raw image bytes) of the first corpus example."""
-    from trainer import features
+    from clicklens import features
 
     files = sorted(tf.io.gfile.glob(workdir.split_glob("corpus")))
     record = next(iter(tf.data.TFRecordDataset(files[:1], compression_type="GZIP")))
@@ -55,9 +57,9 @@ def test_hamming_retrieval_scores_are_equal_bits():
     bits = lambda x: (x > 0).astype(int)  # noqa: E731
     for row in range(2):
         equal_bits = (bits(corpus) == bits(query[row])).sum(axis=1)
-        top = out[sigs.IMAGE_IDS].numpy()[row]
-        assert list(out[sigs.SCORES].numpy()[row]) == sorted(equal_bits, reverse=True)[:5]
-        assert [equal_bits[int(i[1:])] for i in top] == list(out[sigs.SCORES].numpy()[row])
+        top = out[servables.IMAGE_IDS].numpy()[row]
+        assert list(out[servables.SCORES].numpy()[row]) == sorted(equal_bits, reverse=True)[:5]
+        assert [equal_bits[int(i[1:])] for i in top] == list(out[servables.SCORES].numpy()[row])
 
 
 def test_choose_version_never_reuses_one(tmp_path):
@@ -97,11 +99,11 @@ def test_scann_default_params_recall_on_synthetic_corpus():
 def test_export_layout_config_and_warmup(demo_exported, small_config):
     w = demo_exported
     entries = {m.name: m for m in models_config.read(w.models_config)}
-    assert set(entries) == set(export.MODEL_NAMES)
-    for name in export.MODEL_NAMES:
+    assert set(entries) == set(servables.MODEL_NAMES)
+    for name in servables.MODEL_NAMES:
         base = pathlib.Path(entries[name].base_path)
         assert base == pathlib.Path(w.export_model(name)).resolve()
-        versions = export.existing_versions(str(base))
+        versions = list(servables.version_dirs(str(base)))
         assert versions and all(v >= 1 for v in versions)
         version_dir = base / str(versions[-1])
         assert (version_dir / "saved_model.pb").exists()
@@ -117,7 +119,7 @@ def test_export_layout_config_and_warmup(demo_exported, small_config):
         from tensorflow_serving.apis import prediction_log_pb2
 
         records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
-                   tf.data.TFRecordDataset(str(version_dir / saved_models.WARMUP_FILE))]
+                   tf.data.TFRecordDataset(str(version_dir / servables.WARMUP_FILE))]
         assert {r.predict_log.request.model_spec.signature_name for r in records} == expected
         assert all(r.predict_log.request.model_spec.name == name for r in records)
     report = json.loads(pathlib.Path(w.export, "report.json").read_text())
@@ -130,7 +132,7 @@ def test_export_layout_config_and_warmup(demo_exported, small_config):
 def test_explicit_existing_version_is_refused(demo_exported, small_config):
     import dataclasses
 
-    version = export.existing_versions(demo_exported.export_model("retrieval_scann"))[-1]
+    version, _ = servables.latest_version(demo_exported.export_model("retrieval_scann"))
     config = dataclasses.replace(small_config, export=dataclasses.replace(small_config.export, version=version))
     with pytest.raises(ClicklensError, match="never overwritten"):
         export.export(config, demo_exported)
@@ -140,7 +142,7 @@ def test_each_model_reloads_in_a_fresh_process_with_the_same_top_k(demo_exported
     """Builds the servables in this process, saves them, reloads each in a fresh interpreter."""
     # About 40-60 s on 2 CPUs: restore, index, save four SavedModels, and a fresh TF process to load them.
     encoders = export.build_encoders(small_config, demo_exported)
-    corpus = export.embed_corpus(encoders, small_config, demo_exported)
+    corpus = embed_corpus(small_config, demo_exported, encoders.image_tower)
     servables = export.build_servables(small_config, encoders, corpus)
     image_id, image = _corpus_record(demo_exported)
     queries = ["红色 圆形", "blue square", "zzz unknown words"]
@@ -158,7 +160,7 @@ def test_each_model_reloads_in_a_fresh_process_with_the_same_top_k(demo_exported
 
     code = f"""
 import json
-from trainer import compat
+from clicklens import compat
 import numpy as np, tensorflow as tf
 from serving import saved_models
 paths = {json.dumps(paths)}
@@ -193,12 +195,12 @@ print("RESULT" + json.dumps(out))
 def test_bruteforce_op_audit_and_load_without_scann(demo_exported):
     """Every op of retrieval_bruteforce is TensorFlow's or tensorflow-text's; it serves without scann."""
     base = demo_exported.export_model("retrieval_bruteforce")
-    path = f"{base}/{export.existing_versions(base)[-1]}"
+    _, path = servables.latest_version(base)
     scann_base = demo_exported.export_model("retrieval_scann")
-    scann_path = f"{scann_base}/{export.existing_versions(scann_base)[-1]}"
+    _, scann_path = servables.latest_version(scann_base)
     code = f"""
 import json, sys
-from trainer import compat
+from clicklens import compat
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 from serving import saved_models
@@ -229,7 +231,7 @@ print("RESULT" + json.dumps({{"ops": sorted(ops), "by_tf": by_tf, "by_text": by_
 
 def test_export_report_recall_matches_the_saved_models(demo_exported):
     """report.json's ScaNN recall is what the exported SavedModels give on the same eval queries."""
-    from trainer import features
+    from clicklens import features
 
     report = json.loads(pathlib.Path(demo_exported.export, "report.json").read_text())
     spec = {features.QUERY: tf.io.FixedLenFeature([], tf.string, default_value="")}
@@ -244,7 +246,7 @@ def test_export_report_recall_matches_the_saved_models(demo_exported):
 
     def top(name):
         base = demo_exported.export_model(name)
-        model = saved_models.load(f"{base}/{export.existing_versions(base)[-1]}")
+        model = saved_models.load(servables.latest_version(base)[1])
         return model.signatures["serving_default"](query=tf.constant(queries))["image_ids"].numpy()
 
     recall = export.recall_at_k(top("retrieval_scann"), top("retrieval_bruteforce"))
@@ -254,8 +256,8 @@ def test_export_report_recall_matches_the_saved_models(demo_exported):
 def test_scann_default_params_recall_on_demo_corpus(demo_trained, small_config):
     """Default export.scann parameters (not the small world's) over the demo corpus embeddings."""
     encoders = export.build_encoders(small_config, demo_trained)
-    corpus = export.embed_corpus(encoders, small_config, demo_trained)
-    queries = export.recall_queries(encoders, demo_trained, corpus)
+    corpus = embed_corpus(small_config, demo_trained, encoders.image_tower)
+    queries = export.recall_queries(encoders, small_config, demo_trained, corpus)
     scann = sigs.Retrieval(None, export.scann_layer(corpus.embeddings, corpus.ids, 10, ScannConfig()), 10)
     exact = sigs.Retrieval(None, export.bruteforce_layer(corpus.embeddings, corpus.ids, 10), 10)
     recall = export.recall_at_k(export.top_ids(scann, queries), export.top_ids(exact, queries))

@@ -41,9 +41,9 @@ def test_two_workers_train_and_write_one_checkpoint(demo_examples, tmp_path):
     # ~60 s on 2 cores: two TensorFlow processes start and train in lockstep.
     import tensorflow as tf
 
-    from trainer.config import load_config
+    from clicklens.config import load_config
     from trainer.model import restore_model
-    from trainer.workdir import Workdir
+    from clicklens.workdir import Workdir
 
     # A workdir of its own (the shared one's model/ belongs to the demo_trained fixture).
     workdir = Workdir(str(tmp_path / "w"))
@@ -114,7 +114,7 @@ def test_pipeline_on_two_direct_runner_processes_writes_the_same_examples(demo_e
     import tensorflow as tf
 
     from tests.conftest import run_verb
-    from trainer.workdir import Workdir
+    from clicklens.workdir import Workdir
 
     single = demo_examples
     multi = Workdir(str(tmp_path / "multi"))

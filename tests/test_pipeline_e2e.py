@@ -31,7 +31,7 @@ def _parse_all(serialized, spec):
 @pytest.fixture(scope="module")
 def written(demo_examples, small_config):
     """Every output file of the run, parsed with the trainer's own feature specs."""
-    from trainer import features as F
+    from clicklens import features as F
 
     w = demo_examples
     p = small_config.pipeline
@@ -51,7 +51,7 @@ def written(demo_examples, small_config):
 
 
 def test_every_example_parses_and_fills_every_slot(written, small_config):
-    from trainer import features as F
+    from clicklens import features as F
 
     p = small_config.pipeline
     assert written["train"] and written["eval"] and written["corpus"]
@@ -73,7 +73,7 @@ def test_every_example_parses_and_fills_every_slot(written, small_config):
 
 
 def test_report_matches_a_recount_of_the_files(written, demo_examples, small_config):
-    from trainer import features as F
+    from clicklens import features as F
 
     report, dead = written["report"], written["dead_letters"]
     assert report["examples"]["train"] == len(written["train"])
@@ -110,7 +110,7 @@ def test_dead_letters_hold_exactly_the_injected_faults(written):
     for image_id in broken["corrupt"]:
         assert image_dead[image_id] == "corrupt_image"
     # ... and no example or neighbour points at a broken image.
-    from trainer import features as F
+    from clicklens import features as F
 
     broken_ids = {i.encode() for i in broken["missing"] + broken["corrupt"]}
     for ex in written["train"] + written["eval"]:
@@ -119,7 +119,7 @@ def test_dead_letters_hold_exactly_the_injected_faults(written):
 
 
 def test_no_eval_query_is_in_train(written):
-    from trainer import features as F
+    from clicklens import features as F
 
     train = {ex[F.QUERY] for ex in written["train"]} - {b""}
     evaluation = {ex[F.QUERY] for ex in written["eval"]}
@@ -128,11 +128,12 @@ def test_no_eval_query_is_in_train(written):
 
 def test_vocabulary_covers_every_cjk_character_and_attribute_word(written, demo_examples, tmp_path):
     import tensorflow_text as text
-    from beam_pipelines.demo_data import world
-    from trainer import features as F
+    from clicklens.demo_data import world
+    from clicklens import features as F
+    from clicklens import vocabulary as V
 
     vocab = written["vocab"]
-    assert vocab[:2] == F.RESERVED_TOKENS and len(set(vocab)) == len(vocab)
+    assert vocab[:2] == V.RESERVED_TOKENS and len(set(vocab)) == len(vocab)
     queries = sorted({ex[F.QUERY].decode("utf-8") for ex in written["train"]} - {""})
     cjk = {c for q in queries for c in q if unicodedata.name(c, "").startswith("CJK UNIFIED IDEOGRAPH")}
     assert cjk and cjk <= set(vocab)
@@ -140,6 +141,6 @@ def test_vocabulary_covers_every_cjk_character_and_attribute_word(written, demo_
                        for w in phrase.split()}
     used = {w for q in queries for w in q.split()} & attribute_words
     assert used and used <= set(vocab)
-    tokenizer = text.BertTokenizer(demo_examples.vocab, **F.BERT_TOKENIZER_PARAMS)
+    tokenizer = text.BertTokenizer(demo_examples.vocab, **V.BERT_TOKENIZER_PARAMS)
     ids = tokenizer.tokenize(queries).merge_dims(1, -1).to_list()
-    assert all(F.RESERVED_TOKENS.index(F.UNK_TOKEN) not in row for row in ids)
+    assert all(V.UNK_ID not in row for row in ids)

@@ -11,7 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from beam_pipelines import parse
+from beam_pipelines import dead_letters, parse
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -41,7 +41,7 @@ def test_parse_never_raises_and_accounts_for_every_line(line):
     assert (record is None) != (bad is None)
     if bad is not None:
         assert bad["source"] == "log" and bad["reason"] and bad["reason"] != "internal_error"
-        assert json.loads(parse.dead_letter_json(bad))["reason"] == bad["reason"]
+        assert json.loads(dead_letters.dead_letter_json(bad))["reason"] == bad["reason"]
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -53,6 +53,6 @@ def test_pipeline_reads_plus_dead_letters_equal_input_lines(tmp_path_factory, li
     with BeamTestPipeline(runner=FnApiRunner()) as p:
         parsed = p | parse.ReadLines(str(path)) | parse.ParseLogs()
         total = ((parsed[parse.RECORDS] | "Good" >> beam.Map(lambda _: 1),
-                  parsed[parse.DEAD_LETTER] | "Bad" >> beam.Map(lambda _: 1))
+                  parsed[dead_letters.DEAD_LETTER] | "Bad" >> beam.Map(lambda _: 1))
                  | beam.Flatten() | beam.CombineGlobally(sum))
         assert_that(total, equal_to([len(lines)]))

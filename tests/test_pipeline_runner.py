@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from trainer.config import config_from_dict
-from trainer.workdir import Workdir
+from clicklens.config import config_from_dict
+from clicklens.workdir import Workdir
 
 DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "p", "--region", "r",
                  "--temp_location", "gs://b/t", "--setup_file", "./setup.py"]
@@ -65,7 +65,8 @@ def test_tiny_world_with_two_worker_processes(tiny_world):
     # ~30 s: two Beam worker processes each import TensorFlow.
     import tensorflow as tf
     from beam_pipelines import pipeline
-    from trainer import features as F
+    from clicklens import features as F
+    from clicklens.vocabulary import RESERVED_TOKENS
 
     config = _config()
     args = argparse.Namespace(extra_args=["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])
@@ -104,13 +105,13 @@ def test_tiny_world_with_two_worker_processes(tiny_world):
     with open(tiny_world.vocab, encoding="utf-8") as f:
         vocab = f.read().splitlines()
     # Words this rare (4 events) stay below the learner's count threshold: they are spelled in pieces.
-    assert vocab[:2] == F.RESERVED_TOKENS and set("redblu") <= set(vocab) and "##e" in vocab
+    assert vocab[:2] == RESERVED_TOKENS and set("redblu") <= set(vocab) and "##e" in vocab
 
 
 def test_unknown_cli_options_are_beam_pipeline_options(tiny_world):
     from apache_beam.options.pipeline_options import GoogleCloudOptions, SetupOptions, StandardOptions
     from beam_pipelines import pipeline
-    from trainer import cli
+    from clicklens import cli
 
     args = cli.parse_args(["pipeline", "--workdir", tiny_world.root, *DATAFLOW_ARGS])
     options = pipeline.pipeline_options(args.extra_args)
@@ -127,7 +128,7 @@ def test_unknown_cli_options_are_beam_pipeline_options(tiny_world):
 
 def test_options_unknown_to_beam_are_refused_by_name():
     from beam_pipelines import pipeline
-    from trainer.errors import ClicklensError
+    from clicklens.errors import ClicklensError
 
     with pytest.raises(ClicklensError, match="--runnr"):
         pipeline.pipeline_options(["--runnr", "DataflowRunner", "--project", "p"])
@@ -136,7 +137,7 @@ def test_options_unknown_to_beam_are_refused_by_name():
 
 def test_missing_inputs_are_clear_errors(tmp_path):
     from beam_pipelines import pipeline
-    from trainer.errors import ClicklensError
+    from clicklens.errors import ClicklensError
 
     with pytest.raises(ClicklensError, match="no log files match"):
         pipeline.check_inputs(_config(), Workdir(str(tmp_path)))

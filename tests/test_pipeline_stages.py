@@ -11,9 +11,9 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import graph, images, neighbors, outputs, parse, selection, split, vocab
+from beam_pipelines import dead_letters, graph, images, neighbors, outputs, parse, selection, split, vocab
 from beam_pipelines.click_stats import ComputeClickStats, PairStats, QueryCategory
-from beam_pipelines.log_schema import Impression, LogRecord
+from clicklens.log_schema import Impression, LogRecord
 
 
 def beam_pipeline():
@@ -46,14 +46,14 @@ def test_parse_or_dead_letter_keeps_raw_and_reason():
     _, bad = parse.parse_or_dead_letter(b"\xff\xfe{}")
     assert bad["reason"] == "not_utf8" and bad["raw_encoding"] == "base64"
     assert base64.b64decode(bad["raw"]) == b"\xff\xfe{}"
-    json.loads(parse.dead_letter_json(bad))  # always one valid JSON line
+    json.loads(dead_letters.dead_letter_json(bad))  # always one valid JSON line
 
 
 def test_parse_logs_transform_splits_good_and_dead_letters():
     with beam_pipeline() as p:
         out = p | beam.Create([GOOD_LINE, b"[1, 2]", b"", "红色".encode("gbk")]) | parse.ParseLogs()
         assert_that(out[parse.RECORDS] | beam.Map(lambda r: r.query), equal_to(["red circle"]), label="good")
-        assert_that(out[parse.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
+        assert_that(out[dead_letters.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
                     equal_to(["not_an_object", "empty_line", "not_utf8"]), label="bad")
 
 
@@ -257,7 +257,7 @@ def test_neighbor_join_pads_drops_bad_slots_and_makes_image_only_nodes():
 
         assert_that(final, check)
         assert_that(joined[neighbors.DROPPED], equal_to([1]), label="dropped")
-        assert_that(joined[parse.DEAD_LETTER], equal_to([]), label="no_dead_letter_for_known_bad")
+        assert_that(joined[dead_letters.DEAD_LETTER], equal_to([]), label="no_dead_letter_for_known_bad")
 
 
 def test_unknown_image_is_dead_lettered_once():
@@ -265,13 +265,13 @@ def test_unknown_image_is_dead_lettered_once():
         joined = {"pairs": p | "Pairs" >> beam.Create([selection.SelectedPair("q", "", "ghost", 1.0)]),
                   "images": p | "Images" >> beam.Create([]), "neighbors": p | "Nbrs" >> beam.Create([]),
                   "bad": p | "Bad" >> beam.Create([])} | neighbors.JoinExamplesPerImage(0.1)
-        assert_that(joined[parse.DEAD_LETTER] | beam.Map(lambda d: (d["reason"], d["image_id"])),
+        assert_that(joined[dead_letters.DEAD_LETTER] | beam.Map(lambda d: (d["reason"], d["image_id"])),
                     equal_to([("not_in_catalog", "ghost")]))
 
 
 def test_written_example_has_every_slot_padded():
     import tensorflow as tf
-    from trainer import features as F
+    from clicklens import features as F
 
     spec = F.example_feature_spec("pixels", 0, max_neighbors=3, hard_negatives=2)
     record = neighbors.make_record("红色 圆形", "color", "a", b"A", 1.5, split.TRAIN, [("b", 0.7, b"B")])
@@ -299,16 +299,24 @@ def test_written_example_has_every_slot_padded():
 # --------------------------------------------------------------------------- stage 7: images
 
 
-def _png(size=20, color=(200, 10, 10)):
+RED, BLUE = (200, 10, 10), (10, 10, 200)
+
+
+def _png(size=20):
+    """A size x 2*size PNG: red in the centre square, blue in the top and bottom quarters."""
     from PIL import Image
 
+    image = Image.new("RGB", (size, size * 2), BLUE)
+    image.paste(Image.new("RGB", (size, size), RED), (0, size // 2))
     out = io.BytesIO()
-    Image.new("RGB", (size, size * 2), color).save(out, format="PNG")
+    image.save(out, format="PNG")
     return out.getvalue()
 
 
 def test_load_images_resizes_and_dead_letters_missing_and_corrupt(tmp_path):
-    from PIL import Image
+    import numpy as np
+    import tensorflow as tf
+    from clicklens.images import prepared_png
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "ok.png").write_bytes(_png())
@@ -325,12 +333,17 @@ def test_load_images_resizes_and_dead_letters_missing_and_corrupt(tmp_path):
 
         def check_images(elements):
             [(image_id, png)] = elements
-            assert image_id == "ok" and Image.open(io.BytesIO(png)).size == (8, 8)
+            assert image_id == "ok"
+            # The core's image preparation, byte for byte: centre crop (the red square), then resize to 8 x 8.
+            assert png == prepared_png(_png(), 8)
+            pixels = tf.io.decode_png(png, channels=3).numpy().astype(int)
+            assert pixels.shape == (8, 8, 3)
+            assert np.abs(pixels - np.array(RED)).max() <= 1
 
         assert_that(loaded[images.IMAGES], check_images, label="good")
-        assert_that(loaded[parse.DEAD_LETTER] | beam.Map(lambda d: (d["image_id"], d["reason"])),
+        assert_that(loaded[dead_letters.DEAD_LETTER] | beam.Map(lambda d: (d["image_id"], d["reason"])),
                     equal_to([("bad", "corrupt_image"), ("missing", "missing_image")]), label="bad")
-        assert_that(cat[parse.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
+        assert_that(cat[dead_letters.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
                     equal_to(["duplicate_image_id", "bad_json"]), label="catalog")
 
 
@@ -348,7 +361,7 @@ def test_query_split_is_stable_and_disjoint():
 
 def test_vocabulary_has_reserved_tokens_first_and_every_cjk_character(tmp_path):
     import tensorflow_text as text
-    from trainer import features as F
+    from clicklens import vocabulary as V
 
     queries = [("red circle", 30), ("红色 圆形", 20), ("large blue square", 12), ("Ｂｌｕｅ 条纹", 11), ("稀有", 1)]
     words = vocab.basic_tokenize([q for q, _ in queries])
@@ -358,11 +371,11 @@ def test_vocabulary_has_reserved_tokens_first_and_every_cjk_character(tmp_path):
         for w in ws:
             counts[w] = counts.get(w, 0) + n
     tokens = vocab.learn_vocabulary(counts.items(), vocab_size=200)
-    assert tokens[:2] == F.RESERVED_TOKENS
+    assert tokens[:2] == V.RESERVED_TOKENS
     assert {"red", "circle", "blue", "红", "色", "圆", "形", "条", "纹", "稀", "有"} <= set(tokens)
     vocab_file = tmp_path / "vocab.txt"
     vocab_file.write_text("\n".join(tokens), encoding="utf-8")
-    tokenizer = text.BertTokenizer(str(vocab_file), **F.BERT_TOKENIZER_PARAMS)
+    tokenizer = text.BertTokenizer(str(vocab_file), **V.BERT_TOKENIZER_PARAMS)
     ids = tokenizer.tokenize([q for q, _ in queries]).merge_dims(1, -1).to_list()
     assert all(1 not in row for row in ids)  # no [UNK]
 

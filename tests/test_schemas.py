@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from beam_pipelines.catalog_schema import read_catalog, resolve_uri
-from beam_pipelines.log_schema import MAX_QUERY_CHARS, BadRecord, normalize_query, parse_log_line
+from clicklens.catalog import read_catalog, resolve_uri
+from clicklens.errors import BadRecord
+from clicklens.log_schema import MAX_QUERY_CHARS, parse_log_line
+from clicklens.queries import normalize_query
 
 
 def _line(**overrides) -> bytes:

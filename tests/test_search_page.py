@@ -1,9 +1,10 @@
 """The search page in real headless Chromium, and the /images/<id> route's path checks.
 
-The browser test serves the small demo export (tests/conftest.py's chain) with
-`clicklens serve`'s ModelServer in this process on free ports, and drives
+The browser tests serve the small demo export (tests/conftest.py's chain) with
+`clicklens serve`'s ModelServer in this process on free ports, and drive
 Debian's /usr/bin/chromium through Playwright (`make test` installs both; the
-browser is never downloaded).
+browser is never downloaded).  The upload-limit test needs no models: a REST
+server with a small serving.max_request_bytes and an empty registry.
 """
 
 import base64
@@ -20,6 +21,8 @@ import urllib.request
 
 import pytest
 
+from clicklens import servables
+from clicklens.config import ServingConfig
 from serving.catalog_images import CatalogImages, ImageRequestError, image_id_from_path
 from serving.rest import build_rest_server
 
@@ -28,7 +31,8 @@ logger = logging.getLogger(__name__)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MODELS = ("retrieval_scann", "retrieval_bruteforce")
+MODELS = servables.RETRIEVAL_MODELS
+SCANN, BRUTEFORCE = servables.RETRIEVAL_SCANN, servables.RETRIEVAL_BRUTEFORCE
 PNG_1X1 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 # The two text queries the browser types / loads: colour is what the small demo model learns first.
 TEXT_QUERIES = ("red", "红色")
@@ -54,7 +58,8 @@ def image_server(tmp_path_factory):
         {"image_id": "img_gone", "uri": "images/missing.png"},
         {"image_id": "feat_only", "features": [0.1, 0.2]},
     ]) + "\n")
-    server = build_rest_server(None, "127.0.0.1", 0, 1 << 20, 8, images=CatalogImages(str(catalog)))
+    config = ServingConfig(host="127.0.0.1", http_port=0, max_request_bytes=1 << 20, max_batch=8)
+    server = build_rest_server(None, config, images=CatalogImages(str(catalog)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_port, tmp_path
@@ -178,7 +183,15 @@ def _rest(base: str, path: str, body=None):
 
 def _api_top_k(base: str, model: str, instance: dict, signature: str):
     answer = _rest(base, f"/v1/models/{model}:predict", {"signature_name": signature, "instances": [instance]})
-    return answer["predictions"][0]["image_ids"]
+    return answer["predictions"][0][servables.IMAGE_IDS]
+
+
+def _text_top_k(base: str, model: str, text: str):
+    return _api_top_k(base, model, {servables.QUERY: text}, servables.TEXT_SIGNATURE)
+
+
+def _image_top_k(base: str, model: str, image_b64: str):
+    return _api_top_k(base, model, {servables.IMAGE_BYTES: {"b64": image_b64}}, servables.IMAGE_SIGNATURE)
 
 
 def _served_version(base: str, model: str) -> int:
@@ -240,18 +253,18 @@ def test_search_page_in_chromium(page, page_server, tmp_path):  # ~15 s with the
     page.press("#q", "Enter")
     _wait_for_search(page)
     assert urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query) == {"q": [TEXT_QUERIES[0]]}
-    expected = _api_top_k(base, "retrieval_scann", {"query": TEXT_QUERIES[0]}, "serving_default")
+    expected = _text_top_k(base, SCANN, TEXT_QUERIES[0])
     shown = _panels(page)
-    assert list(shown) == ["retrieval_scann"] and len(expected) == min(10, corpus)
-    _check_panel(shown["retrieval_scann"], expected, versions["retrieval_scann"])
-    assert f"version {versions['retrieval_scann']}" in page.inner_text(".panel .model-info")
+    assert list(shown) == [SCANN] and len(expected) == min(10, corpus)
+    _check_panel(shown[SCANN], expected, versions[SCANN])
+    assert f"version {versions[SCANN]}" in page.inner_text(".panel .model-info")
 
     # A shared link with a Chinese query reproduces the search, the box shows the text.
     page.goto(base + "/?q=" + urllib.parse.quote(TEXT_QUERIES[1]))
     _wait_for_search(page)
     assert page.input_value("#q") == TEXT_QUERIES[1]
-    expected_zh = _api_top_k(base, "retrieval_scann", {"query": TEXT_QUERIES[1]}, "serving_default")
-    _check_panel(_panels(page)["retrieval_scann"], expected_zh, versions["retrieval_scann"])
+    expected_zh = _text_top_k(base, SCANN, TEXT_QUERIES[1])
+    _check_panel(_panels(page)[SCANN], expected_zh, versions[SCANN])
 
     # Relevance per the demo ground truth: the shown top results beat chance (|relevant| / corpus).
     for query, ids in zip(TEXT_QUERIES, (expected, expected_zh)):
@@ -269,13 +282,12 @@ def test_search_page_in_chromium(page, page_server, tmp_path):  # ~15 s with the
     shown = _panels(page)
     assert list(shown) == list(MODELS)
     for model in MODELS:
-        _check_panel(shown[model], _api_top_k(base, model, {"query": TEXT_QUERIES[1]}, "serving_default"),
-                     versions[model])
+        _check_panel(shown[model], _text_top_k(base, model, TEXT_QUERIES[1]), versions[model])
     page.screenshot(path=str(tmp_path / "compare_text.png"), full_page=True)
 
     # Click a result: search by that image (by_image), in both models.
-    clicked = shown["retrieval_scann"]["ids"][2]
-    page.click(f".panel[data-model=retrieval_scann] .hit[data-image-id='{clicked}']")
+    clicked = shown[SCANN]["ids"][2]
+    page.click(f".panel[data-model={SCANN}] .hit[data-image-id='{clicked}']")
     page.wait_for_function(f"location.search.includes('image={clicked}')")
     _wait_for_search(page)
     assert page.is_visible("#query-image") and page.inner_text("#query-image-label") == clicked
@@ -284,7 +296,7 @@ def test_search_page_in_chromium(page, page_server, tmp_path):  # ~15 s with the
         image_b64 = base64.b64encode(f.read()).decode()
     shown = _panels(page)
     for model in MODELS:
-        by_image = _api_top_k(base, model, {"image_bytes": {"b64": image_b64}}, "by_image")
+        by_image = _image_top_k(base, model, image_b64)
         _check_panel(shown[model], by_image, versions[model])
         assert clicked in shown[model]["ids"], f"{model}: an image should retrieve itself"
     screenshot = tmp_path / "search_page.png"
@@ -296,7 +308,7 @@ def test_search_page_in_chromium(page, page_server, tmp_path):  # ~15 s with the
     # Reload keeps the by-image search; Back returns to the text search.
     page.reload()
     _wait_for_search(page)
-    assert _panels(page)["retrieval_scann"]["ids"] == shown["retrieval_scann"]["ids"]
+    assert _panels(page)[SCANN]["ids"] == shown[SCANN]["ids"]
     page.go_back()
     _wait_for_search(page)
     assert page.input_value("#q") == TEXT_QUERIES[1] and not page.is_visible("#query-image")
@@ -306,12 +318,12 @@ def test_search_page_upload_and_messages(page, page_server, tmp_path):
     base, workdir = page_server
 
     # Upload an image file: by_image search, the image retrieves itself.
-    image_id = _api_top_k(base, "retrieval_bruteforce", {"query": "blue"}, "serving_default")[0]
+    image_id = _text_top_k(base, BRUTEFORCE, "blue")[0]
     upload = pathlib.Path(workdir.raw) / "images" / f"{image_id}.png"
-    page.goto(base + "/?model=retrieval_bruteforce")
+    page.goto(base + f"/?model={BRUTEFORCE}")
     page.set_input_files("#upload", str(upload))
     _wait_for_search(page)
-    assert image_id in _panels(page)["retrieval_bruteforce"]["ids"]
+    assert image_id in _panels(page)[BRUTEFORCE]["ids"]
     assert page.inner_text("#query-image-label") == upload.name
 
     # Empty query: a message, no request.
@@ -346,5 +358,58 @@ def test_search_page_at_phone_width(chromium, page_server, tmp_path):
         boxes = page.evaluate("[...document.querySelectorAll('.panel')].map(p => p.getBoundingClientRect().width)")
         assert len(boxes) == 2 and all(w <= 390 for w in boxes)
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=False)
+    finally:
+        context.close()
+
+
+# ---------------------------------------------------------------------------
+# The page takes its limits from the server (GET /clicklens/page.json), no models needed.
+
+SMALL_REQUEST_BYTES = 1 << 16  # far below the 4 MiB default, so a fixed limit in the page could not pass
+
+
+@pytest.fixture(scope="module")
+def small_limit_server():
+    """A REST server with serving.max_request_bytes=SMALL_REQUEST_BYTES and no models: its base URL."""
+    from serving.model_registry import ModelRegistry
+
+    config = ServingConfig(host="127.0.0.1", http_port=0, max_request_bytes=SMALL_REQUEST_BYTES, max_batch=8)
+    server = build_rest_server(ModelRegistry([]), config)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_search_page_upload_limit_is_the_servers(chromium, small_limit_server, tmp_path):
+    base = small_limit_server
+    limit = servables.max_upload_bytes(SMALL_REQUEST_BYTES)
+    assert _rest(base, "/clicklens/page.json")["max_upload_bytes"] == limit
+    context = chromium.new_context()
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    api_requests = []
+    page.on("request", lambda r: api_requests.append(r.url) if "/v1/" in r.url else None)
+    try:
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('message').textContent.startsWith('Search by text')")
+
+        # One byte over the server's limit: refused in the page, nothing sent.
+        too_large = tmp_path / "too_large.png"
+        too_large.write_bytes(PNG_1X1 + b"\0" * (limit + 1 - len(PNG_1X1)))
+        page.set_input_files("#upload", str(too_large))
+        page.wait_for_function("document.body.dataset.state === 'error'")
+        message = page.inner_text("#message")
+        assert "too_large.png is too large" in message and f"the limit is {limit // 1024} KiB" in message, message
+        assert not api_requests
+
+        # Exactly the limit: sent (this server has no models, so it answers 404).
+        at_limit = tmp_path / "at_limit.png"
+        at_limit.write_bytes(PNG_1X1 + b"\0" * (limit - len(PNG_1X1)))
+        page.set_input_files("#upload", str(at_limit))
+        page.wait_for_function("document.querySelectorAll('.panel .panel-message.error').length > 0")
+        assert api_requests and "too large" not in page.inner_text("#message")
+        assert "The server answered 404" in page.inner_text("#results")
     finally:
         context.close()

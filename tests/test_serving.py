@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import DEMO_CONFIG, REPO
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from serving import models_config
+from clicklens import models_config, servables
 from trainer import export
-from trainer.workdir import Workdir
+from clicklens.workdir import Workdir
 
 MAX_REQUEST_BYTES = 64 * 1024
 READY = re.compile(r"gRPC on [\d.]+:(\d+), REST on http://[\d.]+:(\d+)")
@@ -41,7 +41,7 @@ def served(demo_exported, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     workdir = Workdir(str(root))
     shutil.copytree(demo_exported.export, workdir.export)
-    base_paths = {name: workdir.export_model(name) for name in export.MODEL_NAMES}
+    base_paths = {name: workdir.export_model(name) for name in servables.MODEL_NAMES}
     models_config.write(workdir.models_config, models_config.build(base_paths, num_versions=2))
     return workdir
 
@@ -50,7 +50,7 @@ class Server:
     def __init__(self, workdir):
         self.log = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trainer.cli", "serve", "--config", DEMO_CONFIG, "--workdir", workdir.root,
+            [sys.executable, "-m", "clicklens", "serve", "--config", DEMO_CONFIG, "--workdir", workdir.root,
              "--set", "serving.grpc_port=0", "--set", "serving.http_port=0", "--set", "serving.poll_seconds=0.3",
              "--set", f"serving.max_request_bytes={MAX_REQUEST_BYTES}"],
             cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -101,7 +101,7 @@ def outputs(response):
 
 
 def corpus_images(workdir, n=2):
-    from trainer import features
+    from clicklens import features
 
     files = sorted(tf.io.gfile.glob(workdir.split_glob("corpus")))
     rows = tf.data.TFRecordDataset(files, compression_type="GZIP").map(
@@ -253,7 +253,7 @@ def test_rest_api(server, demo_exported, small_config):
 
 
 def test_query_cli(server, demo_exported, tmp_path, capsys, small_config):
-    from trainer import cli
+    from clicklens import cli
 
     address = f"127.0.0.1:{server.grpc_port}"
     assert cli.main(["query", "红色 圆形", "--server", address, "--config", DEMO_CONFIG]) == 0

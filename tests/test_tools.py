@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from serving import tools
+from serving import embedding_math, embedding_plot, tools
 from tests.conftest import run_verb
 
 CJK = re.compile(r"[\u3000-\u9fff]")
@@ -23,33 +23,33 @@ def test_kmeans_recovers_separated_blobs():
     centers = np.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, -5.0, 0]])
     truth = np.repeat(np.arange(4), 50)
     x = centers[truth] + rng.normal(scale=0.3, size=(200, 3))
-    labels, found, inertia = tools.kmeans(x, 4, seed=3)
+    labels, found, inertia = embedding_math.kmeans(x, 4, seed=3)
     # Same partition up to renaming: every true blob maps to exactly one found cluster.
     assert {tuple(sorted(set(labels[truth == t]))) for t in range(4)} == {(c,) for c in range(4)}
     assert inertia < 200 * 3 * 0.3 ** 2 * 1.5
     assert np.allclose(np.sort(found, axis=0), np.sort(centers, axis=0), atol=0.2)
     with pytest.raises(Exception, match="k-means"):
-        tools.kmeans(x, 0)
+        embedding_math.kmeans(x, 0)
 
 
 def test_pca_and_nearest():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(300, 5)) * np.array([10.0, 3.0, 0.1, 0.1, 0.1])
-    points, ratio = tools.pca_2d(x)
+    points, ratio = embedding_math.pca_2d(x)
     assert points.shape == (300, 2) and ratio[0] > ratio[1] > 0.05 and ratio.sum() > 0.99
     assert abs(np.corrcoef(points[:, 0], x[:, 0])[0, 1]) > 0.99
     queries = np.eye(3)
     candidates = np.array([[0.1, 0, 0], [0.9, 0.1, 0], [0, 0.5, 0.5], [0, 0, 2.0]])
-    top, scores = tools.nearest(queries, candidates, 2)
+    top, scores = embedding_math.nearest(queries, candidates, 2)
     assert top.tolist() == [[1, 0], [2, 1], [3, 2]]
     assert np.allclose(scores[2], [2.0, 0.5])
 
 
 def test_default_num_clusters_is_bounded():
-    assert tools.default_num_clusters(1) == 1
-    assert tools.default_num_clusters(3) == 2
-    assert tools.default_num_clusters(1530) == 28
-    assert tools.default_num_clusters(10 ** 6) == 100
+    assert embedding_math.default_num_clusters(1) == 1
+    assert embedding_math.default_num_clusters(3) == 2
+    assert embedding_math.default_num_clusters(1530) == 28
+    assert embedding_math.default_num_clusters(10 ** 6) == 100
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_plot_embeddings_draws_queries_and_images(demo_exported, tmp_path):
     output = tmp_path / "plot.png"
     run_verb("plot-embeddings", demo_exported.root, "--output", str(output))
     with Image.open(output) as image:
-        assert image.format == "PNG" and image.size == tools.PLOT_SIZE
+        assert image.format == "PNG" and image.size == embedding_plot.PLOT_SIZE
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     colors = {tuple(p) for p in pixels[::7]}
     assert (0x4E, 0x79, 0xA7) in colors and (0xF2, 0x8E, 0x2B) in colors  # query dots and image dots
@@ -129,7 +129,7 @@ def test_plot_embeddings_draws_queries_and_images(demo_exported, tmp_path):
 
 
 def test_tools_explain_a_missing_export(tmp_path):
-    from trainer import cli
+    from clicklens import cli
 
     code = cli.main(["cluster-queries", "--workdir", str(tmp_path)])
     assert code == 2

@@ -6,12 +6,12 @@ import pytest
 
 from tests.conftest import run_python
 from tests.trainer_synthetic import trainer_config
-from trainer.errors import ClicklensError
+from clicklens.errors import ClicklensError
 
 # Runs in a fresh interpreter: logical CPU devices must be configured before TensorFlow initialises.
 MIRRORED_VS_ONE_DEVICE = r"""
 import json, sys, tempfile
-from trainer import compat
+from clicklens import compat
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -19,7 +19,7 @@ import numpy as np
 from tests import trainer_synthetic as synth
 from trainer import input as I
 from trainer.model import build_model
-from trainer.preprocess import QueryTokenizer
+from trainer.tokenizer import QueryTokenizer
 from trainer.strategy import make_strategy, global_batch_size
 from trainer.task import make_optimizer
 

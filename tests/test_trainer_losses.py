@@ -7,7 +7,7 @@ embeddings themselves and the whole loss wiring of the model is exercised.
 import numpy as np
 import pytest
 
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
 from tests.trainer_synthetic import trainer_config

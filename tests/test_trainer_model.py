@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
 from tests import trainer_synthetic as synth
 from trainer import input as I
-from trainer.errors import ClicklensError
+from clicklens.errors import ClicklensError
 from trainer.model import build_model, restore_model
-from trainer.preprocess import QueryTokenizer
+from trainer.tokenizer import QueryTokenizer
 from trainer.task import make_optimizer
-from trainer.workdir import Workdir
+from clicklens.workdir import Workdir
 
 
 @pytest.fixture(scope="module")

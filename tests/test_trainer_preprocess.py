@@ -1,4 +1,4 @@
-"""Query tokenizing, image decoding and the tf.data input pipeline."""
+"""Query tokenizing, image preparation and the tf.data input pipeline."""
 
 import io
 
@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
 from tests import trainer_synthetic as synth
-from trainer import features
+from clicklens import features
 from trainer import input as I
-from trainer.errors import ClicklensError
-from trainer.preprocess import QueryTokenizer, decode_image, decode_images, load_vocab
+from clicklens.errors import ClicklensError
+from clicklens.images import prepare_image, prepare_images
+from clicklens.vocabulary import load_vocab
+from trainer.tokenizer import QueryTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +69,20 @@ def encoded(fmt, mode="RGB", size=(10, 6)):
 
 @pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("JPEG", "RGB"),
                                       ("GIF", "RGB"), ("BMP", "RGB")])
-def test_decode_image_formats(fmt, mode):
-    image = decode_image(encoded(fmt, mode), 8).numpy()
+def test_prepare_image_formats(fmt, mode):
+    image = prepare_image(encoded(fmt, mode), 8).numpy()
     assert image.shape == (8, 8, 3) and image.dtype == np.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.max() > 0.9
 
 
-def test_decode_images_batch_and_empty_bytes():
-    batch = decode_images(tf.constant([encoded("PNG"), encoded("JPEG")]), 4)
+def test_prepare_images_batch_and_empty_bytes():
+    batch = prepare_images(tf.constant([encoded("PNG"), encoded("JPEG")]), 4)
     assert batch.shape == (2, 4, 4, 3)
-    assert np.all(decode_images(tf.constant([b""]), 4, allow_empty=True).numpy() == 0)
+    assert np.all(prepare_images(tf.constant([b""]), 4, allow_empty=True).numpy() == 0)
     with pytest.raises(tf.errors.InvalidArgumentError):
-        decode_image(b"", 4)
+        prepare_image(b"", 4)
     with pytest.raises(tf.errors.InvalidArgumentError):
-        decode_image(b"not an image", 4)
+        prepare_image(b"not an image", 4)
 
 
 def test_dataset_has_static_numeric_batches(workdir, tokenizer):
@@ -112,7 +114,7 @@ def test_padded_neighbour_weight_is_zeroed_even_if_the_file_has_one(workdir, tok
 
 
 def test_missing_examples_is_a_clear_error(tmp_path, tokenizer):
-    from trainer.workdir import Workdir
+    from clicklens.workdir import Workdir
 
     with pytest.raises(ClicklensError, match="no files match"):
         I.make_dataset(synth.trainer_config(), Workdir(str(tmp_path)), "train", 8, training=True, tokenizer=tokenizer)

@@ -7,14 +7,15 @@ import pathlib
 import numpy as np
 import pytest
 
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
 from tests import trainer_synthetic as synth
-from trainer import cli, task
-from trainer.errors import ClicklensError
+from clicklens import cli
+from trainer import task
+from clicklens.errors import ClicklensError
 from trainer.model import build_image_tower, build_model, checkpoint_dir, restore_model
-from trainer.workdir import Workdir
+from clicklens.workdir import Workdir
 
 AIP_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR")
 

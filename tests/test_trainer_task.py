@@ -1,6 +1,7 @@
 """`clicklens train` / `evaluate` / `python -m trainer.task`: run management end to end on synthetic data."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -11,12 +12,15 @@ import time
 
 import pytest
 
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
 from tests import trainer_synthetic as synth
 from tests.conftest import REPO
-from trainer import cli
+from clicklens import cli
+
+
+PROGRESS_LINES = []  # what the `trained` fixture's run logged through trainer.callbacks
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +29,31 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_task")
     workdir = synth.write_workdir(root)
     config = synth.write_config_yaml(str(root / "config.yaml"))
-    code = cli.main(["train", "--config", config, "--workdir", str(root),
-                     "--set", "training.steps_per_epoch=10", "--set", "training.epochs=2"])
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda record: PROGRESS_LINES.append(record.getMessage())
+    progress_logger = logging.getLogger("trainer.callbacks")
+    progress_logger.addHandler(handler)
+    progress_logger.setLevel(logging.INFO)  # under pytest the root logger stays at WARNING
+    try:
+        code = cli.main(["train", "--config", config, "--workdir", str(root), "--set", "training.steps_per_epoch=10",
+                         "--set", "training.epochs=2", "--set", "training.log_every_steps=8"])
+    finally:
+        progress_logger.removeHandler(handler)
+        progress_logger.setLevel(logging.NOTSET)
     assert code == 0
     return workdir, config
+
+
+def test_training_logs_progress_with_speed_and_eta(trained):
+    """A line every training.log_every_steps steps and one at the end: step, loss parts, examples/s, ETA."""
+    steps = [line for line in PROGRESS_LINES if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["8/20", "16/20", "20/20"]
+    for line in steps:
+        assert "loss" in line and "retrieval_loss" in line and "graph_loss" in line
+        examples_per_second = float(line.split("; ")[1].split()[0])
+        assert examples_per_second > 0
+        assert "; ETA " in line
+    assert steps[-1].endswith("ETA 0s")
 
 
 def test_train_writes_checkpoints_tensorboard_and_metrics(trained):

@@ -4,7 +4,7 @@ Images are 16x16 PNGs: a coloured shape on a grey background.  Each image's
 queries name its colour and shape, in English or Chinese, so a model can
 learn them; some examples are image-only graph nodes (no query, weight 0).
 Neighbours are images of the same colour; hard negatives are of another
-colour.  Files are written with trainer.features.make_example, exactly as the
+colour.  Files are written with clicklens.features.make_example, exactly as the
 pipeline writes them.
 """
 
@@ -16,12 +16,12 @@ import json
 import numpy as np
 from PIL import Image
 
-from trainer import compat  # noqa: F401
+from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
-from trainer import features
-from trainer.config import config_from_dict
-from trainer.workdir import Workdir
+from clicklens import features, vocabulary
+from clicklens.config import config_from_dict
+from clicklens.workdir import Workdir
 
 COLOURS = {"red": ((220, 30, 30), "红色"), "green": ((30, 200, 30), "绿色"), "blue": ((30, 30, 220), "蓝色"),
            "yellow": ((230, 220, 20), "黄色")}
@@ -84,7 +84,7 @@ def vocab_tokens():
     words = list(COLOURS) + list(SHAPES)
     chars = sorted({ch for zh, _ in [(v[1], 0) for v in COLOURS.values()] for ch in zh} |
                    {ch for zh in SHAPES.values() for ch in zh})
-    return features.RESERVED_TOKENS + words + chars + ["##s", "photo"]
+    return vocabulary.RESERVED_TOKENS + words + chars + ["##s", "photo"]
 
 
 def write_workdir(root: str, config=None, nan_weight: bool = False) -> Workdir:

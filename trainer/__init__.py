@@ -1,7 +1,7 @@
-"""clicklens trainer: typed config, example contract, two-tower model, training, export.
+"""clicklens trainer: the two-tower model, its training and evaluation, and the export for TF Serving.
 
-Importing any clicklens package first imports `trainer.compat`, which sets up
-the pinned TensorFlow stack (legacy tf-keras, NSL on TF 2.20).
+Imports the clicklens core (first, which sets up the pinned TensorFlow stack)
+and libraries, never the other stages.
 """
 
-from trainer import compat  # noqa: F401
+import clicklens  # noqa: F401

@@ -23,35 +23,21 @@ import logging
 import math
 from typing import Dict, List, Mapping, Sequence
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
-import numpy as np
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from trainer import features
+from clicklens import features
+from clicklens.ground_truth import read_ground_truth
 from trainer import input as model_input
+from trainer.corpus import Corpus, embed_corpus, embed_queries, top_k_ids
 from trainer.model import build_model, restore_model
-from trainer.preprocess import QueryTokenizer
+from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10, 50)
 NDCG_AT = 10
-
-
-def embed_corpus(config, workdir, image_tower, batch_size: int = 256):
-    """(image ids [N] as str, float32 embeddings [N, D]) of every corpus-* image."""
-    spec = features.corpus_feature_spec(config.pipeline.image_source, config.pipeline.feature_dim)
-    image = features.image_key(config.pipeline.image_source)
-    # Decoding runs inside tf.data (graph mode, parallel), not eagerly image by image.
-    batches = model_input.raw_examples(config, workdir.split_glob("corpus"), spec, batch_size).map(
-        lambda b: (b[features.IMAGE_ID], model_input.image_batch(config, b[image])),
-        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    ids, embeddings = [], []
-    for batch_ids, pixels in batches:
-        embeddings.append(image_tower(pixels, training=False).numpy())
-        ids.extend(v.decode("utf-8") for v in batch_ids.numpy())
-    return ids, np.concatenate(embeddings, axis=0)
 
 
 def eval_relevance(config, workdir) -> Dict[str, Dict[str, float]]:
@@ -67,31 +53,15 @@ def eval_relevance(config, workdir) -> Dict[str, Dict[str, float]]:
 
 def ground_truth_relevance(workdir, queries: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """{query: {image id: 1.0}} from W/raw/ground_truth.jsonl for `queries`; {} when the file is absent."""
-    if not tf.io.gfile.exists(workdir.ground_truth):
-        return {}
-    wanted = set(queries)
-    out = {}
-    with tf.io.gfile.GFile(workdir.ground_truth, "r") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record["query"] in wanted and record["relevant_image_ids"]:
-                out[record["query"]] = {i: 1.0 for i in record["relevant_image_ids"]}
-    return out
+    return {q: {i: 1.0 for i in ids} for q, ids in read_ground_truth(workdir.ground_truth, queries).items()}
 
 
-def retrieve(query_tower, tokenizer, corpus_ids, corpus_embeddings, queries: List[str], k: int,
-             batch_size: int = 512) -> List[List[str]]:
+def retrieve(query_tower, tokenizer, corpus: Corpus, queries: List[str], k: int) -> List[List[str]]:
     """Top-k corpus image ids for each query (exact search)."""
     index = tfrs.layers.factorized_top_k.BruteForce(k=k)
-    index.index(tf.constant(corpus_embeddings), tf.constant(corpus_ids))
-    out = []
-    for start in range(0, len(queries), batch_size):
-        tokens = tokenizer(tf.constant(queries[start:start + batch_size]))
-        _, ids = index(query_tower(tokens, training=False), k=k)
-        out.extend([[i.decode("utf-8") for i in row] for row in ids.numpy()])
-    return out
+    index.index(tf.constant(corpus.embeddings), tf.constant(corpus.ids))
+    ids = top_k_ids(lambda q: index(q, k=k), embed_queries(tokenizer, query_tower, queries))
+    return [[i.decode("utf-8") for i in row] for row in ids]
 
 
 def ranking_metrics(rankings: Sequence[Sequence[str]], relevance: Sequence[Mapping[str, float]]) -> Dict[str, float]:
@@ -124,11 +94,10 @@ def evaluate_models(config, workdir, models: Mapping[str, object]) -> Dict[str, 
             logger.warning("%s covers none of the %d eval queries", workdir.ground_truth, len(queries))
     report: Dict[str, object] = {"num_eval_queries": len(queries)}
     for name, model in models.items():
-        corpus_ids, corpus_embeddings = embed_corpus(config, workdir, model.image_tower)
-        k = min(max(RECALL_AT), len(corpus_ids))
-        rankings = dict(zip(queries, retrieve(model.query_tower, tokenizer, corpus_ids, corpus_embeddings,
-                                              queries, k)))
-        report["corpus_size"] = len(corpus_ids)
+        corpus = embed_corpus(config, workdir, model.image_tower)
+        k = min(max(RECALL_AT), len(corpus.ids))
+        rankings = dict(zip(queries, retrieve(model.query_tower, tokenizer, corpus, queries, k)))
+        report["corpus_size"] = len(corpus.ids)
         for source, relevance in sources.items():
             qs = sorted(relevance)
             section = report.setdefault(source, {"num_queries": len(qs)})

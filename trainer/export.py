@@ -15,43 +15,35 @@ is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from serving import models_config, saved_models
+from clicklens import features, models_config
+from clicklens import servables as S
+from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir, join
 from trainer import export_signatures as sigs
-from trainer import features, preprocess
-from trainer.errors import ClicklensError
-from trainer.workdir import Workdir, join
+from trainer import input as model_input
+from trainer.corpus import Corpus, embed_corpus, embed_queries, top_k_ids
+from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
 
-QUERY_ENCODER = "query_encoder"
-IMAGE_ENCODER = "image_encoder"
-RETRIEVAL_SCANN = "retrieval_scann"
-RETRIEVAL_BRUTEFORCE = "retrieval_bruteforce"
-MODEL_NAMES = (QUERY_ENCODER, IMAGE_ENCODER, RETRIEVAL_SCANN, RETRIEVAL_BRUTEFORCE)
 SCANN_SAVE_OPTIONS = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
-EMBED_BATCH = 256
 RECALL_QUERIES = 500
 WARMUP_QUERIES = ["红色 圆形", "red circle"]  # a CJK and a Latin query warm both tokenizer paths
-
-
-class Corpus(NamedTuple):
-    """Every candidate image: ids (bytes [N]) and embeddings (float32 [N, D])."""
-
-    ids: np.ndarray
-    embeddings: np.ndarray
-    sample_image: object  # one raw image (bytes, or a feature vector) for warmup requests
 
 
 class Servable(NamedTuple):
@@ -72,61 +64,23 @@ def build_encoders(config, workdir: Workdir, model=None) -> sigs.Encoders:
         from trainer.model import restore_model
 
         model = restore_model(config, workdir)
-    tokenizer = preprocess.QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
+    tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     p = config.pipeline
     return sigs.Encoders(tokenizer, model.query_tower, model.image_tower, p.image_source, p.image_size, p.feature_dim)
 
 
-def _records(glob: str, spec) -> tf.data.Dataset:
-    files = tf.io.gfile.glob(glob)
-    if not files:
-        raise ClicklensError(f"no files match {glob} (run `clicklens pipeline` first)")
-    return tf.data.TFRecordDataset(sorted(files), compression_type="GZIP").map(
-        lambda record: tf.io.parse_single_example(record, spec))
-
-
-def embed_corpus(encoders: sigs.Encoders, config, workdir: Workdir) -> Corpus:
-    """Embeds every image of W/examples/corpus-*; duplicate ids keep their first image."""
-    p = config.pipeline
-    image_key = features.image_key(p.image_source)
-    dataset = _records(workdir.split_glob("corpus"), features.corpus_feature_spec(p.image_source, p.feature_dim))
-    embed = tf.function(encoders.embed_images)
-    ids, embeddings, sample = [], [], None
-    for batch in dataset.batch(EMBED_BATCH):
-        if sample is None:
-            sample = batch[image_key][0].numpy()
-        ids.append(batch[features.IMAGE_ID].numpy())
-        embeddings.append(embed(batch[image_key]).numpy())
-    if not ids:
-        raise ClicklensError(f"{workdir.split_glob('corpus')}: the corpus is empty")
-    ids, embeddings = np.concatenate(ids), np.concatenate(embeddings).astype(np.float32)
-    _, first = np.unique(ids, return_index=True)
-    if len(first) < len(ids):
-        logger.warning("corpus has %d duplicate image ids; keeping the first of each", len(ids) - len(first))
-        keep = np.sort(first)
-        ids, embeddings = ids[keep], embeddings[keep]
-    logger.info("embedded %d corpus images (dim %d)", len(ids), embeddings.shape[1])
-    return Corpus(ids, embeddings, sample)
-
-
-def recall_queries(encoders: sigs.Encoders, workdir: Workdir, corpus: Corpus, limit: int = RECALL_QUERIES) -> np.ndarray:
+def recall_queries(encoders: sigs.Encoders, config, workdir: Workdir, corpus: Corpus,
+                   limit: int = RECALL_QUERIES) -> np.ndarray:
     """Query embeddings to measure recall with: distinct eval queries, else corpus images."""
     queries: List[bytes] = []
     if tf.io.gfile.glob(workdir.split_glob("eval")):
         spec = {features.QUERY: tf.io.FixedLenFeature([], tf.string, default_value="")}
-        seen = set()
-        for row in _records(workdir.split_glob("eval"), spec).as_numpy_iterator():
-            q = row[features.QUERY]
-            if q and q not in seen:
-                seen.add(q)
-                queries.append(q)
-                if len(queries) >= limit:
-                    break
+        for batch in model_input.raw_examples(config, workdir.split_glob("eval"), spec):
+            queries.extend(q for q in batch[features.QUERY].numpy() if q)
+        queries = list(dict.fromkeys(queries))[:limit]
     if not queries:
         return corpus.embeddings[:limit]
-    embed = tf.function(encoders.embed_queries)
-    return np.concatenate([embed(tf.constant(queries[i:i + EMBED_BATCH])).numpy()
-                           for i in range(0, len(queries), EMBED_BATCH)])
+    return embed_queries(encoders.tokenizer, encoders.query_tower, queries)
 
 
 # ---------------------------------------------------------------------------
@@ -153,7 +107,34 @@ def scann_layer(embeddings: np.ndarray, ids: np.ndarray, k: int, scann_config) -
         dimensions_per_block=scann_config.dimensions_per_block,
         num_reordering_candidates=scann_config.num_reordering_candidates or None,
         name="scann")
-    return layer.index(tf.constant(embeddings), tf.constant(ids))
+    with native_stderr_to_log("scann"):
+        return layer.index(tf.constant(embeddings), tf.constant(ids))
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(source: str):
+    """Routes what C++ code writes to stderr meanwhile into this module's log.
+
+    ScaNN's index builder logs through absl straight to file descriptor 2
+    (partition sizes, timings), which TF_CPP_MIN_LOG_LEVEL does not reach.
+    Its warning and error lines ("W..."/"E...") are logged as warnings, the
+    rest at debug level (`clicklens -v` shows them).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    # absl's own notice "WARNING: All log messages before absl::InitializeLog() ..." is not one.
+                    warning = line[:1] in ("W", "E", "F") and "absl::InitializeLog" not in line
+                    logger.log(logging.WARNING if warning else logging.DEBUG, "%s: %s", source, line)
 
 
 def bruteforce_layer(embeddings: np.ndarray, ids: np.ndarray, k: int,
@@ -170,9 +151,8 @@ def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def top_ids(retrieval: sigs.Retrieval, query_embeddings: np.ndarray) -> np.ndarray:
-    out = [retrieval.search_embeddings(tf.constant(query_embeddings[i:i + EMBED_BATCH]))[sigs.IMAGE_IDS].numpy()
-           for i in range(0, len(query_embeddings), EMBED_BATCH)]
-    return np.concatenate(out)
+    """bytes [Q, k]: the ids a retrieval module returns for each query embedding."""
+    return top_k_ids(lambda q: (None, retrieval.search_embeddings(q)[S.IMAGE_IDS]), query_embeddings)
 
 
 # ---------------------------------------------------------------------------
@@ -183,14 +163,14 @@ def build_servables(config, encoders: sigs.Encoders, corpus: Corpus) -> Dict[str
     """The four modules, indexed over `corpus`, with their signatures traced."""
     k = effective_k(config.export.k, len(corpus.ids))
     scann = sigs.Retrieval(encoders, scann_layer(corpus.embeddings, corpus.ids, k, config.export.scann), k,
-                           name=RETRIEVAL_SCANN)
+                           name=S.RETRIEVAL_SCANN)
     brute = sigs.Retrieval(encoders, bruteforce_layer(corpus.embeddings, corpus.ids, k, config.export.hamming), k,
-                           binary=config.export.hamming, name=RETRIEVAL_BRUTEFORCE)
+                           binary=config.export.hamming, name=S.RETRIEVAL_BRUTEFORCE)
     servables = {}
-    for name, module, options in [(QUERY_ENCODER, sigs.QueryEncoder(encoders), None),
-                                  (IMAGE_ENCODER, sigs.ImageEncoder(encoders), None),
-                                  (RETRIEVAL_SCANN, scann, SCANN_SAVE_OPTIONS),
-                                  (RETRIEVAL_BRUTEFORCE, brute, None)]:
+    for name, module, options in [(S.QUERY_ENCODER, sigs.QueryEncoder(encoders), None),
+                                  (S.IMAGE_ENCODER, sigs.ImageEncoder(encoders), None),
+                                  (S.RETRIEVAL_SCANN, scann, SCANN_SAVE_OPTIONS),
+                                  (S.RETRIEVAL_BRUTEFORCE, brute, None)]:
         servables[name] = Servable(module, module.signatures(), options)
     return servables
 
@@ -203,7 +183,7 @@ def measure_recall(config, corpus: Corpus, query_embeddings: np.ndarray,
     hamming = sigs.Retrieval(None, bruteforce_layer(corpus.embeddings, corpus.ids, k, binary=True), k, binary=True)
     exact_ids = top_ids(exact, query_embeddings)
     return {
-        f"scann_recall_at_{k}": recall_at_k(top_ids(servables[RETRIEVAL_SCANN].module, query_embeddings), exact_ids),
+        f"scann_recall_at_{k}": recall_at_k(top_ids(servables[S.RETRIEVAL_SCANN].module, query_embeddings), exact_ids),
         f"hamming_recall_at_{k}": recall_at_k(top_ids(hamming, query_embeddings), exact_ids),
     }
 
@@ -212,15 +192,9 @@ def measure_recall(config, corpus: Corpus, query_embeddings: np.ndarray,
 # Writing versions.
 
 
-def existing_versions(base_path: str) -> List[int]:
-    if not tf.io.gfile.isdir(base_path):
-        return []
-    return sorted(int(e.rstrip("/")) for e in tf.io.gfile.listdir(base_path) if e.rstrip("/").isdigit())
-
-
 def choose_version(workdir: Workdir, requested: int) -> int:
     """`requested`, or one above the newest version of any model when 0; never an existing one."""
-    existing = {v for name in MODEL_NAMES for v in existing_versions(workdir.export_model(name))}
+    existing = {v for name in S.MODEL_NAMES for v in S.version_dirs(workdir.export_model(name), complete_only=False)}
     if requested == 0:
         return max(existing, default=0) + 1
     if requested in existing:
@@ -236,7 +210,7 @@ def warmup_logs(name: str, servable: Servable, sample_image) -> List[prediction_
         args, kwargs = function.structured_input_signature
         (spec,) = list(args) + list(kwargs.values())
         input_name = spec.name
-        if input_name == sigs.QUERY:
+        if input_name == S.QUERY:
             value = tf.make_tensor_proto([q.encode("utf-8") for q in WARMUP_QUERIES], dtype=tf.string)
         else:
             value = tf.make_tensor_proto(np.stack([sample_image]), dtype=spec.dtype)
@@ -260,7 +234,7 @@ def save_version(servable: Servable, base_path: str, version: int,
     tf.io.gfile.makedirs(base_path)
     tf.saved_model.save(servable.module, tmp, signatures=servable.signatures, options=servable.options)
     tf.io.gfile.makedirs(join(tmp, "assets.extra"))
-    with tf.io.TFRecordWriter(join(tmp, saved_models.WARMUP_FILE)) as writer:
+    with tf.io.TFRecordWriter(join(tmp, S.WARMUP_FILE)) as writer:
         for log in warmup:
             writer.write(log.SerializeToString())
     tf.io.gfile.rename(tmp, final)
@@ -271,12 +245,12 @@ def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]
     """Exports all four SavedModels as one new version, writes models.config and the report."""
     version = choose_version(workdir, config.export.version)
     encoders = build_encoders(config, workdir, model)
-    corpus = embed_corpus(encoders, config, workdir)
+    corpus = embed_corpus(config, workdir, encoders.image_tower)
     servables = build_servables(config, encoders, corpus)
     report: Dict[str, object] = {"version": version, "corpus_size": int(len(corpus.ids)),
                                  "k": effective_k(config.export.k, len(corpus.ids)),
                                  "hamming_bruteforce": config.export.hamming}
-    query_embeddings = recall_queries(encoders, workdir, corpus)
+    query_embeddings = recall_queries(encoders, config, workdir, corpus)
     report["recall_queries"] = int(len(query_embeddings))
     report.update(measure_recall(config, corpus, query_embeddings, servables))
     logger.info("recall vs exact float retrieval: %s",
@@ -286,7 +260,7 @@ def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]
         paths[name] = save_version(servable, workdir.export_model(name), version,
                                    warmup_logs(name, servable, corpus.sample_image))
         logger.info("wrote %s", paths[name])
-    base_paths = {name: _absolute(workdir.export_model(name)) for name in MODEL_NAMES}
+    base_paths = {name: _absolute(workdir.export_model(name)) for name in S.MODEL_NAMES}
     models_config.write(workdir.models_config, models_config.build(base_paths, config.export.keep_versions))
     report["models"] = paths
     with tf.io.gfile.GFile(join(workdir.export, "report.json"), "w") as f:

@@ -1,19 +1,10 @@
 """The tf.Modules that become clicklens' SavedModels, and their serving signatures.
 
-Every signature takes what a user has: raw query strings (tokenized in the
-graph by trainer.preprocess.QueryTokenizer) or raw encoded image bytes
-(decoded and resized in the graph), so a TF Serving client sends text or a
-file, never token ids or pixels (shared/DESIGN.md).
-
-    query_encoder         serving_default(query)        -> embedding
-                          hash_code(query)              -> hash_code
-    image_encoder         serving_default(image_bytes)  -> embedding
-                          hash_code(image_bytes)        -> hash_code
-    retrieval_scann,      serving_default(query)        -> image_ids, scores
-    retrieval_bruteforce  by_image(image_bytes)         -> image_ids, scores
-
-With image_source=features the image input is `image_features` (float
-[batch, feature_dim]) instead of `image_bytes`.
+Model, signature, input and output names are the servables contract
+(`clicklens.servables`).  Every signature takes what a user has: raw query
+strings (tokenized in the graph by trainer.tokenizer.QueryTokenizer) or raw
+encoded image bytes (prepared in the graph by clicklens.images, the same
+function the pipeline ran on the training images).
 
 Binary codes (the Sogou relevance design): bit i of an embedding's code is 1
 when component i is > 0; `hash_code` packs the bits 8 to a byte, most
@@ -26,21 +17,12 @@ from __future__ import annotations
 
 from typing import Dict
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from trainer import preprocess
-
-QUERY = "query"
-IMAGE_BYTES = "image_bytes"
-IMAGE_FEATURES = "image_features"
-EMBEDDING = "embedding"
-HASH_CODE = "hash_code"
-IMAGE_IDS = "image_ids"
-SCORES = "scores"
-TEXT_SIGNATURE = "serving_default"
-IMAGE_SIGNATURE = "by_image"
-HASH_SIGNATURE = "hash_code"
+from clicklens import servables as S
+from clicklens.images import prepare_images
+from trainer.tokenizer import QueryTokenizer
 
 _BYTE_STRINGS = [bytes([i]) for i in range(256)]
 
@@ -70,7 +52,7 @@ def pack_codes(embeddings: tf.Tensor) -> tf.Tensor:
 class Encoders(tf.Module):
     """Raw input -> embedding for both towers; shared by every exported module."""
 
-    def __init__(self, tokenizer: preprocess.QueryTokenizer, query_tower: tf.keras.Model,
+    def __init__(self, tokenizer: QueryTokenizer, query_tower: tf.keras.Model,
                  image_tower: tf.keras.Model, image_source: str, image_size: int, feature_dim: int = 0):
         super().__init__(name="encoders")
         self.tokenizer = tokenizer
@@ -80,25 +62,25 @@ class Encoders(tf.Module):
         self.image_size = image_size
         self.feature_dim = feature_dim
 
-    @property
-    def image_input(self) -> str:
-        return IMAGE_BYTES if self.image_source == "pixels" else IMAGE_FEATURES
-
     def image_spec(self) -> tf.TensorSpec:
+        """The image input of the signatures: raw bytes, or feature vectors with image_source=features."""
+        name = S.image_input(self.image_source)
         if self.image_source == "pixels":
-            return tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)
-        return tf.TensorSpec([None, self.feature_dim], tf.float32, name=IMAGE_FEATURES)
+            return tf.TensorSpec([None], tf.string, name=name)
+        return tf.TensorSpec([None, self.feature_dim], tf.float32, name=name)
 
     def embed_queries(self, queries: tf.Tensor) -> tf.Tensor:
+        """Raw query strings [B] -> float32 [B, D]."""
         return self.query_tower(self.tokenizer(queries), training=False)
 
     def embed_images(self, images: tf.Tensor) -> tf.Tensor:
+        """Raw image bytes [B] (or feature vectors [B, F]) -> float32 [B, D]."""
         if self.image_source == "pixels":
-            images = preprocess.decode_images(images, self.image_size)
+            images = prepare_images(images, self.image_size)
         return self.image_tower(images, training=False)
 
 
-QUERY_SPEC = tf.TensorSpec([None], tf.string, name=QUERY)
+QUERY_SPEC = tf.TensorSpec([None], tf.string, name=S.QUERY)
 
 
 class QueryEncoder(tf.Module):
@@ -110,13 +92,13 @@ class QueryEncoder(tf.Module):
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         def embed(query):
-            return {EMBEDDING: self.encoders.embed_queries(query)}
+            return {S.EMBEDDING: self.encoders.embed_queries(query)}
 
         def code(query):
-            return {HASH_CODE: pack_codes(self.encoders.embed_queries(query))}
+            return {S.HASH_CODE: pack_codes(self.encoders.embed_queries(query))}
 
-        return {TEXT_SIGNATURE: tf.function(embed).get_concrete_function(QUERY_SPEC),
-                HASH_SIGNATURE: tf.function(code).get_concrete_function(QUERY_SPEC)}
+        return {S.TEXT_SIGNATURE: tf.function(embed).get_concrete_function(QUERY_SPEC),
+                S.HASH_SIGNATURE: tf.function(code).get_concrete_function(QUERY_SPEC)}
 
 
 class ImageEncoder(tf.Module):
@@ -128,14 +110,14 @@ class ImageEncoder(tf.Module):
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         def embed(images):
-            return {EMBEDDING: self.encoders.embed_images(images)}
+            return {S.EMBEDDING: self.encoders.embed_images(images)}
 
         def code(images):
-            return {HASH_CODE: pack_codes(self.encoders.embed_images(images))}
+            return {S.HASH_CODE: pack_codes(self.encoders.embed_images(images))}
 
         spec = self.encoders.image_spec()  # named image_bytes / image_features: the signature's input name
-        return {TEXT_SIGNATURE: tf.function(embed).get_concrete_function(spec),
-                HASH_SIGNATURE: tf.function(code).get_concrete_function(spec)}
+        return {S.TEXT_SIGNATURE: tf.function(embed).get_concrete_function(spec),
+                S.HASH_SIGNATURE: tf.function(code).get_concrete_function(spec)}
 
 
 class Retrieval(tf.Module):
@@ -161,7 +143,7 @@ class Retrieval(tf.Module):
         scores, ids = self.top_k(embeddings, k=self.k)
         if self.binary:
             scores = (scores + float(embeddings.shape[-1])) / 2.0
-        return {IMAGE_IDS: ids, SCORES: scores}
+        return {S.IMAGE_IDS: ids, S.SCORES: scores}
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         def by_text(query):
@@ -170,5 +152,5 @@ class Retrieval(tf.Module):
         def by_image(images):
             return self.search_embeddings(self.encoders.embed_images(images))
 
-        return {TEXT_SIGNATURE: tf.function(by_text).get_concrete_function(QUERY_SPEC),
-                IMAGE_SIGNATURE: tf.function(by_image).get_concrete_function(self.encoders.image_spec())}
+        return {S.TEXT_SIGNATURE: tf.function(by_text).get_concrete_function(QUERY_SPEC),
+                S.IMAGE_SIGNATURE: tf.function(by_image).get_concrete_function(self.encoders.image_spec())}

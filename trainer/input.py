@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from trainer import features
-from trainer.errors import ClicklensError
-from trainer.preprocess import QueryTokenizer, decode_images
+from clicklens import features
+from clicklens.errors import ClicklensError
+from clicklens.images import prepare_images
+from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def image_batch(config, values):
     """Parsed image feature of a batch (bytes [B] or floats [B, F]) -> model input."""
     if config.pipeline.image_source == "features":
         return tf.cast(values, tf.float32)
-    return decode_images(values, config.pipeline.image_size, allow_empty=True)
+    return prepare_images(values, config.pipeline.image_size, allow_empty=True)
 
 
 def _augment(images, seed: int):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import neural_structured_learning as nsl
 import tensorflow as tf
 import tensorflow_recommenders as tfrs

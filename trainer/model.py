@@ -13,14 +13,14 @@ import logging
 import os
 from typing import Dict
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from trainer import input as model_input
 from trainer import losses
-from trainer.errors import ClicklensError
-from trainer.preprocess import PAD_ID, load_vocab
+from clicklens.errors import ClicklensError
+from clicklens.vocabulary import PAD_ID, load_vocab
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import json
 import logging
 import os
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from trainer.errors import ClicklensError
+from clicklens.errors import ClicklensError
 
 logger = logging.getLogger(__name__)
 

@@ -14,22 +14,22 @@ weights and metrics.json are copied there).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
+from clicklens.errors import ClicklensError
+from clicklens.workdir import join
 from trainer import input as model_input
 from trainer import strategy as strategies
-from trainer.errors import ClicklensError
+from trainer.callbacks import CheckpointEverySteps, TrainingProgress
 from trainer.model import TwoTowerModel, build_model, checkpoint_dir
-from trainer.preprocess import QueryTokenizer
-from trainer.workdir import join
+from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -48,45 +48,6 @@ def make_optimizer(training) -> tf.keras.optimizers.Optimizer:
     optimizers = {"adam": tf.keras.optimizers.Adam, "adagrad": tf.keras.optimizers.Adagrad,
                   "sgd": tf.keras.optimizers.SGD}
     return optimizers[training.optimizer](learning_rate=training.learning_rate)
-
-
-class CheckpointEverySteps(tf.keras.callbacks.Callback):
-    """Saves every `every` optimizer steps and at the end, but never after a NaN loss.
-
-    A non-finite loss stops training at once; the weights it produced are not
-    saved, so the newest checkpoint on disk is the last good one.
-    """
-
-    def __init__(self, manager: tf.train.CheckpointManager, every: int):
-        super().__init__()
-        self.manager = manager
-        self.every = every
-        self.diverged_at = None
-        self._last_saved = None
-
-    def _step(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())
-
-    def on_train_begin(self, logs=None):
-        if self._last_saved is None:
-            self._last_saved = self._step()
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        step = self._step()
-        if loss is not None and not math.isfinite(float(loss)):
-            self.diverged_at = step
-            self.model.stop_training = True
-            return
-        if step - self._last_saved >= self.every:
-            self.manager.save(checkpoint_number=step)
-            self._last_saved = step
-
-    def on_train_end(self, logs=None):
-        step = self._step()
-        if self.diverged_at is None and step > self._last_saved:
-            self.manager.save(checkpoint_number=step)
-            self._last_saved = step
 
 
 def steps_per_epoch(config, workdir, global_batch: int) -> int:
@@ -161,8 +122,8 @@ def train(config, workdir) -> TwoTowerModel:
     scratch = None if strategies.is_chief(strategy) else tempfile.mkdtemp(prefix="clicklens-worker-")
     manager = tf.train.CheckpointManager(checkpoint, scratch or checkpoint_dir(workdir), max_to_keep=3)
     saver = CheckpointEverySteps(manager, t.checkpoint_every_steps)
-    callbacks = [saver, tf.keras.callbacks.TensorBoard(scratch or tensorboard_dir(workdir),
-                                                       update_freq=t.checkpoint_every_steps)]
+    callbacks = [saver, TrainingProgress(total_steps, global_batch, t.log_every_steps),
+                 tf.keras.callbacks.TensorBoard(scratch or tensorboard_dir(workdir), update_freq=t.checkpoint_every_steps)]
     kwargs = {}
     early_stopping = None
     if t.early_stopping_patience:
@@ -174,8 +135,7 @@ def train(config, workdir) -> TwoTowerModel:
                 steps, global_batch)
     started = time.time()
     try:
-        _fit(model, dataset, callbacks, done // steps, t.epochs, steps, done % steps,
-             verbose=1 if sys.stderr.isatty() else 2, **kwargs)
+        _fit(model, dataset, callbacks, done // steps, t.epochs, steps, done % steps, verbose=0, **kwargs)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -219,7 +179,7 @@ def run(config, workdir, args) -> int:
 
 def main(argv=None) -> int:
     """`python -m trainer.task --config ... --workdir ... --set ...`: the `train` verb's command line."""
-    from trainer import cli
+    from clicklens import cli
 
     return cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
 

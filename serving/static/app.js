@@ -1,16 +1,20 @@
-// The clicklens search page.  It talks only to this server's TF Serving REST API:
-//   GET  /v1/models/<name>                          which version is AVAILABLE
-//   POST /v1/models/<name>/versions/<v>:predict     serving_default {query} or by_image {image_bytes: {b64}}
-// and shows thumbnails from GET /images/<id>.  The search lives in the address
-// (?q=..., ?image=<id>, &model=...), so a result page can be shared and reloaded.
+// The clicklens search page.  It talks only to this server:
+//   GET  /clicklens/page.json                        model names, signature and input/output names, and the
+//                                                    upload limit (from clicklens/servables.py and the server's
+//                                                    serving.max_request_bytes), read once before anything else
+//   GET  /v1/models/<name>                           which version is AVAILABLE (TF Serving's REST API)
+//   POST /v1/models/<name>/versions/<v>:predict      the text signature {query} or the image signature
+//                                                    {image bytes: {b64}}, answering image ids and scores
+//   GET  <images route><id>                          result thumbnails
+// The search lives in the address (?q=..., ?image=<id>, &model=...), so a result page can be shared and reloaded.
 "use strict";
 
-const MODELS = ["retrieval_scann", "retrieval_bruteforce"];
-const BOTH = "both";
-const DEFAULT_MODEL = "retrieval_scann";
-// TF Serving's REST body limit here is serving.max_request_bytes (4 MiB by default);
-// base64 adds a third, so larger files are refused before sending.
-const MAX_UPLOAD_BYTES = 3 * 1024 * 1024;
+const PAGE_SETTINGS_URL = "/clicklens/page.json";
+const BOTH = "both";  // the "Compare both" choice: every retrieval model side by side
+
+// Filled from PAGE_SETTINGS_URL by start(): retrieval_models, default_model, text_signature, image_signature,
+// query_input, image_input, image_ids_output, scores_output, images_route, max_upload_bytes.
+let settings = null;
 
 const el = {
   form: document.getElementById("search"),
@@ -36,7 +40,7 @@ function readAddress() {
   return {
     q: params.get("q"),
     image: params.get("image"),
-    model: model === BOTH || MODELS.includes(model) ? model : DEFAULT_MODEL,
+    model: model === BOTH || settings.retrieval_models.includes(model) ? model : settings.default_model,
   };
 }
 
@@ -44,7 +48,7 @@ function writeAddress(search, replace) {
   const params = new URLSearchParams();
   if (search.q !== null && search.q !== undefined) params.set("q", search.q);
   if (search.image) params.set("image", search.image);
-  if (search.model !== DEFAULT_MODEL) params.set("model", search.model);
+  if (search.model !== settings.default_model) params.set("model", search.model);
   const query = params.toString();
   const url = "/" + (query ? "?" + query : "");
   if (url === window.location.pathname + window.location.search) return;
@@ -54,11 +58,11 @@ function writeAddress(search, replace) {
 
 function selectedModel() {
   const checked = el.models.querySelector("input[name=model]:checked");
-  return checked ? checked.value : DEFAULT_MODEL;
+  return checked ? checked.value : settings.default_model;
 }
 
 function modelsFor(choice) {
-  return choice === BOTH ? MODELS.slice() : [choice];
+  return choice === BOTH ? settings.retrieval_models.slice() : [choice];
 }
 
 // ---------------------------------------------------------------------------
@@ -148,8 +152,8 @@ async function predict(model, instance, signature) {
   });
   const latencyMs = performance.now() - started;
   const row = (answer.predictions || [])[0] || {};
-  const ids = row.image_ids || [];
-  const scores = row.scores || [];
+  const ids = row[settings.image_ids_output] || [];
+  const scores = row[settings.scores_output] || [];
   return { model, version, latencyMs, hits: ids.map((id, i) => ({ id: String(id), score: Number(scores[i]) })) };
 }
 
@@ -161,8 +165,13 @@ function formatScore(score) {
   return Number.isInteger(score) ? String(score) : score.toFixed(3);
 }
 
+function formatSize(bytes) {
+  const mib = 1024 * 1024;
+  return bytes >= mib ? (bytes / mib).toFixed(1) + " MiB" : Math.floor(bytes / 1024) + " KiB";
+}
+
 function imageUrl(id) {
-  return "/images/" + encodeURIComponent(id);
+  return settings.images_route + encodeURIComponent(id);
 }
 
 function renderPanel(model) {
@@ -288,7 +297,7 @@ function searchText(text) {
     setState("empty-query");
     return Promise.resolve();
   }
-  return runSearch({ query: query }, "serving_default", modelsFor(selectedModel()),
+  return runSearch({ [settings.query_input]: query }, settings.text_signature, modelsFor(selectedModel()),
                    "No images found for “" + query + "”.");
 }
 
@@ -303,7 +312,8 @@ function bytesToBase64(buffer) {
 }
 
 function searchImageBytes(buffer, label) {
-  return runSearch({ image_bytes: { b64: bytesToBase64(buffer) } }, "by_image", modelsFor(selectedModel()),
+  return runSearch({ [settings.image_input]: { b64: bytesToBase64(buffer) } }, settings.image_signature,
+                   modelsFor(selectedModel()),
                    "No similar images found for " + label + ".");
 }
 
@@ -341,9 +351,10 @@ function searchByImageId(id) {
 
 function searchUpload(file) {
   if (!file) return;
-  if (file.size > MAX_UPLOAD_BYTES) {
+  // A file the server's request limit cannot carry is refused before sending.
+  if (file.size > settings.max_upload_bytes) {
     showMessage(file.name + " is too large (" + Math.round(file.size / 1024) + " KiB); the limit is "
-                + MAX_UPLOAD_BYTES / 1024 / 1024 + " MiB.", true);
+                + formatSize(settings.max_upload_bytes) + ".", true);
     setState("error");
     return;
   }
@@ -372,28 +383,62 @@ function searchFromAddress() {
   return Promise.resolve();
 }
 
-el.form.addEventListener("submit", (event) => {
-  event.preventDefault();
-  writeAddress({ q: el.q.value.trim(), model: selectedModel() }, false);
-  searchText(el.q.value);
-});
+// index.html lists the usual models with readable labels; keep only the ones this server serves and add any
+// it serves that the markup does not know, so every choice names a model the server has.
+// One radio button per retrieval model the server serves, before "Compare both".
+function buildModelChoices() {
+  const both = el.models.querySelector("input[value='" + CSS.escape(BOTH) + "']").closest("label");
+  for (const model of settings.retrieval_models) {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = "radio";
+    input.name = "model";
+    input.value = model;
+    input.checked = model === settings.default_model;
+    label.append(input, " " + (settings.model_labels[model] || model));
+    el.models.insertBefore(label, both);
+  }
+}
 
-el.upload.addEventListener("change", () => {
-  searchUpload(el.upload.files[0]);
-  el.upload.value = "";
-});
+function listen() {
+  el.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    writeAddress({ q: el.q.value.trim(), model: selectedModel() }, false);
+    searchText(el.q.value);
+  });
 
-el.models.addEventListener("change", () => {
-  const search = readAddress();
-  search.model = selectedModel();
-  if (search.q === null && !search.image) {
-    writeAddress(search, true);
-    if (lastUpload) searchImageBytes(lastUpload.buffer, lastUpload.label);  // compare the upload too
+  el.upload.addEventListener("change", () => {
+    searchUpload(el.upload.files[0]);
+    el.upload.value = "";
+  });
+
+  el.models.addEventListener("change", () => {
+    const search = readAddress();
+    search.model = selectedModel();
+    if (search.q === null && !search.image) {
+      writeAddress(search, true);
+      if (lastUpload) searchImageBytes(lastUpload.buffer, lastUpload.label);  // compare the upload too
+      return;
+    }
+    writeAddress(search, false);
+    searchFromAddress();
+  });
+
+  window.addEventListener("popstate", searchFromAddress);
+}
+
+// The page settings first: the address cannot be read, nor a search sent, without the model names.
+async function start() {
+  try {
+    settings = await fetchJson(PAGE_SETTINGS_URL);
+  } catch (err) {
+    showMessage("The search page cannot start: " + err.message, true);
+    setState("error");
     return;
   }
-  writeAddress(search, false);
-  searchFromAddress();
-});
+  buildModelChoices();
+  listen();
+  await searchFromAddress();
+}
 
-window.addEventListener("popstate", searchFromAddress);
-searchFromAddress();
+start();

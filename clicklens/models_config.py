@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import List, Mapping
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from trainer.errors import ClicklensError
+from clicklens.errors import ClicklensError
 
 ModelConfig = model_server_config_pb2.ModelConfig
 

@@ -18,7 +18,7 @@ import math
 import posixpath
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from beam_pipelines.log_schema import BadRecord
+from clicklens.errors import BadRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,7 @@ def read_catalog(path: str, on_bad: Optional[Callable[[bytes, BadRecord], None]]
     `on_bad` is None.  This is for tools and the server, which read a catalog
     whole; the Beam pipeline reads it with Beam and dead-letters bad lines.
     """
-    from trainer import compat  # noqa: F401  (must precede TensorFlow)
-    import tensorflow as tf
+    import tensorflow as tf  # here, not at the top: the pipeline parses catalog lines without TensorFlow
 
     with tf.io.gfile.GFile(path, "rb") as f:
         for line in f:

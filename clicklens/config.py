@@ -7,18 +7,21 @@ overrides and validates every value, so a typo or an out-of-range number fails
 at load time with the file and the key named, not an hour into a TPU job.
 
 Field metadata carries the checks: `min` / `max` bounds (inclusive) and, for
-strings, `choices`.  Keys missing from the YAML keep their defaults.
+strings, `choices`, plus a `help` text; `clicklens config` prints every key
+with its value, type, bounds and help.  Keys missing from the YAML keep their
+defaults.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
-from trainer.errors import ClicklensError
+from clicklens.errors import ClicklensError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -121,6 +124,7 @@ class TrainingConfig:
     graph_distance: str = _field("l2", choices=["l2", "cosine"])
     early_stopping_patience: int = _field(0, min=0, help="0 turns early stopping off.")
     checkpoint_every_steps: int = _field(200, min=1)
+    log_every_steps: int = _field(50, min=1, help="A progress line (loss, examples/s, ETA) every this many steps.")
     seed: int = _field(7, min=0)
     shuffle_buffer: int = _field(10000, min=1)
     augment: bool = _field(True, help="Random flips and brightness / contrast jitter of training pixels.")
@@ -173,10 +177,6 @@ class Config:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The config as plain data, e.g. to record it beside a run's outputs."""
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def config_from_dict(data: Optional[Mapping[str, Any]], source: str = "<dict>",
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level")
-    data = _deep_copy(data)
+    data = copy.deepcopy(dict(data))
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -326,14 +326,6 @@ def config_from_dict(data: Optional[Mapping[str, Any]], source: str = "<dict>",
     config = _build(Config, data, "", source)
     _cross_checks(config, source)
     return config
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
 
 
 def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Config:
@@ -351,8 +343,8 @@ def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Co
 
 def _read_text(path: str) -> str:
     if "://" in path:
-        from trainer import compat  # noqa: F401  (TF must be set up before import)
-        import tensorflow as tf
+        from clicklens import compat  # noqa: F401  (TF must be set up before import)
+        import tensorflow as tf  # only for remote paths: `clicklens --help` must not pay for TensorFlow
 
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(path)
@@ -360,3 +352,41 @@ def _read_text(path: str) -> str:
             return f.read()
     with open(path, "r", encoding="utf-8") as f:
         return f.read()
+
+
+# --------------------------------------------------------------------------
+# Describing a config (`clicklens config`).
+
+
+def _describe_field(field: dataclasses.Field, tp: Any) -> str:
+    meta = field.metadata
+    parts = [_type_name(tp)]
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(map(str, meta["choices"])))
+    if meta.get("min") is not None:
+        parts.append(f">= {meta['min']}")
+    if meta.get("max") is not None:
+        parts.append(f"<= {meta['max']}")
+    return "; ".join(parts) + (f". {meta['help']}" if meta.get("help") else "")
+
+
+def describe_config(config: Config) -> str:
+    """Every section and key as YAML, each key commented with its type, bounds and help."""
+    lines: List[str] = []
+
+    def walk(obj, indent: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{field.name}:")
+                walk(value, indent + "  ")
+                continue
+            rendered = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip()
+            rendered = rendered.removesuffix("\n...").strip()
+            lines.append(f"{indent}{field.name}: {rendered}  # {_describe_field(field, hints[field.name])}")
+
+    for section in dataclasses.fields(config):
+        lines.append(f"{section.name}:  # {type(getattr(config, section.name)).__doc__.strip()}")
+        walk(getattr(config, section.name), "  ")
+    return "\n".join(lines) + "\n"

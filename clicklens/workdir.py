@@ -1,6 +1,6 @@
 """Where every stage reads and writes, below one work directory.
 
-The layout is part of the command-line contract (shared/DESIGN.md):
+The layout is part of the command-line contract (docs/ARCHITECTURE.md):
 
     W/raw/catalog.jsonl, W/raw/images/, W/raw/logs/*.jsonl.gz, W/raw/ground_truth.jsonl
     W/examples/train-*.tfrecord.gz, eval-*, corpus-*, vocab.txt, dead_letter-*.jsonl, report.json

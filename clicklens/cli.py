@@ -2,10 +2,10 @@
 
     clicklens VERB [--config configs/demo.yaml] [--workdir DIR] [--set section.key=value ...]
 
-Each verb names the module and function that carries it out; the module is
-imported only when the verb runs, so `clicklens --help` does not pay for
-TensorFlow.  A verb's function takes `(config, workdir, args)` and returns an
-exit code (or None for 0).
+Each verb names the function that carries it out as "package.module:function";
+the module is imported only when the verb runs, so `clicklens --help` does not
+pay for TensorFlow and this core package never imports a stage.  A verb's
+function takes `(config, workdir, args)` and returns an exit code (or None for 0).
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import logging
 import sys
 from typing import Callable, List, Optional, Sequence
 
-from trainer.config import DEFAULT_CONFIG, load_config
-from trainer.errors import ClicklensError
-from trainer.workdir import Workdir
+from clicklens import servables
+from clicklens.config import DEFAULT_CONFIG, describe_config, load_config
+from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir
 
 DEFAULT_WORKDIR = "work"
+# Libraries whose INFO lines (Beam's runner and BatchElements statistics, TensorFlow's
+# checkpoint sharding timings) would bury the progress lines; `--verbose` shows them.
+CHATTY_LIBRARIES = ("apache_beam", "tensorflow", "absl", "h5py", "PIL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +43,11 @@ def _query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", help="query text (any language)")
     parser.add_argument("--image", help="query by this image file instead of text")
     parser.add_argument("--server", default=None, help="gRPC address (default: serving.host:serving.grpc_port)")
-    parser.add_argument("--model", default="retrieval_scann", help="model name on the server")
+    parser.add_argument("--model", default=servables.RETRIEVAL_SCANN, help="model name on the server")
     parser.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    parser.add_argument("--explain", action="store_true",
+                        help="show each result's catalog attributes, and ✓ where <workdir>/raw/ground_truth.jsonl "
+                             "calls it relevant")
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +59,7 @@ def _tool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 VERBS: List[Verb] = [
-    Verb("generate-demo-data", "beam_pipelines.demo_data.generate:run",
+    Verb("generate-demo-data", "clicklens.demo_data.generate:run",
          "write a generated image catalog, query logs and ground truth under <workdir>/raw"),
     Verb("pipeline", "beam_pipelines.pipeline:run",
          "run the Beam pipeline: logs -> <workdir>/examples (other options go to Beam)",
@@ -70,60 +76,87 @@ VERBS: List[Verb] = [
          add_arguments=_tool_arguments),
     Verb("plot-embeddings", "serving.tools:plot_embeddings", "2-D plot of query and image embeddings",
          add_arguments=_tool_arguments),
-    Verb("demo", "trainer.demo:run", "all stages on generated data, then serve and query",
+    Verb("demo", "clicklens.demo:run", "all stages on generated data, then serve and query",
          add_arguments=_demo_arguments),
+    Verb("config", "clicklens.cli:show_config",
+         "print the effective config (after --set): every key with its value, type, bounds and meaning"),
 ]
+
+
+def verb_named(name: str) -> Verb:
+    """The Verb called `name`."""
+    for verb in VERBS:
+        if verb.name == name:
+            return verb
+    raise ClicklensError(f"no verb {name!r} (known: {', '.join(v.name for v in VERBS)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb (also used by tests of cloudbuild.yaml)."""
     parser = argparse.ArgumentParser(prog="clicklens", description="Learn image search from click logs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, library INFO lines included")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in VERBS:
         sub = subparsers.add_parser(verb.name, help=verb.help, description=verb.help)
         sub.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config YAML (default {DEFAULT_CONFIG})")
         sub.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"work directory, local or gs:// (default {DEFAULT_WORKDIR})")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override one config value (repeatable)")
+                         help="override one config value (repeatable; `clicklens config` lists every key)")
         if verb.add_arguments:
             verb.add_arguments(sub)
-        sub.set_defaults(_verb=verb)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses a command line; unknown options are kept only for verbs that pass them on."""
+    """Parses a command line; unknown options are kept (as `extra_args`) only for verbs that pass them on."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(list(argv))
-    if unknown and not args._verb.passes_unknown_args:
+    if unknown and not verb_named(args.verb).passes_unknown_args:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.extra_args = unknown
     return args
 
 
 def resolve(verb: Verb) -> Callable:
-    """Imports a verb's function; raises ClicklensError if its stage is not built yet."""
+    """Imports a verb's function.
+
+    The container images install only the stage they run plus this core
+    package; asking one for another stage's verb is a clear error.
+    """
     module_name, function_name = verb.target.split(":")
+    package = module_name.split(".")[0]
     try:
-        available = importlib.util.find_spec(module_name) is not None
-    except ModuleNotFoundError:
-        available = False
-    if not available:
-        raise ClicklensError(f"clicklens {verb.name}: not available yet ({module_name} is not built in this version)")
-    function = getattr(importlib.import_module(module_name), function_name, None)
-    if function is None:
-        raise ClicklensError(f"clicklens {verb.name}: not available yet ({verb.target} is missing)")
-    return function
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != package:
+            raise
+        raise ClicklensError(f"clicklens {verb.name} needs the `{package}` package, which this installation does "
+                             f"not include (each container image installs only its own stage)") from None
+    return getattr(module, function_name)
+
+
+def run_verb(name: str, config, workdir: Workdir, argv: Sequence[str] = ()) -> int:
+    """Runs verb `name` in this process with an already loaded config (the demo chains verbs this way)."""
+    args = parse_args([name, "--workdir", workdir.root, *argv])
+    return int(resolve(verb_named(name))(config, workdir, args) or 0)
+
+
+def show_config(config, workdir: Workdir, args) -> int:
+    """The `config` verb."""
+    print(f"# {args.config}" + "".join(f" --set {o}" for o in args.overrides))
+    print(describe_config(config), end="")
+    return 0
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Progress output for long work: timestamped lines on stderr."""
+    """Progress output for long work: timestamped lines on stderr, without the libraries' INFO chatter."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -132,8 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose)
     try:
         config = load_config(args.config, args.overrides)
-        function = resolve(args._verb)
-        code = function(config, Workdir(args.workdir), args)
+        code = resolve(verb_named(args.verb))(config, Workdir(args.workdir), args)
     except ClicklensError as err:
         print(f"clicklens: error: {err}", file=sys.stderr)
         return 2

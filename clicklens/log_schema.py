@@ -15,7 +15,8 @@ A query-by-image event has `query_image_id` instead of `query`.  `category`,
 
 `parse_log_line` turns raw bytes into a `LogRecord` or raises `BadRecord`
 with a short machine-readable reason (used as the dead-letter reason and the
-name of the Beam counter).
+name of the Beam counter).  Text queries are stored normalised
+(`clicklens.queries.normalize_query`).
 """
 
 from __future__ import annotations
@@ -23,23 +24,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import unicodedata
 from typing import Any, Dict, List, Optional, Tuple
+
+from clicklens.errors import BadRecord
+from clicklens.queries import normalize_query
 
 # Longest query text kept, in characters after normalisation.  Longer queries
 # are bad records (reason `query_too_long`), not silently truncated.
 MAX_QUERY_CHARS = 512
 MAX_IMPRESSIONS = 1000
 MAX_LINE_BYTES = 1 << 20
-
-
-class BadRecord(ValueError):
-    """A log line that cannot be used; `reason` is a short snake_case code."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +85,6 @@ class LogRecord:
             {k: v for k in _IMPRESSION_FIELDS if (v := getattr(imp, k)) is not None} for imp in self.impressions
         ]
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
-def normalize_query(text: str) -> str:
-    """Canonical form of a query: NFKC, case-folded, single spaces.
-
-    NFKC maps full-width Latin and digits (common in Chinese input methods) to
-    ASCII and leaves CJK ideographs alone; casefold lowercases Latin, Greek,
-    Cyrillic without touching scripts that have no case.
-    """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(text.split())
 
 
 def _require(data: Dict[str, Any], name: str, types, reason_type: str):

@@ -21,13 +21,18 @@ Neighbour features follow neural_structured_learning's naming
 all `max_neighbors` slots and all `hard_negatives` slots are always written, so
 batches have static shapes.  `corpus-*` files hold one example per image with
 only `image_id` and `image` / `image_features`.
+
+Images are stored already prepared (`clicklens.images.prepared_png`), so the
+trainer's decoding is the same function the exported graphs run on uploads.
+The query vocabulary is the other half of the pipeline -> trainer contract:
+`clicklens.vocabulary`.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List
 
-from trainer import compat  # noqa: F401  (must precede TensorFlow)
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
 QUERY = "query"
@@ -99,7 +104,7 @@ def corpus_feature_spec(image_source: str = "pixels", feature_dim: int = 0) -> D
 
 
 def spec_from_config(config) -> Dict[str, tf.io.FixedLenFeature]:
-    """example_feature_spec for a trainer.config.Config."""
+    """example_feature_spec for a clicklens.config.Config."""
     p = config.pipeline
     return example_feature_spec(p.image_source, p.feature_dim, p.max_neighbors, p.hard_negatives)
 
@@ -144,16 +149,3 @@ def make_example(features: Dict[str, object], spec: Dict[str, tf.io.FixedLenFeat
                 raise ValueError(f"feature {key} must have {expected} values, got {len(values)}")
             out[key] = _floats(values)
     return tf.train.Example(features=tf.train.Features(feature=out))
-
-
-# ---------------------------------------------------------------------------
-# Query vocabulary (`W/examples/vocab.txt`): one WordPiece token per line.
-# The pipeline learns it with tensorflow-text's wordpiece learner; the trainer
-# and the exported query encoder tokenize with tensorflow_text.BertTokenizer
-# using the same basic-tokenizer parameters, so both split text identically
-# (CJK ideographs become one token each; Latin text is case-folded).
-
-PAD_TOKEN = "[PAD]"
-UNK_TOKEN = "[UNK]"
-RESERVED_TOKENS = [PAD_TOKEN, UNK_TOKEN]  # token ids 0 and 1, in this order
-BERT_TOKENIZER_PARAMS = {"lower_case": True}

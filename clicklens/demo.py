@@ -2,13 +2,15 @@
 
 generate-demo-data -> pipeline -> train (+ evaluate) -> export -> serve -> queries.
 
-Each stage is the same verb a user runs by hand.  A stage whose output already
-exists in the work directory is skipped (delete that folder to redo it), so a
-second `make demo` goes straight to serving.  The server runs as a child
-process (`clicklens serve`), exactly as a user would start it; the demo waits
-until TF Serving's ModelService reports the retrieval model AVAILABLE, sends
-queries in English and Chinese through the gRPC client, prints the page's
-address and keeps serving until Ctrl-C (or stops at once with --no-wait).
+Each stage is the same verb a user runs by hand, run through the command
+line's verb table (so this core module imports no stage).  A stage whose
+output already exists in the work directory is skipped (delete that folder to
+redo it), so a second `make demo` goes straight to serving.  The server runs
+as a child process (`clicklens serve`), exactly as a user would start it; the
+demo waits until TF Serving's ModelService reports the retrieval model
+AVAILABLE, sends queries in English and Chinese and one by image with
+`clicklens query --explain`, prints the page's address and keeps serving until
+Ctrl-C (or stops at once with --no-wait).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import sys
 import time
 from typing import List, Sequence
 
-from trainer import cli
-from trainer.errors import ClicklensError
-from trainer.workdir import Workdir
+from clicklens import cli, servables
+from clicklens.catalog import read_catalog, resolve_uri
+from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
 DEMO_QUERIES = ["red circle", "红色 圆形", "large yellow star", "蓝色 正方形", "purple ring", "绿色 三角形"]
-RETRIEVAL_MODEL = "retrieval_scann"
+RETRIEVAL_MODEL = servables.RETRIEVAL_SCANN
 SERVER_START_TIMEOUT_S = 300
 
 
@@ -49,8 +52,7 @@ def _run_stage(verb: str, done_marker: str, args, config, workdir: Workdir) -> N
         return
     logger.info("== %s", verb)
     started = time.time()
-    stage_args = cli.parse_args([verb] + _common_args(args))
-    code = cli.resolve(stage_args._verb)(config, workdir, stage_args)
+    code = cli.run_verb(verb, config, workdir)
     if code:
         raise ClicklensError(f"demo stopped: clicklens {verb} exited {code}")
     logger.info("== %s done in %.0f s", verb, time.time() - started)
@@ -80,60 +82,16 @@ def _wait_until_available(address: str, process: subprocess.Popen, timeout_s: fl
     raise ClicklensError(f"the server at {address} was not ready after {timeout_s:.0f} s")
 
 
-class _GroundTruth:
-    """The generated world's attributes and relevance, to show why each result was returned."""
-
-    ATTRIBUTES = ("color", "shape", "size", "pattern", "background")
-
-    def __init__(self, workdir: Workdir):
-        import tensorflow as tf
-
-        from beam_pipelines.catalog_schema import read_catalog
-        from beam_pipelines.log_schema import normalize_query
-
-        self._normalize = normalize_query
-        self.attributes = {e.image_id: " ".join(str(dict(e.extra).get(a, "")) for a in self.ATTRIBUTES).strip()
-                           for e in read_catalog(workdir.catalog)}
-        self.relevant = {}
-        if tf.io.gfile.exists(workdir.ground_truth):
-            with tf.io.gfile.GFile(workdir.ground_truth) as f:
-                for line in f:
-                    row = json.loads(line)
-                    self.relevant[row["query"]] = set(row["relevant_image_ids"])
-
-    def annotator(self, text: str = None):
-        """annotate(image_id) -> "✓ red circle small solid light" (✓ when relevant to `text`)."""
-        relevant = self.relevant.get(self._normalize(text), set()) if text else set()
-        return lambda image_id: f"{'✓' if image_id in relevant else ' '} {self.attributes.get(image_id, '')}"
-
-    def summary(self, text: str, image_ids: List[str]) -> str:
-        relevant = self.relevant.get(self._normalize(text))
-        if relevant is None:
-            return ""
-        hits = sum(i in relevant for i in image_ids)
-        chance = len(relevant) / max(1, len(self.attributes)) * len(image_ids)
-        return f"     {hits} of {len(image_ids)} relevant per the generated ground truth (chance: {chance:.1f})"
-
-
-def _query(address: str, truth: _GroundTruth, text: str = None, image: str = None) -> None:
-    """Queries the demo server with TF Serving's gRPC client and prints annotated results."""
-    from serving import client
-
-    image_bytes = client.read_query_image(image) if image else None
-    response = client.predict(address, client.build_request(RETRIEVAL_MODEL, text=text, image_bytes=image_bytes))
-    print(f"\n$ clicklens query {text!r}" if text else f"\n$ clicklens query --image {image}")
-    if image:  # demo images are named <image_id>.png
-        print(f"     (the query image: {truth.attributes.get(image.rsplit('/', 1)[-1].rsplit('.', 1)[0], '?')})")
-    client.print_results(response, repr(text) if text else image, annotate=truth.annotator(text))
-    summary = truth.summary(text, [image_id for image_id, _ in client.top_k(response)]) if text else ""
-    if summary:
-        print(summary)
+def _query(address: str, config, workdir: Workdir, text: str = None, image: str = None) -> None:
+    """`clicklens query --explain` against the demo server, with the command echoed first."""
+    print(f"\n$ clicklens query {text!r}" if text else f"\n$ clicklens query --image {image}", flush=True)
+    argv = ["--server", address, "--model", RETRIEVAL_MODEL, "--explain"]
+    argv += [text] if text else ["--image", image]
+    cli.run_verb("query", config, workdir, argv)
 
 
 def _first_catalog_image(workdir: Workdir) -> str:
     import tensorflow as tf
-
-    from beam_pipelines.catalog_schema import read_catalog, resolve_uri
 
     for entry in read_catalog(workdir.catalog):
         path = resolve_uri(entry.uri, workdir.catalog) if entry.uri else ""
@@ -167,14 +125,12 @@ def run(config, workdir: Workdir, args) -> int:
     # SIGTERM (e.g. `kill`, or a CI job's timeout) must also stop the child server: raising
     # SystemExit here runs the `finally` below, as Ctrl-C's KeyboardInterrupt does.
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    server = subprocess.Popen([sys.executable, "-m", "trainer.cli", "serve"] + _common_args(args), env=dict(os.environ))
+    server = subprocess.Popen([sys.executable, "-m", "clicklens", "serve"] + _common_args(args), env=dict(os.environ))
     try:
         _wait_until_available(address, server, SERVER_START_TIMEOUT_S)
-        truth = _GroundTruth(workdir)
         for text in DEMO_QUERIES:
-            _query(address, truth, text=text)
-        image = _first_catalog_image(workdir)
-        _query(address, truth, image=image)
+            _query(address, config, workdir, text=text)
+        _query(address, config, workdir, image=_first_catalog_image(workdir))
         print(f"\nSearch page: http://{s.host}:{s.http_port}/   (gRPC: {address})")
         if getattr(args, "no_wait", False):
             return 0
@@ -196,7 +152,7 @@ def run(config, workdir: Workdir, args) -> int:
 
 
 def main(argv: Sequence[str] = None) -> int:
-    """`python -m trainer.demo` is the same as `clicklens demo`."""
+    """`python -m clicklens.demo` is the same as `clicklens demo`."""
     return cli.main(["demo"] + list(sys.argv[1:] if argv is None else argv))
 
 

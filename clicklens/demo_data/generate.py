@@ -27,11 +27,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from beam_pipelines.catalog_schema import CatalogEntry
-from beam_pipelines.demo_data import click_model, images, malformed, world
-from beam_pipelines.log_schema import Impression, LogRecord, normalize_query
-from trainer.config import Config, DemoDataConfig
-from trainer.workdir import Workdir, join
+from clicklens.catalog import CatalogEntry
+from clicklens.demo_data import click_model, images, malformed, world
+from clicklens.ground_truth import ground_truth_line
+from clicklens.log_schema import Impression, LogRecord
+from clicklens.queries import normalize_query
+from clicklens.config import Config, DemoDataConfig
+from clicklens.workdir import Workdir, join
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def _is_remote(path: str) -> bool:
 
 
 def _gfile():
-    from trainer import compat  # noqa: F401  (TF must be set up before import)
+    from clicklens import compat  # noqa: F401  (TF must be set up before import)
     import tensorflow as tf
 
     return tf.io.gfile
@@ -300,12 +302,9 @@ def ground_truth_lines(sessions: Sessions, intents: List[world.Intent], match: n
     for query in sorted(sessions.query_intents):
         index = sessions.query_intents[query]
         relevant = np.flatnonzero((match[index] >= 1.0) & good)
-        lines.append(json.dumps({
-            "query": query,
-            "relevant_image_ids": [catalog.image_ids[i] for i in relevant],
-            "category": intents[index].category,
-            "attributes": dict(intents[index].attributes),
-        }, ensure_ascii=False, separators=(",", ":")))
+        lines.append(ground_truth_line(query, [catalog.image_ids[i] for i in relevant],
+                                       category=intents[index].category,
+                                       attributes=dict(intents[index].attributes)))
     return lines
 
 

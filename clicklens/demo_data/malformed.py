@@ -2,7 +2,7 @@
 
 Every malformed line starts from a genuine record and breaks one thing, so a
 reader cannot reject it by accident (e.g. for being short).  The kind is the
-`BadRecord.reason` that `beam_pipelines.log_schema.parse_log_line` gives it,
+`BadRecord.reason` that `clicklens.log_schema.parse_log_line` gives it,
 so dead-letter counts by reason can be compared with the manifest.
 """
 
@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from beam_pipelines.log_schema import BadRecord, parse_log_line
+from clicklens.errors import BadRecord
+from clicklens.log_schema import parse_log_line
 
 Record = Dict[str, Any]
 

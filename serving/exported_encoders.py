@@ -1,0 +1,128 @@
+"""The exported encoders of a work directory, loaded in-process to embed queries and catalog images.
+
+Each tool loads the newest version of W/export/query_encoder or
+W/export/image_encoder and calls its embed signature, with the names the
+servables contract (clicklens/servables.py) gives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+
+from clicklens import servables
+from clicklens.batching import map_batches
+from clicklens.catalog import read_catalog, resolve_uri
+from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir
+from serving import saved_models
+
+logger = logging.getLogger(__name__)
+
+EMBED_SIGNATURE = servables.DEFAULT_SIGNATURE  # both encoders embed through their default signature
+EMBED_BATCH = 256
+# The input names the contract allows per encoder (the image input depends on pipeline.image_source).
+ENCODER_INPUTS = {
+    servables.QUERY_ENCODER: (servables.QUERY,),
+    servables.IMAGE_ENCODER: (servables.IMAGE_BYTES, servables.IMAGE_FEATURES),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """One loaded encoder version: its embed signature, that signature's input name and embedding width."""
+
+    name: str
+    version: int
+    function: object
+    input_name: str
+    dim: int
+    model: object  # the loaded SavedModel, kept alive: its signatures only hold weak references to it
+
+    def embed_batch(self, values: Sequence) -> np.ndarray:
+        """float32 [len(values), dim] embeddings in one call of the signature."""
+        outputs = self.function(**{self.input_name: tf.constant(values)})
+        return outputs[servables.EMBEDDING].numpy().astype(np.float32)
+
+    def embed(self, values: Sequence) -> np.ndarray:
+        """float32 [len(values), dim] embeddings, EMBED_BATCH inputs per call."""
+        return map_batches(self.embed_batch, values, EMBED_BATCH).astype(np.float32)
+
+
+def load_encoder(workdir: Workdir, name: str) -> Encoder:
+    """The newest exported version of the encoder `name` (servables.QUERY_ENCODER or IMAGE_ENCODER)."""
+    base = workdir.export_model(name)
+    version, folder = servables.latest_version(base)
+    model = saved_models.load(folder)
+    if EMBED_SIGNATURE not in model.signatures:
+        raise ClicklensError(f"{folder} has no {EMBED_SIGNATURE!r} signature")
+    function = model.signatures[EMBED_SIGNATURE]
+    _, kwargs = function.structured_input_signature
+    inputs = sorted(kwargs)
+    if len(inputs) != 1 or inputs[0] not in ENCODER_INPUTS[name]:
+        raise ClicklensError(f"{folder}: signature {EMBED_SIGNATURE!r} takes {inputs}, "
+                             f"expected one of {list(ENCODER_INPUTS[name])}")
+    embedding = function.structured_outputs.get(servables.EMBEDDING)
+    if embedding is None or embedding.shape.rank != 2 or embedding.shape[-1] is None:
+        raise ClicklensError(f"{folder}: signature {EMBED_SIGNATURE!r} has no {servables.EMBEDDING!r} "
+                             f"output of shape [batch, dim]")
+    logger.info("loaded %s version %d (input %s)", name, version, inputs[0])
+    return Encoder(name, version, function, inputs[0], int(embedding.shape[-1]), model)
+
+
+def catalog_images(workdir: Workdir, encoder: Encoder) -> Tuple[List[str], np.ndarray]:
+    """(image ids, embeddings) of the catalog images the image encoder can read.
+
+    Entries without a readable file (or without features, for a features
+    encoder) are left out, and so are files the encoder cannot decode.
+    """
+    ids, inputs = [], []
+    for entry in read_catalog(workdir.catalog):
+        if encoder.input_name == servables.IMAGE_BYTES:
+            path = resolve_uri(entry.uri, workdir.catalog) if entry.uri else ""
+            if not path or not tf.io.gfile.exists(path):
+                continue
+            with tf.io.gfile.GFile(path, "rb") as image:
+                inputs.append(image.read())
+        elif entry.features is not None:
+            inputs.append(np.asarray(entry.features, np.float32))
+        else:
+            continue
+        ids.append(entry.image_id)
+    if not ids:
+        raise ClicklensError(f"no readable images in {workdir.catalog}")
+    return embed_skipping_undecodable(encoder, ids, inputs)
+
+
+def embed_skipping_undecodable(encoder: Encoder, ids: Sequence[str], inputs: Sequence) -> Tuple[List[str], np.ndarray]:
+    """(kept ids, their embeddings): inputs the encoder rejects (e.g. a corrupt image file) are left out."""
+    undecodable = set()
+
+    def embed_positions(positions: range) -> np.ndarray:
+        try:
+            return encoder.embed_batch([inputs[i] for i in positions])
+        except tf.errors.InvalidArgumentError:
+            pass
+        # One bad input fails its whole batch: redo that batch one input at a time.
+        rows = []
+        for i in positions:
+            try:
+                rows.append(encoder.embed_batch([inputs[i]])[0])
+            except tf.errors.InvalidArgumentError:
+                undecodable.add(i)
+                rows.append(np.zeros(encoder.dim, np.float32))  # a placeholder, dropped below
+        return np.stack(rows)
+
+    embeddings = map_batches(embed_positions, range(len(ids)), EMBED_BATCH)
+    kept = [i for i in range(len(ids)) if i not in undecodable]
+    if undecodable:
+        skipped = [ids[i] for i in sorted(undecodable)]
+        logger.warning("%d catalog images could not be decoded and are left out: %s",
+                       len(skipped), ", ".join(skipped[:10]))
+    return [ids[i] for i in kept], embeddings[kept]

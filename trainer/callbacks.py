@@ -1,0 +1,99 @@
+"""Keras callbacks of a training run: checkpoints every N steps, and progress lines.
+
+Keras' own progress output is one bar per epoch (or one line per epoch in a
+log file); a long epoch on a TPU pod or a 2-core laptop needs steps, speed and
+an ETA every few hundred steps instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+
+def optimizer_step(model: tf.keras.Model) -> int:
+    """The number of optimizer steps taken so far (restored with a checkpoint, unlike Keras' batch index)."""
+    return int(model.optimizer.iterations.numpy())
+
+
+class CheckpointEverySteps(tf.keras.callbacks.Callback):
+    """Saves every `every` optimizer steps and at the end, but never after a NaN loss.
+
+    A non-finite loss stops training at once; the weights it produced are not
+    saved, so the newest checkpoint on disk is the last good one.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager, every: int):
+        super().__init__()
+        self.manager = manager
+        self.every = every
+        self.diverged_at = None
+        self._last_saved = None
+
+    def on_train_begin(self, logs=None):
+        if self._last_saved is None:
+            self._last_saved = optimizer_step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        step = optimizer_step(self.model)
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = step
+            self.model.stop_training = True
+            return
+        if step - self._last_saved >= self.every:
+            self.manager.save(checkpoint_number=step)
+            self._last_saved = step
+
+    def on_train_end(self, logs=None):
+        step = optimizer_step(self.model)
+        if self.diverged_at is None and step > self._last_saved:
+            self.manager.save(checkpoint_number=step)
+            self._last_saved = step
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class TrainingProgress(tf.keras.callbacks.Callback):
+    """Logs one line every `every` optimizer steps: step, loss parts, examples/s and the ETA of the run."""
+
+    def __init__(self, total_steps: int, global_batch: int, every: int):
+        super().__init__()
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+        self.every = every
+        self._last_logged = None
+        self._started = None
+        self._first_step = None
+
+    def on_train_begin(self, logs=None):
+        if self._started is None:  # a resumed run calls fit twice; measure from the first call
+            self._started = time.time()
+            self._first_step = self._last_logged = optimizer_step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = optimizer_step(self.model)
+        if step - self._last_logged >= self.every or step >= self.total_steps:
+            self._last_logged = step
+            self.log_line(step, logs or {})
+
+    def log_line(self, step: int, logs) -> None:
+        elapsed = max(time.time() - self._started, 1e-9)
+        rate = (step - self._first_step) / elapsed  # steps per second in this process
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        parts = ", ".join(f"{name} {float(logs[name]):.4f}"
+                          for name in ("loss", "retrieval_loss", "graph_loss") if name in logs)
+        logger.info("step %d/%d (%d%%) %s; %.0f examples/s; ETA %s", step, self.total_steps,
+                    100 * step // max(self.total_steps, 1), parts, rate * self.global_batch,
+                    _duration(eta) if math.isfinite(eta) else "?")
