@@ -67,3 +67,20 @@ def test_config_verb_prints_every_key_with_its_bounds_and_help(capsys):
         assert f"{section.name}:" in out
         for key in dataclasses.fields(getattr(config, section.name)):
             assert f" {key.name}:" in out, f"{section.name}.{key.name}"
+
+
+def test_library_info_chatter_is_hidden_unless_verbose():
+    """Beam's runner and BatchElements statistics, TensorFlow's checkpoint timings: WARNING and up only."""
+    import logging
+
+    chatty = ["apache_beam.transforms.util", "apache_beam.runners.portability.fn_api_runner", "tensorflow", "absl"]
+    try:
+        cli.setup_logging(verbose=False)
+        assert not any(logging.getLogger(name).isEnabledFor(logging.INFO) for name in chatty)
+        for ours in ("beam_pipelines.progress", "trainer.callbacks", "clicklens.demo"):
+            assert logging.getLogger(ours).level == logging.NOTSET  # our progress loggers are not silenced
+        cli.setup_logging(verbose=True)
+        assert all(logging.getLogger(name).isEnabledFor(logging.DEBUG) for name in chatty)
+    finally:
+        for name in cli.CHATTY_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -133,3 +133,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert resumed and f"at step {killed_at} of {total}" in resumed[0]
     assert tf.train.latest_checkpoint(workdir.checkpoints).endswith(f"ckpt-{total}")
     assert os.path.exists(workdir.metrics)
+
+    # What a person sees: progress lines, and none of the libraries' start-up or timing chatter
+    # (TensorFlow's C++ lines such as the cuInit error on machines without a GPU, absl's
+    # "I0000 ..." lines, TensorFlow's checkpoint "Sharding callback duration" INFO lines).
+    assert f"step {total}/{total} (100%)" in second.stderr
+    chatter = [line for line in second.stderr.splitlines()
+               if "cuInit" in line or "Sharding callback duration" in line or "external/local_xla" in line
+               or line[:5] in ("I0000", "W0000", "E0000")]
+    assert chatter == []
