@@ -122,8 +122,9 @@ def run(config, workdir, args) -> int:
     request = build_request(args.model, text=args.text, image_bytes=image_bytes, version=args.version)
     response = predict(address, request)
     explainer = Explainer(workdir) if args.explain else None
-    if explainer and args.image is not None and explainer.query_image(args.image):
-        print(f"     (the query image is {explainer.query_image(args.image)})")
+    query_image = explainer.query_image(args.image) if explainer and args.image is not None else ""
+    if query_image:
+        print(f"     (the query image is {query_image})")
     print_results(response, repr(args.text) if args.text is not None else args.image,
                   annotate=explainer.annotator(args.text) if explainer else None)
     if explainer and args.text is not None:

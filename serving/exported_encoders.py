@@ -36,13 +36,12 @@ ENCODER_INPUTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """One loaded encoder version: its embed signature, that signature's input name and embedding width."""
+    """One loaded encoder version: its embed signature and that signature's input name."""
 
     name: str
     version: int
     function: object
     input_name: str
-    dim: int
     model: object  # the loaded SavedModel, kept alive: its signatures only hold weak references to it
 
     def embed_batch(self, values: Sequence) -> np.ndarray:
@@ -73,7 +72,7 @@ def load_encoder(workdir: Workdir, name: str) -> Encoder:
         raise ClicklensError(f"{folder}: signature {EMBED_SIGNATURE!r} has no {servables.EMBEDDING!r} "
                              f"output of shape [batch, dim]")
     logger.info("loaded %s version %d (input %s)", name, version, inputs[0])
-    return Encoder(name, version, function, inputs[0], int(embedding.shape[-1]), model)
+    return Encoder(name, version, function, inputs[0], model)
 
 
 def catalog_images(workdir: Workdir, encoder: Encoder) -> Tuple[List[str], np.ndarray]:
@@ -101,28 +100,26 @@ def catalog_images(workdir: Workdir, encoder: Encoder) -> Tuple[List[str], np.nd
 
 
 def embed_skipping_undecodable(encoder: Encoder, ids: Sequence[str], inputs: Sequence) -> Tuple[List[str], np.ndarray]:
-    """(kept ids, their embeddings): inputs the encoder rejects (e.g. a corrupt image file) are left out."""
-    undecodable = set()
+    """(kept ids, their embeddings): inputs the encoder rejects (e.g. a corrupt image file) are left out.
 
-    def embed_positions(positions: range) -> np.ndarray:
+    One bad input fails its whole batch, so a failed batch is redone one input at a time.
+    """
+    kept, rows, skipped = [], [], []
+    for start in range(0, len(ids), EMBED_BATCH):
+        batch_ids, batch = ids[start:start + EMBED_BATCH], inputs[start:start + EMBED_BATCH]
         try:
-            return encoder.embed_batch([inputs[i] for i in positions])
+            rows.append(encoder.embed_batch(batch))
+            kept.extend(batch_ids)
+            continue
         except tf.errors.InvalidArgumentError:
             pass
-        # One bad input fails its whole batch: redo that batch one input at a time.
-        rows = []
-        for i in positions:
+        for image_id, value in zip(batch_ids, batch):
             try:
-                rows.append(encoder.embed_batch([inputs[i]])[0])
+                rows.append(encoder.embed_batch([value]))
+                kept.append(image_id)
             except tf.errors.InvalidArgumentError:
-                undecodable.add(i)
-                rows.append(np.zeros(encoder.dim, np.float32))  # a placeholder, dropped below
-        return np.stack(rows)
-
-    embeddings = map_batches(embed_positions, range(len(ids)), EMBED_BATCH)
-    kept = [i for i in range(len(ids)) if i not in undecodable]
-    if undecodable:
-        skipped = [ids[i] for i in sorted(undecodable)]
+                skipped.append(image_id)
+    if skipped:
         logger.warning("%d catalog images could not be decoded and are left out: %s",
                        len(skipped), ", ".join(skipped[:10]))
-    return [ids[i] for i in kept], embeddings[kept]
+    return kept, np.concatenate(rows)

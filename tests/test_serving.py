@@ -27,7 +27,6 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from clicklens import models_config, servables
-from trainer import export
 from clicklens.workdir import Workdir
 
 MAX_REQUEST_BYTES = 64 * 1024

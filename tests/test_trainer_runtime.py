@@ -81,12 +81,15 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tmp_path, ca
     # patience 1 must stop the run after its second epoch instead of the planned five.
     config = synth.trainer_config(["training.learning_rate=0.0", "training.early_stopping_patience=1",
                                    "training.epochs=5", "training.steps_per_epoch=1"])
-    with caplog.at_level(logging.INFO, logger="trainer.task"):
+    with caplog.at_level(logging.INFO, logger="trainer.task"), caplog.at_level(logging.INFO, logger="trainer.callbacks"):
         model = task.train(config, workdir)
     assert int(model.optimizer.iterations.numpy()) == 2
     assert tf.train.latest_checkpoint(workdir.checkpoints).endswith("ckpt-2")
     assert "stopped after epoch 2 of 5" in caplog.text
     assert model.history.history["val_loss"][0] == model.history.history["val_loss"][1]
+    # Each epoch's eval loss is in the progress output, the figure early stopping decided on.
+    val_loss = model.history.history["val_loss"][1]
+    assert "epoch 2: val_graph_loss" in caplog.text and f"val_loss {val_loss:.4f}" in caplog.text
 
 
 def test_early_stopping_needs_a_whole_eval_batch(tmp_path):

@@ -88,6 +88,13 @@ class TrainingProgress(tf.keras.callbacks.Callback):
             self._last_logged = step
             self.log_line(step, logs or {})
 
+    def on_epoch_end(self, epoch, logs=None):
+        """The eval metrics of the epoch, when fit has validation data (early stopping watches them)."""
+        evaluated = {name: value for name, value in (logs or {}).items() if name.startswith("val_")}
+        if evaluated:
+            logger.info("epoch %d: %s", epoch + 1,
+                        ", ".join(f"{name} {float(value):.4f}" for name, value in sorted(evaluated.items())))
+
     def log_line(self, step: int, logs) -> None:
         elapsed = max(time.time() - self._started, 1e-9)
         rate = (step - self._first_step) / elapsed  # steps per second in this process

@@ -68,6 +68,6 @@ def embed_queries(tokenizer: QueryTokenizer, query_tower: tf.keras.Model, querie
                        queries, EMBED_BATCH)
 
 
-def top_k_ids(search, query_embeddings: np.ndarray) -> np.ndarray:
-    """bytes [Q, k]: `search(embeddings) -> (scores, ids)` run over the query embeddings in batches."""
-    return map_batches(lambda batch: search(tf.constant(batch))[1], query_embeddings, EMBED_BATCH)
+def top_k_ids(search_ids, query_embeddings: np.ndarray) -> np.ndarray:
+    """bytes [Q, k]: `search_ids(embeddings) -> top-k ids` run over the query embeddings in batches."""
+    return map_batches(lambda batch: search_ids(tf.constant(batch)), query_embeddings, EMBED_BATCH)

@@ -60,7 +60,7 @@ def retrieve(query_tower, tokenizer, corpus: Corpus, queries: List[str], k: int)
     """Top-k corpus image ids for each query (exact search)."""
     index = tfrs.layers.factorized_top_k.BruteForce(k=k)
     index.index(tf.constant(corpus.embeddings), tf.constant(corpus.ids))
-    ids = top_k_ids(lambda q: index(q, k=k), embed_queries(tokenizer, query_tower, queries))
+    ids = top_k_ids(lambda q: index(q, k=k)[1], embed_queries(tokenizer, query_tower, queries))
     return [[i.decode("utf-8") for i in row] for row in ids]
 
 

@@ -72,12 +72,14 @@ def build_encoders(config, workdir: Workdir, model=None) -> sigs.Encoders:
 def recall_queries(encoders: sigs.Encoders, config, workdir: Workdir, corpus: Corpus,
                    limit: int = RECALL_QUERIES) -> np.ndarray:
     """Query embeddings to measure recall with: distinct eval queries, else corpus images."""
-    queries: List[bytes] = []
+    distinct: Dict[bytes, None] = {}  # insertion-ordered set: the first `limit` distinct queries in file order
     if tf.io.gfile.glob(workdir.split_glob("eval")):
         spec = {features.QUERY: tf.io.FixedLenFeature([], tf.string, default_value="")}
         for batch in model_input.raw_examples(config, workdir.split_glob("eval"), spec):
-            queries.extend(q for q in batch[features.QUERY].numpy() if q)
-        queries = list(dict.fromkeys(queries))[:limit]
+            distinct.update((q, None) for q in batch[features.QUERY].numpy() if q)
+            if len(distinct) >= limit:
+                break  # enough: the rest of the eval split need not be read
+    queries = list(distinct)[:limit]
     if not queries:
         return corpus.embeddings[:limit]
     return embed_queries(encoders.tokenizer, encoders.query_tower, queries)
@@ -152,7 +154,7 @@ def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 def top_ids(retrieval: sigs.Retrieval, query_embeddings: np.ndarray) -> np.ndarray:
     """bytes [Q, k]: the ids a retrieval module returns for each query embedding."""
-    return top_k_ids(lambda q: (None, retrieval.search_embeddings(q)[S.IMAGE_IDS]), query_embeddings)
+    return top_k_ids(lambda q: retrieval.search_embeddings(q)[S.IMAGE_IDS], query_embeddings)
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
+from clicklens import cli
 from clicklens.errors import ClicklensError
 from clicklens.workdir import join
 from trainer import input as model_input
@@ -179,8 +180,6 @@ def run(config, workdir, args) -> int:
 
 def main(argv=None) -> int:
     """`python -m trainer.task --config ... --workdir ... --set ...`: the `train` verb's command line."""
-    from clicklens import cli
-
     return cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -28,11 +28,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from clicklens.catalog import CatalogEntry
+from clicklens.config import Config, DemoDataConfig
 from clicklens.demo_data import click_model, images, malformed, world
 from clicklens.ground_truth import ground_truth_line
 from clicklens.log_schema import Impression, LogRecord
 from clicklens.queries import normalize_query
-from clicklens.config import Config, DemoDataConfig
 from clicklens.workdir import Workdir, join
 
 logger = logging.getLogger(__name__)
