@@ -13,6 +13,8 @@ way `clicklens export` does it:
   trainer.scann_index.ScannIndex; compared with raw `scann` (pybind) built and
   searched with the same parameters.  `--tfrs` adds the layer export used
   before, tfrs.layers.factorized_top_k.ScaNN, with the same layout.
+- "signature call, no search": a SavedModel with the same signature that
+  returns fixed ids, the floor under any SavedModel's per-call time.
 - BruteForce SavedModel (trainer.export_signatures.BruteForceIndex), compared
   with numpy: matmul + argpartition (over corpus blocks past 1 GB of scores);
   `--tfrs` adds tfrs.layers.factorized_top_k.BruteForce.
@@ -66,6 +68,7 @@ TUNING_QUERIES = 500
 GRID_SEARCHED = (1, 2, 4, 8, 16, 32, 64, 128)  # leaves searched
 EMBEDDING = "embedding"
 SLICE_SECONDS = 0.25
+CALL_FLOOR = "signature call, no search"
 
 SERVER_RSS = """
 import json, sys, time
@@ -141,6 +144,21 @@ def saved_model_search(function):
     def search(q):
         return function(**{EMBEDDING: tf.constant(q)})[servables.IMAGE_IDS].numpy()
     return search
+
+
+class NoSearch(tf.Module):
+    """An "index" that searches nothing: the first k ids for every query, the query's first k values as scores.
+
+    Saved and called like the real indexes, it measures what a signature call
+    costs by itself (the floor under any SavedModel's per-call time).
+    """
+
+    def __init__(self, ids: np.ndarray):
+        super().__init__(name="no_search")
+        self.ids = tf.Variable(ids[:K], trainable=False)
+
+    def __call__(self, queries: tf.Tensor, k: int = K):
+        return queries[:, :k], tf.tile(self.ids[None, :k], [tf.shape(queries)[0], 1])
 
 
 def server_footprint(path: str, dim: int) -> dict:
@@ -245,6 +263,10 @@ def bench_scann(args, config, corpus, ids, queries, held_out, exact, tmp: str, r
                                                rss_mb=footprint["rss_mb"])
     for mode in ("batched", "single"):
         rows[("scann pybind", mode)] = Row("scann pybind", mode, build_s=raw_build)
+    floor = saved_model_search(load(save(NoSearch(ids), args.dim, f"{tmp}/no_search")))
+    for mode, count in [("batched", args.queries), ("single", args.single)]:
+        methods.append((CALL_FLOOR, mode, floor, count))
+        rows[(CALL_FLOOR, mode)] = Row(CALL_FLOOR, mode)
     if args.tfrs:
         import tensorflow_recommenders as tfrs
 
@@ -265,6 +287,8 @@ def bench_scann(args, config, corpus, ids, queries, held_out, exact, tmp: str, r
             rows[("tfrs ScaNN SavedModel", mode)] = Row("tfrs ScaNN SavedModel", mode, build_s=tfrs_build,
                                                         first_call_s=time.perf_counter() - start)
     race(methods, queries, exact, args.batch, args.rounds, args.min_seconds, rows)
+    for mode in ("batched", "single"):
+        rows[(CALL_FLOOR, mode)].recall = float("nan")  # it returns fixed ids: not a search
     return tuning
 
 
@@ -352,6 +376,11 @@ def print_report(args, min_recall: float, tuning, rows, empty_rss, grid_result, 
     for mode in ("batched", "single"):
         target(f"ScaNN SavedModel / scann pybind, {mode}",
                rows[("ScaNN SavedModel", mode)].qps / rows[("scann pybind", mode)].qps, 0.8)
+        per_call = {name: (args.batch if mode == "batched" else 1) / rows[(name, mode)].qps * 1e3
+                    for name in ("ScaNN SavedModel", "scann pybind", CALL_FLOOR)}
+        print(f"    per call of {args.batch if mode == 'batched' else 1}: SavedModel "
+              f"{per_call['ScaNN SavedModel']:.3f} ms, raw {per_call['scann pybind']:.3f} ms, "
+              f"a signature call that searches nothing {per_call[CALL_FLOOR]:.3f} ms")
     if args.bruteforce:
         for mode in ("batched", "single"):
             target(f"BruteForce SavedModel / numpy, {mode}",
