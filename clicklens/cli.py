@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 from clicklens import servables
 from clicklens.config import DEFAULT_CONFIG, describe_config, load_config
 from clicklens.errors import ClicklensError
-from clicklens.workdir import Workdir
+from clicklens.workdir import Workdir, check_workdir
 
 DEFAULT_WORKDIR = "work"
 # Libraries whose INFO lines (Beam's runner and BatchElements statistics, TensorFlow's
@@ -37,6 +37,7 @@ class Verb:
     help: str
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     passes_unknown_args: bool = False
+    writes_workdir: bool = True  # False: the verb only reads it (a read-only copy will do)
 
 
 def _query_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +68,10 @@ VERBS: List[Verb] = [
     Verb("train", "trainer.task:run", "train the two-tower model -> <workdir>/model"),
     Verb("evaluate", "trainer.evaluate:run", "evaluate the trained model -> <workdir>/model/metrics.json"),
     Verb("export", "trainer.export:run", "export SavedModels for TF Serving -> <workdir>/export"),
-    Verb("serve", "serving.server:run", "serve <workdir>/export over TF Serving's gRPC and REST APIs"),
+    Verb("serve", "serving.server:run", "serve <workdir>/export over TF Serving's gRPC and REST APIs",
+         writes_workdir=False),
     Verb("query", "serving.client:run", "send a query to a running server and print the top-k images",
-         add_arguments=_query_arguments),
+         add_arguments=_query_arguments, writes_workdir=False),
     Verb("cluster-queries", "serving.tools:cluster_queries", "k-means clusters of logged queries",
          add_arguments=_tool_arguments),
     Verb("label-images", "serving.tools:label_images", "zero-shot image labels from nearest queries",
@@ -79,7 +81,8 @@ VERBS: List[Verb] = [
     Verb("demo", "clicklens.demo:run", "all stages on generated data, then serve and query",
          add_arguments=_demo_arguments),
     Verb("config", "clicklens.cli:show_config",
-         "print the effective config (after --set): every key with its value, type, bounds and meaning"),
+         "print the effective config (after --set): every key with its value, type, bounds and meaning",
+         writes_workdir=False),
 ]
 
 
@@ -165,7 +168,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose)
     try:
         config = load_config(args.config, args.overrides)
-        code = resolve(verb_named(args.verb))(config, Workdir(args.workdir), args)
+        verb = verb_named(args.verb)
+        check_workdir(args.workdir, verb.writes_workdir)
+        code = resolve(verb)(config, Workdir(args.workdir), args)
     except ClicklensError as err:
         print(f"clicklens: error: {err}", file=sys.stderr)
         return 2

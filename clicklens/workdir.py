@@ -14,12 +14,40 @@ Paths are strings joined with "/", so W may be local or gs://.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+
+from clicklens.errors import ClicklensError
 
 
 def join(*parts: str) -> str:
     """Joins path parts with "/" (works for local paths and gs:// URLs)."""
     head, *rest = parts
     return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
+
+
+def check_workdir(root: str, writable: bool) -> None:
+    """Raises ClicklensError, in one line, when `root` cannot serve as a work directory.
+
+    An empty path would resolve to "/" (every path is joined below it); a file
+    is not a directory; a verb that writes needs a folder it can create files
+    in (tried for real: permission bits say nothing on a read-only mount or to
+    root).  Remote roots (gs://...) are left to the stage that opens them.
+    """
+    if not root.strip():
+        raise ClicklensError("--workdir is empty: give a directory (created when missing)")
+    if "://" in root:
+        return
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ClicklensError(f"--workdir {root}: not a directory")
+    if not writable:
+        return
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise ClicklensError(f"--workdir {root}: cannot write there ({err.strerror or err})") from None
 
 
 @dataclasses.dataclass(frozen=True)

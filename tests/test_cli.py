@@ -36,6 +36,22 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "training.epochs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("make_workdir, words", [
+    (lambda tmp: "", "--workdir is empty"),
+    (lambda tmp: (tmp / "a_file").write_text("x") and str(tmp / "a_file"), "not a directory"),
+    (lambda tmp: "/proc/clicklens-workdir", "cannot write there"),  # a read-only mount, even to root
+])
+def test_unusable_workdir_is_one_line_and_exit_2(tmp_path, capsys, make_workdir, words):
+    code = cli.main(["generate-demo-data", "--workdir", make_workdir(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_accepts_a_read_only_workdir_check():
+    cli.check_workdir("/proc", writable=False)  # serve and query only read the work directory
+
+
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "clicklens", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
