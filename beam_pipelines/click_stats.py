@@ -1,7 +1,13 @@
-"""Stage 2: click statistics per (query, image) and the category of each query."""
+"""Stage 2: click statistics per (query, image), the category of each query, and its number of events.
+
+All of it is one CombinePerKey by query over one element per text-query event
+(`QueryClickStats`): Beam lifts the combiner, so each worker sums its events per
+query before anything is shuffled, and the selection rules (selection.py) get
+each query's statistics in one piece, with no join.
+"""
 
 
-from typing import Iterable, NamedTuple, Tuple
+from typing import Dict, Iterable, NamedTuple, Tuple
 
 import apache_beam as beam
 
@@ -27,82 +33,86 @@ class PairStats(NamedTuple):
         return (self.clicks + prior * prior_impressions) / denominator
 
 
-class SumPairStats(beam.CombineFn):
-    """Adds PairStats field by field (associative, so Beam can combine partial sums on workers)."""
+class QueryStats(NamedTuple):
+    """Everything the logs say about one text query."""
+
+    category: str                      # the most frequent non-empty category logged for it ("" when none)
+    events: int                        # search events
+    images: Dict[str, PairStats]       # per image shown for it
+
+
+# One text-query event as QueryClickStats takes it: (category, ((image_id, clicked, position), ...)).
+QueryEvent = Tuple[str, Tuple[Tuple[str, int, int], ...]]
+
+
+def query_event(record: LogRecord) -> Iterable[Tuple[str, QueryEvent]]:
+    """(query, QueryEvent) for a text-query record; nothing for a query-by-image record."""
+    if record.query is not None:
+        yield record.query, (record.category, tuple((imp.image_id, int(imp.clicked), imp.position)
+                                                    for imp in record.impressions))
+
+
+def category_rank(category: str, n: int):
+    """Most events first; ties go to the smaller name; "" loses to any name."""
+    return (category != "", n, tuple(-ord(c) for c in category))
+
+
+class QueryStatsFn(beam.CombineFn):
+    """QueryEvents of one query -> QueryStats.
+
+    Accumulator: [events, {category: events}, {image_id: [impressions, clicks, position_sum]}].
+    """
 
     def create_accumulator(self):
-        return (0, 0, 0)
+        return [0, {}, {}]
 
-    def add_input(self, acc, stats):
-        return (acc[0] + stats[0], acc[1] + stats[1], acc[2] + stats[2])
-
-    def merge_accumulators(self, accumulators):
-        impressions = clicks = positions = 0
-        for a in accumulators:
-            impressions += a[0]
-            clicks += a[1]
-            positions += a[2]
-        return (impressions, clicks, positions)
-
-    def extract_output(self, acc):
-        return PairStats(*acc)
-
-
-def pair_events(record: LogRecord) -> Iterable[Tuple[Tuple[str, str], PairStats]]:
-    """((query, image_id), PairStats of one impression) for each impression of a text query."""
-    if record.query is None:
-        return
-    for imp in record.impressions:
-        yield (record.query, imp.image_id), PairStats(1, int(imp.clicked), imp.position)
-
-
-class ComputeClickStats(beam.PTransform):
-    """LogRecords -> ((query, image_id), PairStats) summed over all text-query events."""
-
-    def expand(self, records):
-        return (
-            records
-            | "PairEvents" >> beam.FlatMap(pair_events)
-            | "SumPerPair" >> beam.CombinePerKey(SumPairStats())
-        )
-
-
-class QueryCategory(beam.PTransform):
-    """LogRecords -> (query, category): the most frequent non-empty category logged for each query."""
-
-    def expand(self, records):
-        return (
-            records
-            | "QueryCategoryEvents" >> beam.FlatMap(
-                lambda r: [((r.query, r.category), 1)] if r.query is not None else [])
-            | "CountPerCategory" >> beam.CombinePerKey(sum)
-            | "ByQuery" >> beam.MapTuple(lambda qc, n: (qc[0], (qc[1], n)))
-            | "MostFrequent" >> beam.CombinePerKey(MostFrequentCategory())
-        )
-
-
-class MostFrequentCategory(beam.CombineFn):
-    """(category, events) -> the category with most events; ties go to the smaller name; "" loses to any name."""
-
-    @staticmethod
-    def _rank(category: str, n: int):
-        return (category != "", n, tuple(-ord(c) for c in category))
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, best, candidate):
-        category, n = candidate
-        if best is None or self._rank(category, n) > self._rank(*best):
-            return (category, n)
-        return best
+    def add_input(self, acc, event: QueryEvent):
+        category, impressions = event
+        acc[0] += 1
+        categories = acc[1]
+        categories[category] = categories.get(category, 0) + 1
+        images = acc[2]
+        for image_id, clicked, position in impressions:
+            counts = images.get(image_id)
+            if counts is None:
+                images[image_id] = [1, clicked, position]
+            else:
+                counts[0] += 1
+                counts[1] += clicked
+                counts[2] += position
+        return acc
 
     def merge_accumulators(self, accumulators):
-        best = None
+        merged = None
         for acc in accumulators:
-            if acc is not None:
-                best = self.add_input(best, acc)
-        return best
+            if merged is None:
+                merged = acc
+                continue
+            merged[0] += acc[0]
+            for category, n in acc[1].items():
+                merged[1][category] = merged[1].get(category, 0) + n
+            images = merged[2]
+            for image_id, (impressions, clicks, positions) in acc[2].items():
+                counts = images.get(image_id)
+                if counts is None:
+                    images[image_id] = [impressions, clicks, positions]
+                else:
+                    counts[0] += impressions
+                    counts[1] += clicks
+                    counts[2] += positions
+        return merged if merged is not None else self.create_accumulator()
 
-    def extract_output(self, best):
-        return best[0] if best else ""
+    def extract_output(self, acc) -> QueryStats:
+        category = max(acc[1].items(), key=lambda cn: category_rank(*cn))[0] if acc[1] else ""
+        return QueryStats(category, acc[0], {image_id: PairStats(*counts) for image_id, counts in acc[2].items()})
+
+
+class QueryClickStats(beam.PTransform):
+    """LogRecords -> (query, QueryStats) for every text query."""
+
+    def expand(self, records):
+        return (
+            records
+            | "QueryEvents" >> beam.FlatMap(query_event)
+            | "SumPerQuery" >> beam.CombinePerKey(QueryStatsFn())
+        )

@@ -25,14 +25,39 @@ def image_ids_of(record: LogRecord):
         yield record.query_image_id
 
 
+class DistinctIdsFn(beam.CombineFn):
+    """Image-id tuples -> the set of their ids (lifted: each worker unites its records' ids first)."""
+
+    def create_accumulator(self):
+        return set()
+
+    def add_input(self, ids, record_ids):
+        ids.update(record_ids)
+        return ids
+
+    def merge_accumulators(self, accumulators):
+        merged = set()
+        for ids in accumulators:
+            merged |= ids
+        return merged
+
+    def extract_output(self, ids):
+        return ids
+
+
 class LoggedImages(beam.PTransform):
-    """LogRecords -> distinct image ids (str)."""
+    """LogRecords -> distinct image ids (str).
+
+    One element per record (its ids) into a set-union combiner, rather than one per impression into a
+    Distinct: the distinct ids of the logs are at most the catalog, a small set next to the impressions.
+    """
 
     def expand(self, records):
         return (
             records
-            | "ImageIds" >> beam.FlatMap(image_ids_of)
-            | "Distinct" >> beam.Distinct()
+            | "ImageIds" >> beam.Map(lambda record: tuple(image_ids_of(record)))
+            | "Distinct" >> beam.CombineGlobally(DistinctIdsFn())
+            | "EachId" >> beam.FlatMap(sorted)
             | "LogLogged" >> LogProgress("LoggedImages", "logged images")
         )
 

@@ -84,7 +84,7 @@ class DescribePixelsFn(beam.DoFn):
         from clicklens.images import prepare_images
 
         # The trainer's decoding of the stored PNGs: the one image preparation (a no-op crop and resize here).
-        self._decode = tf.function(lambda pngs: prepare_images(pngs, self._image_size),
+        self._decode = tf.function(lambda pngs: prepare_images(pngs, self._image_size, max_pixels=None),
                                    input_signature=[tf.TensorSpec([None], tf.string)])
 
     def process(self, batch: Sequence):

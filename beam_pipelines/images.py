@@ -18,20 +18,17 @@ from apache_beam.metrics import Metrics
 from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
 from beam_pipelines.parse import ReadLines
 from beam_pipelines.progress import LogProgress
-from clicklens.catalog import CatalogEntry, parse_catalog_line, resolve_uri
+from clicklens.catalog import (CatalogEntry, first_entry, parse_catalog_line, prepare_image_input, read_image_input,
+                               resolve_uri)
+from clicklens.dead_letters import image_dead_letter  # noqa: F401  (defined in the core, shared with reindex)
+from clicklens.config import PipelineConfig
 from clicklens.errors import BadRecord
 
 # Output tags: catalog entries, good images, and the (image_id, reason) of each catalog image that is not good.
 ENTRIES = "entries"
 IMAGES = "images"
+MAX_IMAGE_PIXELS = PipelineConfig().max_image_pixels
 BAD_IMAGE_IDS = "bad_image_ids"
-
-
-def image_dead_letter(entry: CatalogEntry, reason: str, detail: str = "") -> dict:
-    """A dead-letter record for a catalog image that cannot be used."""
-    record = dead_letter("image", reason, entry.to_json(), detail)
-    record["image_id"] = entry.image_id
-    return record
 
 
 def read_file(path: str) -> bytes:
@@ -61,9 +58,9 @@ class FirstEntryFn(beam.DoFn):
 
     def process(self, element):
         image_id, entries = element
-        entries = sorted(entries, key=lambda e: e.to_json())
-        yield entries[0]
-        for duplicate in entries[1:]:
+        kept, duplicates = first_entry(entries)
+        yield kept
+        for duplicate in duplicates:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter("catalog", "duplicate_image_id", duplicate.to_json()))
 
 
@@ -84,11 +81,13 @@ class ReadCatalog(beam.PTransform):
 class LoadImageFn(beam.DoFn):
     """CatalogEntry -> (image_id, PNG bytes or feature tuple); bad images to DEAD_LETTER."""
 
-    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int):
+    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         self._catalog_path = catalog_path
         self._source = image_source
         self._size = image_size
         self._dim = feature_dim
+        self._max_pixels = max_image_pixels
         self._prepare_png = None
 
     def setup(self):
@@ -96,56 +95,33 @@ class LoadImageFn(beam.DoFn):
             # Imports TensorFlow: here, on the worker, not when the pipeline is built.
             from clicklens.images import PngPreparer
 
-            self._prepare_png = PngPreparer(self._size)
+            self._prepare_png = PngPreparer(self._size, self._max_pixels)
 
     def _bad(self, entry: CatalogEntry, reason: str, detail: str = ""):
         Metrics.counter(METRICS_NAMESPACE, f"bad_image_{reason}").inc()
         return beam.pvalue.TaggedOutput(DEAD_LETTER, image_dead_letter(entry, reason, detail))
 
     def process(self, entry: CatalogEntry):
-        if self._source == "features":
-            if entry.features is None:
-                yield self._bad(entry, "no_features")
-            elif len(entry.features) != self._dim:
-                yield self._bad(entry, "bad_feature_dim", f"{len(entry.features)} != {self._dim}")
-            else:
-                yield entry.image_id, tuple(entry.features)
-            return
-        if not entry.uri:
-            yield self._bad(entry, "no_uri")
-            return
-        path = resolve_uri(entry.uri, self._catalog_path)
+        # The one way of reading a catalog image (clicklens/catalog.py), shared with `clicklens reindex`.
         try:
-            data = read_file(path)
-        except Exception as err:  # noqa: BLE001  (any filesystem's not-found / permission error)
-            yield self._bad(entry, "missing_image", f"{path}: {type(err).__name__}")
+            raw = read_image_input(entry, self._catalog_path, self._source, self._dim, read_file)
+            where = resolve_uri(entry.uri, self._catalog_path) if entry.uri else ""
+            value = prepare_image_input(raw, self._source, self._prepare_png, where)
+        except BadRecord as err:
+            yield self._bad(entry, err.reason, err.detail)
             return
-        try:
-            encoded = self._prepare_png(data)
-        except Exception as err:  # noqa: BLE001  (InvalidArgumentError, or anything else: no image may stop the run)
-            yield self._bad(entry, "corrupt_image", f"{path}: {type(err).__name__}: {_error_summary(err)}"[:300])
-            return
-        Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
-        yield entry.image_id, encoded
-
-
-def _error_summary(err: Exception) -> str:
-    """The line of an error's message that says what was wrong.
-
-    TensorFlow puts it after the Python traceback of the graph's ops and
-    before the op's name ("[[{{node ...}}]]"); other errors have one line.
-    """
-    lines = [line.strip() for line in str(getattr(err, "message", err)).splitlines()]
-    lines = [line for line in lines if line and not line.startswith("[[")]
-    return lines[-1] if lines else ""
+        if self._source != "features":
+            Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
+        yield entry.image_id, value
 
 
 class LoadImages(beam.PTransform):
     """CatalogEntry -> {IMAGES: (image_id, image value), DEAD_LETTER: dead letters}."""
 
-    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0):
+    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__()
-        self._fn = LoadImageFn(catalog_path, image_source, image_size, feature_dim)
+        self._fn = LoadImageFn(catalog_path, image_source, image_size, feature_dim, max_image_pixels)
 
     def expand(self, entries):
         loaded = (
@@ -165,10 +141,11 @@ class ReadCatalogImages(beam.PTransform):
     catalog lines and images.
     """
 
-    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0):
+    def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__()
         self._catalog_path = catalog_path
-        self._load = (image_source, image_size, feature_dim)
+        self._load = (image_source, image_size, feature_dim, max_image_pixels)
 
     def expand(self, pbegin):
         catalog = (

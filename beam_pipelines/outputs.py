@@ -1,10 +1,9 @@
 """Writing: tf.train.Examples exactly as clicklens.features declares them, dead letters, text files.
 
-Feature names come only from clicklens.features; `make_example` fills every
-spec key it is not given with the spec's default, which is how padded
-neighbour and negative slots are written ("" ids, b"" / zero images, 0 weights).
-clicklens.features imports TensorFlow, so it is imported inside the functions
-and DoFn setups that write examples, never when the pipeline is built.
+Feature names come only from clicklens.features; `serialize_example` fills every
+field it is not given with the field's default, which is how padded
+neighbour and negative slots are written ("" ids, b"" / zero images, 0 weights),
+and writes the tf.train.Example bytes without TensorFlow.
 """
 
 
@@ -47,45 +46,43 @@ def _image_value(value):
 
 
 class ToSerializedExample(beam.DoFn):
-    """Example record -> serialized tf.train.Example of the training spec."""
+    """Example record -> serialized tf.train.Example of the training spec (written without TensorFlow)."""
 
     def __init__(self, config):
         p = config.pipeline
         self._args = (p.image_source, p.feature_dim, p.max_neighbors, p.hard_negatives)
-        self._spec = None
+        self._fields = None
 
     def setup(self):
         from clicklens import features as F
 
-        image_source, feature_dim, max_neighbors, hard_negatives = self._args
-        self._spec = F.example_feature_spec(image_source, feature_dim, max_neighbors, hard_negatives)
+        self._fields = F.example_fields(*self._args)
 
     def process(self, record):
         from clicklens import features as F
 
         image_source, _, max_neighbors, hard_negatives = self._args
-        features = example_features(record, image_source, max_neighbors, hard_negatives)
-        yield F.make_example(features, self._spec).SerializeToString(deterministic=True)
+        yield F.serialize_example(example_features(record, image_source, max_neighbors, hard_negatives), self._fields)
 
 
 class ToSerializedCorpusExample(beam.DoFn):
-    """(image_id, image value) -> serialized tf.train.Example of the corpus spec."""
+    """(image_id, image value) -> serialized tf.train.Example of the corpus spec (written without TensorFlow)."""
 
     def __init__(self, config):
         self._args = (config.pipeline.image_source, config.pipeline.feature_dim)
-        self._spec = None
+        self._fields = None
 
     def setup(self):
         from clicklens import features as F
 
-        self._spec = F.corpus_feature_spec(*self._args)
+        self._fields = F.corpus_fields(*self._args)
 
     def process(self, element):
         from clicklens import features as F
 
         image_id, value = element
         features = {F.IMAGE_ID: image_id, F.image_key(self._args[0]): _image_value(value)}
-        yield F.make_example(features, self._spec).SerializeToString(deterministic=True)
+        yield F.serialize_example(features, self._fields)
 
 
 class WriteTFRecords(beam.PTransform):

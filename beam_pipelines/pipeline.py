@@ -12,7 +12,7 @@ processes.  The stages, each a named composite PTransform in the module of its s
       |-- SelectTrainingPairs (selection: click stats, query category, selection rules)
       |-- ClickGraph (graph: co-click + similar-image-click edges)
       |-- LoggedImages (cold_images: every image id the logs show) -> logged_images-*
-      `-- LearnAndWriteVocabulary (vocab: training queries only) -> vocab.txt
+      `-- LearnAndWriteVocabulary (vocab: training queries only, from the click stats) -> vocab.txt
     ReadCatalogImages (images: catalog, image loading) --------> dead letters
       `-- ContentGraph (content_graph: content embedding per good image, LSH top-k
                         neighbours by cosine; source pixels / features / model / none)
@@ -28,8 +28,8 @@ A catalog image the logs never showed ("cold", a new upload) is in no click
 edge; its content neighbours make it a graph node, so it gets an image-only
 training example (query "") and the graph term pulls it towards images that look alike.
 
-Each stage logs a progress line with its count ("pipeline: ClickStats: 12,345
-(query, image) pairs"), and `run` logs the report's headline figures at the end.
+Each stage logs a progress line with its count ("pipeline: SelectPairs: 12,345
+selected pairs"), and `run` logs the report's headline figures at the end.
 """
 
 
@@ -41,6 +41,7 @@ from typing import Dict, List, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import (cold_images, content_graph, graph, images, neighbors, outputs, parse, report,
                             selection, vocab)
@@ -147,7 +148,7 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
     logged | "WriteLoggedImages" >> outputs.WriteLines(
         join(workdir.examples, LOGGED_IMAGES), ".txt", cfg.num_shards)
     catalog = p | "ReadCatalogImages" >> images.ReadCatalogImages(
-        paths["catalog"], cfg.image_source, cfg.image_size, cfg.feature_dim)
+        paths["catalog"], cfg.image_source, cfg.image_size, cfg.feature_dim, cfg.max_image_pixels)
     content = add_content_graph(p, config, workdir, catalog[images.IMAGES])
     image_graph = {graph.CLICK: click_edges, graph.CONTENT: content[content_graph.EDGES]} | (
         "BuildImageGraph" >> graph.BuildImageGraph(cfg.content_graph.weight, cfg.max_neighbors))
@@ -159,14 +160,14 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
         "JoinTrainingExamples" >> neighbors.JoinTrainingExamples(cfg.eval_fraction, cfg.hard_negatives))
     by_split = {"examples": joined[neighbors.EXAMPLES], "images": catalog[images.IMAGES]} | (
         "WriteExamples" >> outputs.WriteExamples(config, workdir.examples))
-    vocabulary = records | "LearnAndWriteVocabulary" >> vocab.LearnAndWriteVocabulary(
+    vocabulary = pairs[selection.QUERY_STATS] | "LearnAndWriteVocabulary" >> vocab.LearnAndWriteVocabulary(
         cfg.vocab_size, cfg.eval_fraction, workdir.vocab)
     dead_letters = (logs[DEAD_LETTER], catalog[DEAD_LETTER], joined[DEAD_LETTER]) | (
         "WriteDeadLetters" >> outputs.WriteDeadLetters(join(workdir.examples, "dead_letter")))
 
     figures = {
         "lines": logs[parse.LINES], "records": records, "dead_letters": dead_letters,
-        "pair_stats": pairs[selection.PAIR_STATS], "selected": pairs[selection.SELECTED],
+        "query_stats": pairs[selection.QUERY_STATS], "selected": pairs[selection.SELECTED],
         "graph_edges": image_graph["edges"], "graph_neighbors": image_graph["neighbors"],
         "content_embeddings": content[content_graph.EMBEDDINGS], "content_dropped": content[content_graph.DROPPED],
         "cold_images": cold[cold_images.COLD], "cold_reached": cold[cold_images.REACHED],
@@ -195,15 +196,27 @@ def add_content_graph(p: beam.Pipeline, config: Config, workdir: Workdir, good_i
         cfg.content_graph, cfg.image_size, model_dir, image_input)
 
 
-def run(config: Config, workdir: Workdir, args) -> int:
-    """The `clicklens pipeline` verb: checks inputs, runs the pipeline, logs the report's headline figures."""
+def run_pipeline(config: Config, workdir: Workdir, extra_args: Sequence[str] = ()) -> PipelineResult:
+    """Checks the inputs, removes the previous run's outputs, runs the pipeline to the end; its PipelineResult.
+
+    The result's metrics hold Beam's per-transform timings (benchmarks/pipeline_throughput.py
+    prints them per stage).
+    """
     check_inputs(config, workdir)
-    options = pipeline_options(getattr(args, "extra_args", []))
+    options = pipeline_options(extra_args)
     remove_previous_outputs(workdir)
     paths = input_paths(config, workdir)
     logger.info("pipeline: logs %s, catalog %s -> %s", paths["logs"], paths["catalog"], workdir.examples)
-    with make_pipeline(options) as p:
-        build_pipeline(p, config, workdir)
+    p = make_pipeline(options)
+    build_pipeline(p, config, workdir)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def run(config: Config, workdir: Workdir, args) -> int:
+    """The `clicklens pipeline` verb: checks inputs, runs the pipeline, logs the report's headline figures."""
+    run_pipeline(config, workdir, getattr(args, "extra_args", None) or [])
     summary = read_report(workdir)
     graph_figures = summary["graph"]
     logger.info("pipeline: %d log records (%d bad), %d selected pairs, %d graph edges %s, examples %s",

@@ -1,6 +1,6 @@
 """Progress lines a person can read while the pipeline runs.
 
-    pipeline: ClickStats: 12,345 (query, image) pairs
+    pipeline: SelectPairs: 12,345 selected pairs
 
 `LogProgress` is a pass-through: it counts the elements of each bundle and
 logs one line when the bundle finishes.  A local run processes a stage in one

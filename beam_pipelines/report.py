@@ -103,7 +103,7 @@ class PipelineReport(beam.PTransform):
     """The stages' named PCollections -> the report JSON (one string).
 
     Inputs: "lines" (raw log lines), "records" (LogRecords), "dead_letters"
-    (all of them), "pair_stats", "selected", "graph_edges" (merged, with their
+    (all of them), "query_stats", "selected", "graph_edges" (merged, with their
     source), "graph_neighbors", "content_embeddings", "content_dropped" (ids
     whose embedding was zero or not finite), "cold_images" and "cold_reached"
     (ids), "catalog_entries", "images" (good images), "bad_image_ids",
@@ -123,7 +123,8 @@ class PipelineReport(beam.PTransform):
             "log_records.ok": pcolls["records"] | "CountRecords" >> Count(),
             "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
             "dead_letter_records": pcolls["dead_letters"] | "CountDeadLetters" >> Count(),
-            "pairs": pcolls["pair_stats"] | "CountPairs" >> Count(),
+            "pairs": pcolls["query_stats"]
+            | "PairsPerQuery" >> beam.MapTuple(lambda _, stats: len(stats.images)) | "SumPairs" >> Sum(),
             "selected_pairs": pcolls["selected"] | "CountSelected" >> Count(),
             "graph.edges": pcolls["graph_edges"] | "CountEdges" >> Count(),
             "graph.edges_by_source": pcolls["graph_edges"] | "EdgesBySource" >> CountBySource(),

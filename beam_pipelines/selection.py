@@ -20,11 +20,11 @@ from typing import Iterable, List, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
 
-from beam_pipelines.click_stats import ComputeClickStats, PairStats, QueryCategory
+from beam_pipelines.click_stats import PairStats, QueryClickStats
 from beam_pipelines.progress import LogProgress
 
 # Outputs of SelectTrainingPairs.
-PAIR_STATS = "pair_stats"
+QUERY_STATS = "query_stats"
 SELECTED = "selected"
 
 
@@ -112,7 +112,7 @@ def select_for_query(query: str, category: str, image_stats: Iterable[Tuple[str,
 
 
 class SelectPairsFn(beam.DoFn):
-    """(query, {"stats": [(image_id, PairStats)], "category": [str]}) -> SelectedPair."""
+    """(query, QueryStats) -> SelectedPair for each selected image."""
 
     def __init__(self, rules: SelectionRules):
         self._rules = rules
@@ -122,32 +122,14 @@ class SelectPairsFn(beam.DoFn):
         self._regexes = self._rules.compile_patterns()
 
     def process(self, element):
-        query, grouped = element
-        categories = list(grouped["category"])
-        yield from select_for_query(query, categories[0] if categories else "", grouped["stats"],
-                                    self._rules, self._regexes)
-
-
-class SelectPairs(beam.PTransform):
-    """Pair stats ((query, image_id), PairStats) + query categories (query, category) -> SelectedPair."""
-
-    def __init__(self, rules: SelectionRules):
-        super().__init__()
-        self._rules = rules
-
-    def expand(self, inputs):
-        by_query = inputs["stats"] | "KeyByQuery" >> beam.MapTuple(lambda qi, s: (qi[0], (qi[1], s)))
-        return (
-            {"stats": by_query, "category": inputs["category"]}
-            | "GroupPerQuery" >> beam.CoGroupByKey()
-            | "Select" >> beam.ParDo(SelectPairsFn(self._rules))
-        )
+        query, stats = element
+        yield from select_for_query(query, stats.category, stats.images.items(), self._rules, self._regexes)
 
 
 class SelectTrainingPairs(beam.PTransform):
-    """LogRecords -> {PAIR_STATS: ((query, image_id), PairStats), SELECTED: SelectedPair}.
+    """LogRecords -> {QUERY_STATS: (query, QueryStats), SELECTED: SelectedPair}.
 
-    Stages 2 and 3: click statistics and each query's category, then the selection rules.
+    Stages 2 and 3: each query's click statistics and category (one combiner), then the selection rules.
     """
 
     def __init__(self, rules: SelectionRules):
@@ -155,15 +137,14 @@ class SelectTrainingPairs(beam.PTransform):
         self._rules = rules
 
     def expand(self, records):
-        pair_stats = (
+        query_stats = (
             records
-            | "ClickStats" >> ComputeClickStats()
-            | "LogPairStats" >> LogProgress("ClickStats", "(query, image) pairs")
+            | "ClickStats" >> QueryClickStats()
+            | "LogQueryStats" >> LogProgress("ClickStats", "text queries")
         )
-        categories = records | "QueryCategory" >> QueryCategory()
         selected = (
-            {"stats": pair_stats, "category": categories}
-            | "SelectPairs" >> SelectPairs(self._rules)
+            query_stats
+            | "SelectPairs" >> beam.ParDo(SelectPairsFn(self._rules))
             | "LogSelected" >> LogProgress("SelectPairs", "selected pairs")
         )
-        return {PAIR_STATS: pair_stats, SELECTED: selected}
+        return {QUERY_STATS: query_stats, SELECTED: selected}

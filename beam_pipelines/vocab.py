@@ -67,17 +67,16 @@ def learn_vocabulary(word_counts: Iterable[Tuple[str, int]], vocab_size: int) ->
 
 
 class LearnVocabulary(beam.PTransform):
-    """Training queries (one element per query event) -> a single list of vocabulary tokens."""
+    """(query, events) per distinct training query -> a single list of vocabulary tokens."""
 
     def __init__(self, vocab_size: int):
         super().__init__()
         self._vocab_size = vocab_size
 
-    def expand(self, queries):
+    def expand(self, query_counts):
         vocab_size = self._vocab_size
         return (
-            queries
-            | "CountQueries" >> beam.combiners.Count.PerElement()
+            query_counts
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TOKENIZE_BATCH)
             | "Tokenize" >> beam.ParDo(CountWordsFn())
             | "CountWords" >> beam.CombinePerKey(sum)
@@ -92,9 +91,8 @@ def is_train_query(query: str, eval_fraction: float) -> bool:
 
 
 class LearnAndWriteVocabulary(beam.PTransform):
-    """LogRecords -> the vocabulary learned from the train-split text queries, written one token per line to `path`.
-
-    Returns the single list of tokens.
+    """(query, QueryStats) -> the vocabulary learned from the train-split text queries (each counted once per
+    search event), written one token per line to `path`.  Returns the single list of tokens.
     """
 
     def __init__(self, vocab_size: int, eval_fraction: float, path: str):
@@ -103,11 +101,12 @@ class LearnAndWriteVocabulary(beam.PTransform):
         self._eval_fraction = eval_fraction
         self._path = path
 
-    def expand(self, records):
+    def expand(self, query_stats):
+        eval_fraction = self._eval_fraction
         vocabulary = (
-            records
-            | "TextQueries" >> beam.FlatMap(lambda r: [r.query] if r.query is not None else [])
-            | "TrainQueries" >> beam.Filter(is_train_query, self._eval_fraction)
+            query_stats
+            | "TrainQueryEvents" >> beam.FlatMapTuple(
+                lambda query, stats: [(query, stats.events)] if is_train_query(query, eval_fraction) else [])
             | "LearnVocabulary" >> LearnVocabulary(self._vocab_size)
         )
         vocabulary | "VocabText" >> beam.Map("\n".join) | "WriteVocab" >> WriteSingleFile(self._path)

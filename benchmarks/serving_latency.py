@@ -1,18 +1,29 @@
-"""Latency and throughput of gRPC Predict against `clicklens serve`.
+"""Latency and throughput of gRPC Predict against `clicklens serve`, batching off and on, in one run.
 
-    .venv/bin/python benchmarks/serving_latency.py --workdir demo_workdir [--model retrieval_scann]
+    nice -n 10 .venv/bin/python benchmarks/serving_latency.py --workdir demo_workdir [--model retrieval_scann]
 
-Starts the server on free ports over W/export (run `make demo` or
-`clicklens export` first), then sends --requests text queries (a mix of
-Chinese and English) through tensorflow-serving-api's PredictionServiceStub at
-each --concurrency (client threads sharing one channel), and prints p50/p99
-latency, throughput and the error count per level.  The client runs on the
-same machine as the server, so on a small box the two compete for the CPUs.
+Starts `clicklens serve` over W/export (run `make demo` or `clicklens export`
+first) twice on free ports, once with batching off and once with it on
+(--batching parameters), and at each --concurrency drives it from separate
+client processes (so the load generator never shares the server's GIL): each
+process keeps its share of the concurrency in flight as gRPC futures, sending
+pre-serialized one-query PredictRequests (a mix of Chinese and English).  Each
+level runs --warmup-seconds unmeasured, then --seconds measured.  Prints p50,
+p95 and p99 latency, req/s and errors per level, the on/off ratios, and
+whether the targets are met:
+
+- batching on serves at least 2x the req/s of batching off at concurrency 32,
+  with a p99 no worse;
+- concurrency 1 p99 at most 10 ms.
+
+The clients run on the same machine as the server, so on a small box they
+compete with it (and with anything else running) for the CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import signal
@@ -20,31 +31,37 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent import futures
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import grpc  # noqa: E402
-
-from clicklens import compat  # noqa: E402,F401
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
-
-from clicklens import servables  # noqa: E402
-
 QUERIES = ["红色 圆形", "蓝色 方形", "绿色 三角形", "red circle", "blue square", "green triangle", "yellow star",
            "黄色 星形", "large red square", "小 蓝色 圆形"]
 READY = re.compile(r"gRPC on [\d.]+:(\d+), REST")
+PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
+LEVELS = (1, 8, 32, 128)
+TARGET_CONCURRENCY = 32
+TARGET_SPEEDUP = 2.0
+TARGET_P99_C1_MS = 10.0
+# The batching parameters of the "on" run (serving.batching.*), the best of the settings tried (README.md,
+# "Measured"): a 2 ms timeout fills batches that 0 leaves at 2-3 rows; one batch thread is enough on 2 CPUs.
+DEFAULT_BATCHING = ("max_batch_size=64", "batch_timeout_micros=2000", "num_batch_threads=1",
+                    "max_enqueued_batches=1000")
 
 
-def start_server(workdir: str, config: str) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clicklens", "serve", "--config", config, "--workdir", workdir,
-         "--set", "serving.grpc_port=0", "--set", "serving.http_port=0"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True)
+# -- the server ------------------------------------------------------------------
+
+
+def start_server(workdir: str, config: str, overrides: Sequence[str]) -> tuple[subprocess.Popen, int]:
+    """`clicklens serve` on free ports with `overrides` (--set values); returns the process and its gRPC port."""
+    command = [sys.executable, "-m", "clicklens", "serve", "--config", config, "--workdir", workdir,
+               "--set", "serving.grpc_port=0", "--set", "serving.http_port=0"]
+    for override in overrides:
+        command += ["--set", override]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         match = READY.search(line)
         if match:
@@ -53,75 +70,202 @@ def start_server(workdir: str, config: str) -> tuple[subprocess.Popen, int]:
     raise SystemExit(f"the server exited with code {process.wait()} before it was ready")
 
 
-def requests_for(model: str):
+def stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def serialized_requests(model: str) -> List[bytes]:
+    """One PredictRequest per query, serialized (the client processes never import TensorFlow)."""
+    from clicklens import compat  # noqa: F401  (before TensorFlow)
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from clicklens import servables
+
     out = []
     for text in QUERIES:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         request.inputs[servables.QUERY].CopyFrom(tf.make_tensor_proto([text.encode("utf-8")], dtype=tf.string))
-        out.append(request)
+        out.append(request.SerializeToString())
     return out
 
 
-def run_level(stub, requests, total: int, concurrency: int):
-    """Sends `total` requests from `concurrency` threads; returns latencies (s), errors, wall time."""
-    latencies, errors, lock = [], [], threading.Lock()
-    counter = iter(range(total))
+# -- the client processes ---------------------------------------------------------
 
-    def worker():
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
+
+def measure(address: str, requests: List[bytes], concurrency: int, processes: int, warmup: float, seconds: float,
+            server_pid: int):
+    """p50/p95/p99 (ms), req/s, errors, and server and client CPU ms per request of one level, counting only
+    requests completed in the measured window (after the warm-up)."""
+    context = multiprocessing.get_context("spawn")
+    count = min(concurrency, processes)
+    shares = [concurrency // count + (1 if i < concurrency % count else 0) for i in range(count)]
+    pipes, workers = [], []
+    for share in shares:
+        parent, child = context.Pipe()
+        worker = context.Process(target=_client, args=(address, requests, share, child), daemon=True)
+        worker.start()
+        pipes.append(parent)
+        workers.append(worker)
+    for pipe in pipes:
+        assert pipe.recv() == "ready"
+    start_at = time.monotonic() + 0.5
+    window = (start_at + warmup, start_at + warmup + seconds)
+    for pipe in pipes:
+        pipe.send((start_at, window))
+    pids = [server_pid] + [w.pid for w in workers]
+    time.sleep(max(window[0] - time.monotonic(), 0))
+    cpu_start = [cpu_seconds(pid) for pid in pids]
+    time.sleep(max(window[1] - time.monotonic(), 0))
+    cpu_used = [cpu_seconds(pid) - start for pid, start in zip(pids, cpu_start)]
+    latencies, errors = [], {}
+    for pipe, worker in zip(pipes, workers):
+        worker_latencies, worker_errors = pipe.recv()
+        worker.join()
+        latencies.append(worker_latencies)
+        for code, n in worker_errors.items():
+            errors[code] = errors.get(code, 0) + n
+    latencies = np.concatenate(latencies)
+    p50, p95, p99 = (np.percentile(latencies, [50, 95, 99]) * 1000) if len(latencies) else (float("nan"),) * 3
+    n = max(len(latencies), 1)
+    return {"p50": p50, "p95": p95, "p99": p99, "rps": len(latencies) / seconds,
+            "errors": sum(errors.values()), "error_codes": errors,
+            "server_cpu_ms": cpu_used[0] * 1000 / n, "client_cpu_ms": sum(cpu_used[1:]) * 1000 / n}
+
+
+def _client(address: str, requests: List[bytes], outstanding: int, conn) -> None:
+    """One client process: `outstanding` requests in flight from start to the window's end; reports the
+    latencies of requests that completed inside the measuring window (start, end)."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    call = channel.unary_unary(PREDICT_METHOD)  # bytes in, bytes out: no protobuf work in the client
+    for request in requests:
+        call(request, timeout=120)
+    conn.send("ready")
+    start_at, (window_start, window_end) = conn.recv()
+    while time.monotonic() < start_at:
+        time.sleep(max(min(0.01, start_at - time.monotonic()), 0))
+    lock = threading.Lock()
+    latencies: List[float] = []
+    errors: Dict[str, int] = {}
+    in_flight = [outstanding]
+    finished = threading.Event()
+
+    def issue(i: int) -> None:
+        sent = time.monotonic()
+        call.future(requests[i % len(requests)], timeout=120).add_done_callback(lambda f: done(f, sent, i))
+
+    def done(future, sent: float, i: int) -> None:
+        now = time.monotonic()
+        code = future.code()
+        with lock:
+            if window_start <= now < window_end:
+                if code == grpc.StatusCode.OK:
+                    latencies.append(now - sent)
+                else:
+                    errors[code.name] = errors.get(code.name, 0) + 1
+            if now >= window_end:
+                in_flight[0] -= 1
+                if in_flight[0] == 0:
+                    finished.set()
                 return
-            start = time.perf_counter()
-            try:
-                stub.Predict(requests[i % len(requests)], timeout=60)
-                elapsed = time.perf_counter() - start
-                with lock:
-                    latencies.append(elapsed)
-            except grpc.RpcError as err:
-                with lock:
-                    errors.append(err.code())
+        issue(i + outstanding)
 
-    start = time.perf_counter()
-    with futures.ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(worker) for _ in range(concurrency)]:
-            f.result()
-    return np.array(latencies), errors, time.perf_counter() - start
+    for k in range(outstanding):
+        issue(k)
+    finished.wait()
+    conn.send((np.array(latencies), errors))
+    channel.close()
 
 
-def main() -> None:
+# -- the report -------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def report(results: Dict[str, Dict[int, dict]], levels: Sequence[int]) -> None:
+    """Ratios of batching on to off per level, then the targets."""
+    off, on = results.get("off", {}), results.get("on", {})
+    if off and on:
+        print("\nbatching on / off:")
+        print(f"{'concurrency':>12}{'req/s x':>10}{'p50 x':>9}{'p99 x':>9}")
+        for c in levels:
+            if c in off and c in on:
+                print(f"{c:>12}{on[c]['rps'] / off[c]['rps']:>10.2f}{on[c]['p50'] / off[c]['p50']:>9.2f}"
+                      f"{on[c]['p99'] / off[c]['p99']:>9.2f}")
+    print("\ntargets:")
+    if TARGET_CONCURRENCY in off and TARGET_CONCURRENCY in on:
+        a, b = off[TARGET_CONCURRENCY], on[TARGET_CONCURRENCY]
+        speedup = b["rps"] / a["rps"]
+        print(f"  batching on >= {TARGET_SPEEDUP:.0f}x the req/s of off at concurrency {TARGET_CONCURRENCY}: "
+              f"{speedup:.2f}x ({b['rps']:.0f} vs {a['rps']:.0f} req/s) -> {verdict(speedup >= TARGET_SPEEDUP)}")
+        print(f"  ... with p99 no worse: {b['p99']:.1f} ms on vs {a['p99']:.1f} ms off -> "
+              f"{verdict(b['p99'] <= a['p99'])}")
+    for mode, figures in results.items():
+        if 1 in figures:
+            p99 = figures[1]["p99"]
+            print(f"  concurrency 1 p99 <= {TARGET_P99_C1_MS:.0f} ms, batching {mode}: {p99:.2f} ms -> "
+                  f"{verdict(p99 <= TARGET_P99_C1_MS)}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="demo_workdir")
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--model", default=servables.RETRIEVAL_SCANN)
-    parser.add_argument("--requests", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--server", default=None, help="use a running server at host:port instead of starting one")
-    args = parser.parse_args()
-    process = None
-    if args.server:
-        address = args.server
-    else:
-        process, port = start_server(args.workdir, args.config)
-        address = f"127.0.0.1:{port}"
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            requests = requests_for(args.model)
-            run_level(stub, requests, 200, 4)  # warm the channel and the server's thread pool
-            print(f"\ngRPC Predict, {args.model} (text queries, batch 1), {args.requests:,} requests per level, "
-                  f"{os.cpu_count()} CPUs shared by client and server")
-            print(f"{'concurrency':>12}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}{'errors':>8}")
+    parser.add_argument("--model", default="retrieval_scann")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(LEVELS))
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per level")
+    parser.add_argument("--warmup-seconds", type=float, default=3.0, help="unmeasured seconds per level first")
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="client processes per level at most (fewer when the concurrency is lower)")
+    parser.add_argument("--workers", type=int, default=128, help="serving.workers of both servers")
+    parser.add_argument("--batching", nargs="*", default=list(DEFAULT_BATCHING), metavar="KEY=VALUE",
+                        help="serving.batching.* of the batching-on server")
+    parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra config overrides for both servers")
+    args = parser.parse_args(argv)
+    requests = serialized_requests(args.model)
+    print(f"gRPC Predict, {args.model}, one text query per request; {os.cpu_count()} CPUs shared by the server, "
+          f"the client processes and anything else on the machine (load average {os.getloadavg()[0]:.2f} "
+          f"at the start); {args.warmup_seconds:g} s warm-up + {args.seconds:g} s measured per level; "
+          f"serving.workers={args.workers}; batching on: {' '.join(args.batching)}")
+    results: Dict[str, Dict[int, dict]] = {}
+    print(f"\n{'batching':>8}{'concurrency':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}"
+          f"{'server CPU ms/req':>19}{'client CPU ms/req':>19}")
+    for mode in args.modes:
+        overrides = [f"serving.workers={args.workers}", *args.overrides]
+        if mode == "on":
+            overrides += ["serving.batching.enabled=true", *(f"serving.batching.{kv}" for kv in args.batching)]
+        process, port = start_server(args.workdir, args.config, overrides)
+        try:
+            results[mode] = {}
             for concurrency in args.concurrency:
-                latencies, errors, wall = run_level(stub, requests, args.requests, concurrency)
-                p50, p99 = (np.percentile(latencies, [50, 99]) * 1000) if len(latencies) else (float("nan"),) * 2
-                print(f"{concurrency:>12}{p50:>10.2f}{p99:>10.2f}{len(latencies) / wall:>10.1f}{len(errors):>8}")
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+                r = measure(f"127.0.0.1:{port}", requests, concurrency, args.client_processes,
+                            args.warmup_seconds, args.seconds, process.pid)
+                results[mode][concurrency] = r
+                print(f"{mode:>8}{concurrency:>12}{r['p50']:>9.2f}{r['p95']:>9.2f}{r['p99']:>9.2f}"
+                      f"{r['rps']:>9.1f}{r['errors']:>8}{r['server_cpu_ms']:>19.3f}{r['client_cpu_ms']:>19.3f}",
+                      flush=True)
+        finally:
+            stop_server(process)
+    report(results, args.concurrency)
+    print(f"\n(load average {os.getloadavg()[0]:.2f} at the end)")
 
 
 if __name__ == "__main__":

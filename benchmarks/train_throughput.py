@@ -3,11 +3,17 @@
 1. the project's training step (TwoTowerModel, graph term off),
 2. a minimal hand-written TFRS model with the same towers and batch
    (plain tfrs.tasks.Retrieval on query / image embeddings),
-3. the project's step with the graph term on (neighbours through the image tower),
-4. the input pipeline alone (read, parse, tokenize, decode the TFRecords).
+3. the project's step with the graph term on (neighbours through the image tower,
+   each distinct image of the batch once: trainer/distinct_images.py),
+4. the same with `training.image_chunk_size=0`: every slot through the tower in one call
+   (no de-duplication: the step before issue 14),
+5. the opt-in `training.graph_neighbor_gradient=false` (neighbours' forward pass only),
+6. the input pipeline alone (read, parse, tokenize, look up / decode the images), in the
+   configured layout (`training.image_table`) and in the other one.
 
 All model figures use batches already in memory, so they measure the step;
-(4) shows whether the host keeps up.
+(6) shows whether the host keeps up.  Then the ratios the targets are about, the
+mean number of distinct images per batch, and the load average.
 
     .venv/bin/python benchmarks/train_throughput.py --workdir W [--config configs/demo.yaml] [--steps 50]
 
@@ -17,6 +23,7 @@ W must hold the pipeline's examples/ (e.g. after `clicklens generate-demo-data` 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -57,6 +64,25 @@ def examples_per_second(model, batches, steps: int, batch_size: int) -> float:
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def input_rate(config, workdir, tokenizer, steps: int, batch_size: int) -> float:
+    """Examples per second of the training input pipeline alone (after its first batch)."""
+    iterator = iter(model_input.make_dataset(config, workdir, "train", batch_size, training=True, tokenizer=tokenizer))
+    next(iterator)
+    started = time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def distinct_images_per_batch(batches):
+    """(mean number of distinct image keys, slots) over the slots the graph-on step embeds; batches stacked [N, B, ...]."""
+    keys = [batches[model_input.IMAGE_KEY], batches[model_input.NEIGHBOR_KEYS]]
+    if model_input.NEGATIVE_KEYS in batches:
+        keys.append(batches[model_input.NEGATIVE_KEYS])
+    flat = tf.concat([tf.reshape(k, [k.shape[0], -1]) for k in keys], axis=1).numpy()
+    return sum(len(set(row)) for row in flat) / len(flat), flat.shape[1]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -65,48 +91,67 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     config = load_config(args.config, args.overrides)
     workdir = Workdir(args.workdir)
     batch_size = config.training.per_replica_batch_size
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
-    dataset = model_input.make_dataset(config, workdir, "train", batch_size, training=True, tokenizer=tokenizer)
+    graph_multiplier = config.training.graph_multiplier or 0.1
 
-    # (4) the input pipeline alone
-    iterator = iter(dataset)
-    next(iterator)
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        next(iterator)
-    input_rate = args.steps * batch_size / (time.perf_counter() - started)
+    # (6) the input pipeline alone, in both layouts (the configured one is the one the models get).
+    layout = "image table" if config.training.image_table else "per-example PNGs"
+    other = copy.deepcopy(config)
+    other.training.image_table = not config.training.image_table
+    rates = {}
+    for name, cfg in ((f"input pipeline ({layout})", config),
+                      (f"input pipeline ({'per-example PNGs' if config.training.image_table else 'image table'})",
+                       other)):
+        cfg = copy.deepcopy(cfg)
+        cfg.training.graph_multiplier = graph_multiplier
+        rates[name] = input_rate(cfg, workdir, tokenizer, args.steps, batch_size)
 
-    # Eight distinct in-memory batches for the model measurements; the input pipeline is then
-    # released so its prefetching threads do not compete with the measured steps.
+    # Eight distinct in-memory batches for the model measurements, graph term on (neighbours decoded);
+    # the input pipeline is released so its prefetching threads do not compete with the measured steps.
+    on = copy.deepcopy(config)
+    on.training.graph_multiplier = graph_multiplier
+    iterator = iter(model_input.make_dataset(on, workdir, "train", batch_size, training=True, tokenizer=tokenizer))
     cached = [next(iterator) for _ in range(8)]
-    del iterator, dataset
+    del iterator
     batches = {k: tf.stack([b[k] for b in cached]) for k in cached[0]}
+    distinct, slots = distinct_images_per_batch(batches)
+    variants = {
+        "project step, graph off": ["training.graph_multiplier=0"],
+        "project step, graph on": [],
+        "graph on, no de-duplication": ["training.image_chunk_size=0"],
+        "graph on, neighbours no gradient": ["training.graph_neighbor_gradient=false"],
+    }
     models = {}
-    for name, multiplier in (("project step, graph off", 0.0),
-                             ("project step, graph on", config.training.graph_multiplier or 0.1)):
-        config.training.graph_multiplier = multiplier
-        tf.keras.utils.set_random_seed(config.training.seed)
-        models[name] = build_model(config, tokenizer.vocab_size)
+    for name, overrides in variants.items():
+        cfg = load_config(args.config, args.overrides + [f"training.graph_multiplier={graph_multiplier}"] + overrides)
+        tf.keras.utils.set_random_seed(cfg.training.seed)
+        models[name] = build_model(cfg, tokenizer.vocab_size)
     project = models["project step, graph off"]
     models["minimal TFRS model"] = MinimalTfrsModel(tf.keras.models.clone_model(project.query_tower),
                                                     tf.keras.models.clone_model(project.image_tower))
     for model in models.values():
         model.compile(make_optimizer(config.training), steps_per_execution=config.training.steps_per_execution)
     # Alternating rounds, best of each: the figures are less at the mercy of other load on the machine.
-    rates = {name: 0.0 for name in models}
+    step_rates = {name: 0.0 for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
-            rates[name] = max(rates[name], examples_per_second(model, batches, args.steps, batch_size))
-    rates["input pipeline alone"] = input_rate
+            step_rates[name] = max(step_rates[name], examples_per_second(model, batches, args.steps, batch_size))
+    rates = {**step_rates, **rates}
 
     base = rates["minimal TFRS model"]
+    off = rates["project step, graph off"]
     print(f"batch {batch_size}, {args.steps} steps, {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'} "
-          f"inter-op threads, {os.cpu_count()} CPUs")
+          f"inter-op threads, {os.cpu_count()} CPUs, image_chunk_size {config.training.image_chunk_size}")
     for name, rate in rates.items():
-        print(f"{name:28s} {rate:10.1f} examples/s   ({rate / base:5.2f} x minimal TFRS)")
+        print(f"{name:36s} {rate:10.1f} examples/s   ({rate / base:5.2f} x minimal TFRS, {rate / off:5.2f} x graph off)")
+    print(f"distinct images per graph-on batch: {distinct:.0f} of {slots} slots")
+    print(f"graph on / graph off:               {rates['project step, graph on'] / off:5.2f}  (target >= 0.45)")
+    print(f"input pipeline ({layout}) / graph off: {rates[f'input pipeline ({layout})'] / off:5.2f}  (target >= 2)")
+    print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 
 if __name__ == "__main__":

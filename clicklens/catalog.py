@@ -8,6 +8,13 @@ resolved against the folder holding the catalog file.  `features` is an
 optional precomputed feature vector (used when pipeline.image_source is
 `features`).  Other keys (e.g. the demo generator's attributes) are kept in
 `extra` and ignored by the pipeline.
+
+Reading an entry's image is defined here once, for the pipeline's
+ReadCatalogImages and for `clicklens reindex`: `read_image_input` (the file's
+bytes, or the feature vector) and `prepare_image_input` (the prepared PNG the
+model sees), each raising BadRecord with the dead-letter reason (`no_uri`,
+`missing_image`, `corrupt_image`, `no_features`, `bad_feature_dim`);
+`first_entry` is the rule that picks one entry when an id is listed twice.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import dataclasses
 import json
 import math
 import posixpath
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from clicklens.errors import BadRecord
 
@@ -97,3 +104,67 @@ def read_catalog(path: str, on_bad: Optional[Callable[[bytes, BadRecord], None]]
             except BadRecord as err:
                 if on_bad is not None:
                     on_bad(line, err)
+
+
+def first_entry(entries: Iterable[CatalogEntry]) -> Tuple[CatalogEntry, List[CatalogEntry]]:
+    """(the entry kept, the duplicates dropped) of the entries sharing one image id.
+
+    The first in a stable order (by their JSON), so every run keeps the same one.
+    """
+    ordered = sorted(entries, key=lambda e: e.to_json())
+    return ordered[0], ordered[1:]
+
+
+ImageInput = Union[bytes, Tuple[float, ...]]
+
+
+def read_image_input(entry: CatalogEntry, catalog_path: str, image_source: str, feature_dim: int,
+                     read_file: Callable[[str], bytes]) -> ImageInput:
+    """An entry's raw image input: its file's bytes (`read_file(resolved uri)`), or its feature vector.
+
+    Raises BadRecord: `no_features` / `bad_feature_dim` (image_source features),
+    `no_uri` / `missing_image` (pixels; any error of `read_file` is a missing image).
+    """
+    if image_source == "features":
+        if entry.features is None:
+            raise BadRecord("no_features")
+        if len(entry.features) != feature_dim:
+            raise BadRecord("bad_feature_dim", f"{len(entry.features)} != {feature_dim}")
+        return tuple(entry.features)
+    if not entry.uri:
+        raise BadRecord("no_uri")
+    path = resolve_uri(entry.uri, catalog_path)
+    try:
+        return read_file(path)
+    except Exception as err:  # noqa: BLE001  (any filesystem's not-found / permission error)
+        raise BadRecord("missing_image", f"{path}: {type(err).__name__}") from None
+
+
+def prepare_image_input(raw: ImageInput, image_source: str, prepare_png: Optional[Callable[[bytes], bytes]],
+                        where: str = "") -> ImageInput:
+    """What the model sees of a raw image input: the prepared PNG (`prepare_png`, e.g.
+    clicklens.images.PngPreparer), or the feature vector unchanged.
+
+    Raises BadRecord(`corrupt_image`) when the bytes are not a decodable image,
+    BadRecord(`image_too_large`) when their header declares more pixels than
+    the preparer's limit; `where` (the file) goes into the detail.
+    """
+    if image_source == "features":
+        return raw
+    try:
+        return prepare_png(raw)
+    except Exception as err:  # noqa: BLE001  (InvalidArgumentError, or anything else: no image may stop a run)
+        summary = error_summary(err)
+        reason = "image_too_large" if "image too large to decode" in summary else "corrupt_image"
+        raise BadRecord(reason, f"{where}: {type(err).__name__}: {summary}"[:300]) from None
+
+
+def error_summary(err: Exception) -> str:
+    """The line of an error's message that says what was wrong.
+
+    TensorFlow puts it after the Python traceback of the graph's ops and
+    before the op's name ("[[{{node ...}}]]"); other errors have one line.
+    """
+    lines = [line.strip() for line in str(getattr(err, "message", err)).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("[[")]
+    return lines[-1] if lines else ""

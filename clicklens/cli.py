@@ -55,6 +55,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="stop the server at the end instead of waiting for Ctrl-C")
 
 
+def _reindex_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rehash", action="store_true",
+                        help="read and hash every catalog file, also those whose path, size and modification time "
+                             "are those recorded with the kept embeddings")
+
+
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="output file (default: under <workdir>/tools/)")
 
@@ -68,6 +74,10 @@ VERBS: List[Verb] = [
     Verb("train", "trainer.task:run", "train the two-tower model -> <workdir>/model"),
     Verb("evaluate", "trainer.evaluate:run", "evaluate the trained model -> <workdir>/model/metrics.json"),
     Verb("export", "trainer.export:run", "export SavedModels for TF Serving -> <workdir>/export"),
+    Verb("reindex", "trainer.reindex:run",
+         "the catalog changed: embed only new or changed images with the newest exported image_encoder and write "
+         "the next version of both retrieval models -> <workdir>/export",
+         add_arguments=_reindex_arguments),
     Verb("serve", "serving.server:run", "serve <workdir>/export over TF Serving's gRPC and REST APIs",
          writes_workdir=False),
     Verb("query", "serving.client:run", "send a query to a running server and print the top-k images",

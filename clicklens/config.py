@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -87,6 +88,9 @@ class PipelineConfig:
     logs: str = _field("", help="Glob of JSONL(.gz) log files; empty means <workdir>/raw/logs/*.jsonl*.")
     catalog: str = _field("", help="Image catalog JSONL; empty means <workdir>/raw/catalog.jsonl.")
     image_size: int = _field(32, min=8, max=1024, help="Images are resized to this square size.")
+    # A 40-megapixel photo decodes to 120 MB of uint8, 480 MB as float32.
+    max_image_pixels: int = _field(40_000_000, min=1, help="Images declaring more pixels (width x height) are "
+                                                           "refused before decoding: pipeline, export, serving.")
     image_source: str = _field("pixels", choices=["pixels", "features"])
     feature_dim: int = _field(0, min=0, help="Length of catalog feature vectors when image_source=features.")
     # Click statistics and pair selection.
@@ -151,6 +155,12 @@ class TrainingConfig:
     remove_accidental_hits: bool = _field(True)
     graph_multiplier: float = _field(0.1, min=0.0)
     graph_distance: str = _field("l2", choices=["l2", "cosine"])
+    graph_neighbor_gradient: bool = _field(True, help="false (opt-in, not NSL's exact gradient): neighbours that are "
+                                                      "not also positives or hard negatives of the batch get a "
+                                                      "forward pass only, their embeddings held constant.")
+    image_chunk_size: int = _field(32, min=0, help="Each distinct image of a batch goes through the image tower "
+                                                   "once, this many per call; 0 = every slot in one call (no "
+                                                   "de-duplication).")
     early_stopping_patience: int = _field(0, min=0, help="Epochs without improvement before stopping; 0 turns "
                                                         "early stopping off.")
     early_stopping_metric: str = _field("recall@10", choices=["recall@10", "ndcg@10", "loss"],
@@ -160,7 +170,11 @@ class TrainingConfig:
     log_every_steps: int = _field(50, min=1, help="A progress line (loss, examples/s, ETA) every this many steps.")
     seed: int = _field(7, min=0)
     shuffle_buffer: int = _field(10000, min=1)
-    augment: bool = _field(True, help="Random flips and brightness / contrast jitter of training pixels.")
+    augment: bool = _field(True, help="Random flips and brightness / contrast jitter of training pixels (each "
+                                      "distinct image of a batch once, wherever it appears).")
+    image_table: bool = _field(True, help="Prepare every corpus image once into a uint8 table in host memory "
+                                          "(images x image_size^2 x 3 bytes) and look examples' images up by id; "
+                                          "false decodes each example's own PNGs at every step.")
 
 
 @dataclasses.dataclass
@@ -200,6 +214,42 @@ class ExportConfig:
 
 
 @dataclasses.dataclass
+class BatchingConfig:
+    """Request batching with TF Serving's BatchingParameters (serving/batcher.py); off by default, as in TF Serving."""
+
+    enabled: bool = _field(False, help="Merge concurrent Predict requests (gRPC and REST) of one model, version and "
+                                       "signature into one call (tensorflow_model_server --enable_batching).")
+    batching_parameters_file: str = _field("", help="A TF Serving BatchingParameters text proto "
+                                                    "(--batching_parameters_file), so one file serves both servers; "
+                                                    "it then holds every parameter (those it leaves out take TF "
+                                                    "Serving's defaults) and the keys below must keep their defaults.")
+    max_batch_size: int = _field(1000, min=1, help="Rows in one merged batch at most; a request with more rows gets "
+                                                   "INVALID_ARGUMENT.")
+    batch_timeout_micros: int = _field(0, min=0, help="How long the oldest queued request may wait for a fuller "
+                                                      "batch once a batch thread is free; 0 runs what is queued.")
+    num_batch_threads: int = _field(0, min=0, max=1024, help="Threads running batches, shared by all models; "
+                                                             "0 = the number of CPUs (TF Serving's default).")
+    max_enqueued_batches: int = _field(10, min=1, help="Queue bound per model, version and signature, in batches "
+                                                       "of max_batch_size rows; past it requests get UNAVAILABLE.")
+    allowed_batch_sizes: List[int] = _field([], min=1, help="Sizes a merged batch is padded up to (increasing, "
+                                                            "the last = max_batch_size); empty = no padding.")
+    pad_variable_length_inputs: bool = _field(False, help="Pad inputs whose non-batch dimensions differ between "
+                                                          "requests to the largest, so they share a batch.")
+
+
+@dataclasses.dataclass
+class MonitoringConfig:
+    """Prometheus metrics on the REST port, with TF Serving's metric names (serving/metrics.py)."""
+
+    enabled: bool = _field(False, help="Serve the metrics page (TF Serving's prometheus_config.enable).")
+    path: str = _field("/monitoring/prometheus/metrics",
+                       help="Where the metrics page is served (prometheus_config.path).")
+    monitoring_config_file: str = _field("", help="A TF Serving MonitoringConfig text proto "
+                                                  "(--monitoring_config_file); when set it decides, and enabled / "
+                                                  "path must keep their defaults.")
+
+
+@dataclasses.dataclass
 class ServingConfig:
     """The local TF Serving API server and the search page."""
 
@@ -209,7 +259,40 @@ class ServingConfig:
     max_request_bytes: int = _field(4 * 1024 * 1024, min=1024)
     max_batch: int = _field(256, min=1)
     poll_seconds: float = _field(2.0, min=0.1, help="How often new model versions are looked for.")
-    workers: int = _field(8, min=1, max=256)
+    workers: int = _field(8, min=1, max=256, help="gRPC threads = gRPC requests in flight at once, so also the "
+                                                  "most gRPC requests one merged batch can hold.")
+    allow_version_labels_for_unavailable_models: bool = _field(
+        False, help="Let models.config version_labels name versions that are not AVAILABLE (TF Serving's flag); "
+                    "otherwise the server refuses to start.")
+    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
+    monitoring: MonitoringConfig = dataclasses.field(default_factory=MonitoringConfig)
+
+
+def _serving_checks(serving: ServingConfig, source: str) -> None:
+    """serving.batching and serving.monitoring constraints (TF Serving's own checks on the same parameters)."""
+    b = serving.batching
+    if b.batching_parameters_file:
+        if not b.enabled:
+            raise ConfigError(f"{source}: serving.batching.batching_parameters_file: needs serving.batching.enabled "
+                              "true (as --batching_parameters_file needs --enable_batching)")
+        for f in dataclasses.fields(BatchingConfig):
+            if f.name not in ("enabled", "batching_parameters_file") and getattr(b, f.name) != getattr(
+                    BatchingConfig(), f.name):
+                raise ConfigError(f"{source}: serving.batching.{f.name}: must keep its default when "
+                                  "serving.batching.batching_parameters_file is set (the file holds every parameter)")
+    sizes = b.allowed_batch_sizes
+    if any(later <= earlier for earlier, later in zip(sizes, sizes[1:])):
+        raise ConfigError(f"{source}: serving.batching.allowed_batch_sizes: entries must be increasing, got {sizes}")
+    if sizes and sizes[-1] != b.max_batch_size:
+        raise ConfigError(f"{source}: serving.batching.allowed_batch_sizes: the last entry must equal "
+                          f"serving.batching.max_batch_size ({sizes[-1]} != {b.max_batch_size})")
+    m = serving.monitoring
+    if m.monitoring_config_file and (m.enabled or m.path != MonitoringConfig().path):
+        key = "enabled" if m.enabled else "path"
+        raise ConfigError(f"{source}: serving.monitoring.{key}: must keep its default when "
+                          "serving.monitoring.monitoring_config_file is set (the file decides)")
+    if not m.path.startswith("/") or m.path.startswith("/v1/"):
+        raise ConfigError(f"{source}: serving.monitoring.path: must start with / and not with /v1/, got {m.path!r}")
 
 
 @dataclasses.dataclass
@@ -252,8 +335,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             fail("an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail("a number")
+        # NaN passes every min/max comparison, so it is refused here, with infinity.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -346,6 +430,7 @@ def _cross_checks(config: Config, source: str) -> None:
                           f"({s.num_reordering_candidates} < {config.export.k}), or 0 for no re-scoring")
     if config.model.query_tower == "transformer" and config.model.token_embedding_dim % config.model.transformer_heads:
         raise ConfigError(f"{source}: model.transformer_heads: must divide model.token_embedding_dim")
+    _serving_checks(config.serving, source)
 
 
 def parse_override(text: str) -> tuple[List[str], Any]:

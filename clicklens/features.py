@@ -22,6 +22,12 @@ all `max_neighbors` slots and all `hard_negatives` slots are always written, so
 batches have static shapes.  `corpus-*` files hold one example per image with
 only `image_id` and `image` / `image_features`.
 
+The contract is plain data (`example_fields`, `corpus_fields`: name -> kind,
+length, default); `example_feature_spec` turns it into TensorFlow's parse spec
+for the trainer, and `serialize_example` writes an example with no TensorFlow
+at all (the pipeline's writers), byte for byte what
+`make_example(...).SerializeToString(deterministic=True)` gives (tested).
+
 Images are stored already prepared (`clicklens.images.prepared_png`), so the
 trainer's decoding is the same function the exported graphs run on uploads.
 The query vocabulary is the other half of the pipeline -> trainer contract:
@@ -30,10 +36,9 @@ The query vocabulary is the other half of the pipeline -> trainer contract:
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional
 
-from clicklens import compat  # noqa: F401  (must precede TensorFlow)
-import tensorflow as tf
+from clicklens import compat  # noqa: F401  (must precede TensorFlow, which the spec functions import)
 
 QUERY = "query"
 CATEGORY = "category"
@@ -48,6 +53,18 @@ CANDIDATE_PROBABILITY = "candidate_probability"
 NBR_PREFIX = "NL_nbr_"
 NBR_WEIGHT_SUFFIX = "_weight"
 NEG_PREFIX = "neg_"
+
+BYTES, FLOATS = "bytes", "floats"
+
+
+class Field(NamedTuple):
+    """One feature of the contract: BYTES (one value) or FLOATS (`length` values; a vector unless `scalar`),
+    and its default (None: required)."""
+
+    kind: str
+    length: int
+    default: object
+    scalar: bool = True
 
 
 def image_key(image_source: str) -> str:
@@ -70,82 +87,169 @@ def negative_key(j: int, feature: str) -> str:
     return f"{NEG_PREFIX}{j}_{feature}"
 
 
-def _image_spec(image_source: str, feature_dim: int) -> tf.io.FixedLenFeature:
+def _image_field(image_source: str, feature_dim: int) -> Field:
     if image_source == "pixels":
-        return tf.io.FixedLenFeature([], tf.string, default_value="")
-    return tf.io.FixedLenFeature([feature_dim], tf.float32, default_value=[0.0] * feature_dim)
+        return Field(BYTES, 1, "")
+    return Field(FLOATS, feature_dim, [0.0] * feature_dim, scalar=False)
 
 
-def example_feature_spec(image_source: str = "pixels", feature_dim: int = 0,
-                         max_neighbors: int = 0, hard_negatives: int = 0) -> Dict[str, tf.io.FixedLenFeature]:
-    """The parse spec of a training example (see the module docstring)."""
+def example_fields(image_source: str = "pixels", feature_dim: int = 0,
+                   max_neighbors: int = 0, hard_negatives: int = 0) -> Dict[str, Field]:
+    """The features of a training example (see the module docstring)."""
     image = image_key(image_source)
-    spec = {
-        QUERY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        CATEGORY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
-        image: _image_spec(image_source, feature_dim),
-        CLICK_WEIGHT: tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
-        CANDIDATE_PROBABILITY: tf.io.FixedLenFeature([], tf.float32, default_value=1.0),
+    fields = {
+        QUERY: Field(BYTES, 1, ""),
+        CATEGORY: Field(BYTES, 1, ""),
+        IMAGE_ID: Field(BYTES, 1, None),
+        image: _image_field(image_source, feature_dim),
+        CLICK_WEIGHT: Field(FLOATS, 1, 0.0),
+        CANDIDATE_PROBABILITY: Field(FLOATS, 1, 1.0),
     }
     for i in range(max_neighbors):
-        spec[neighbor_key(i, IMAGE_ID)] = tf.io.FixedLenFeature([], tf.string, default_value="")
-        spec[neighbor_key(i, image)] = _image_spec(image_source, feature_dim)
-        spec[neighbor_weight_key(i)] = tf.io.FixedLenFeature([], tf.float32, default_value=0.0)
+        fields[neighbor_key(i, IMAGE_ID)] = Field(BYTES, 1, "")
+        fields[neighbor_key(i, image)] = _image_field(image_source, feature_dim)
+        fields[neighbor_weight_key(i)] = Field(FLOATS, 1, 0.0)
     for j in range(hard_negatives):
-        spec[negative_key(j, IMAGE_ID)] = tf.io.FixedLenFeature([], tf.string, default_value="")
-        spec[negative_key(j, image)] = _image_spec(image_source, feature_dim)
+        fields[negative_key(j, IMAGE_ID)] = Field(BYTES, 1, "")
+        fields[negative_key(j, image)] = _image_field(image_source, feature_dim)
+    return fields
+
+
+def corpus_fields(image_source: str = "pixels", feature_dim: int = 0) -> Dict[str, Field]:
+    """The features of a corpus example: one image and its id."""
+    return {IMAGE_ID: Field(BYTES, 1, None), image_key(image_source): _image_field(image_source, feature_dim)}
+
+
+def fields_from_config(config) -> Dict[str, Field]:
+    """example_fields for a clicklens.config.Config."""
+    p = config.pipeline
+    return example_fields(p.image_source, p.feature_dim, p.max_neighbors, p.hard_negatives)
+
+
+def _parse_spec(fields: Dict[str, Field]):
+    import tensorflow as tf
+
+    spec = {}
+    for name, field in fields.items():
+        dtype, shape = (tf.string if field.kind == BYTES else tf.float32), ([] if field.scalar else [field.length])
+        spec[name] = (tf.io.FixedLenFeature(shape, dtype) if field.default is None
+                      else tf.io.FixedLenFeature(shape, dtype, default_value=field.default))
     return spec
 
 
-def corpus_feature_spec(image_source: str = "pixels", feature_dim: int = 0) -> Dict[str, tf.io.FixedLenFeature]:
-    """The parse spec of a corpus example: one image and its id."""
-    return {IMAGE_ID: tf.io.FixedLenFeature([], tf.string), image_key(image_source): _image_spec(image_source, feature_dim)}
+def example_feature_spec(image_source: str = "pixels", feature_dim: int = 0,
+                         max_neighbors: int = 0, hard_negatives: int = 0):
+    """The TensorFlow parse spec of a training example (tf.io.FixedLenFeature per feature)."""
+    return _parse_spec(example_fields(image_source, feature_dim, max_neighbors, hard_negatives))
 
 
-def spec_from_config(config) -> Dict[str, tf.io.FixedLenFeature]:
+def corpus_feature_spec(image_source: str = "pixels", feature_dim: int = 0):
+    """The TensorFlow parse spec of a corpus example: one image and its id."""
+    return _parse_spec(corpus_fields(image_source, feature_dim))
+
+
+def spec_from_config(config):
     """example_feature_spec for a clicklens.config.Config."""
-    p = config.pipeline
-    return example_feature_spec(p.image_source, p.feature_dim, p.max_neighbors, p.hard_negatives)
+    return _parse_spec(fields_from_config(config))
 
 
 # ---------------------------------------------------------------------------
 # Writing (used by the pipeline, and by tests that build small datasets).
 
 
-def _bytes(value: bytes | str) -> tf.train.Feature:
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+def _checked_values(features: Dict[str, object], fields: Dict[str, Field]):
+    """(name, kind, bytes or [floats]) per field, in field order; ValueError on anything off the contract."""
+    unknown = set(features) - set(fields)
+    if unknown:
+        raise ValueError(f"features not in the example spec: {sorted(unknown)}")
+    for name, field in fields.items():
+        value = features.get(name, field.default)
+        if value is None:
+            raise ValueError(f"feature {name} is required")
+        if field.kind == BYTES:
+            if not isinstance(value, (bytes, str)):
+                raise ValueError(f"feature {name} must be bytes or str, got {type(value).__name__}")
+            yield name, BYTES, value.encode("utf-8") if isinstance(value, str) else value
+        else:
+            values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+            if len(values) != field.length:
+                raise ValueError(f"feature {name} must have {field.length} values, got {len(values)}")
+            yield name, FLOATS, values
 
 
-def _floats(values: List[float]) -> tf.train.Feature:
-    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+def _fields_of(spec) -> Dict[str, Field]:
+    """A TensorFlow parse spec (as the spec functions return) or a fields dict -> a fields dict."""
+    fields = {}
+    for name, value in spec.items():
+        if isinstance(value, Field):
+            fields[name] = value
+        else:
+            floats = value.dtype.name == "float32"
+            scalar = len(value.shape) == 0
+            default = value.default_value
+            if default is not None and hasattr(default, "tolist"):
+                default = default.tolist()
+            fields[name] = Field(FLOATS if floats else BYTES, 1 if scalar else int(value.shape[0]), default, scalar)
+    return fields
 
 
-def make_example(features: Dict[str, object], spec: Dict[str, tf.io.FixedLenFeature]) -> tf.train.Example:
-    """Builds a tf.train.Example holding exactly the keys of `spec`.
+def make_example(features: Dict[str, object], spec):
+    """Builds a tf.train.Example holding exactly the keys of `spec` (a parse spec or a fields dict).
 
     Missing keys take the spec's default; a key that is not in the spec, or a
     value of the wrong kind or length, raises ValueError, so the writer can
     never drift from the contract.
     """
-    unknown = set(features) - set(spec)
-    if unknown:
-        raise ValueError(f"features not in the example spec: {sorted(unknown)}")
+    import tensorflow as tf
+
     out = {}
-    for key, fspec in spec.items():
-        value = features.get(key, fspec.default_value)
-        if value is None:
-            raise ValueError(f"feature {key} is required")
-        if fspec.dtype == tf.string:
-            if not isinstance(value, (bytes, str)):
-                raise ValueError(f"feature {key} must be bytes or str, got {type(value).__name__}")
-            out[key] = _bytes(value)
-        else:
-            values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-            expected = fspec.shape[0] if fspec.shape else 1
-            if len(values) != expected:
-                raise ValueError(f"feature {key} must have {expected} values, got {len(values)}")
-            out[key] = _floats(values)
+    for name, kind, value in _checked_values(features, _fields_of(spec)):
+        out[name] = (tf.train.Feature(bytes_list=tf.train.BytesList(value=[value])) if kind == BYTES
+                     else tf.train.Feature(float_list=tf.train.FloatList(value=value)))
     return tf.train.Example(features=tf.train.Features(feature=out))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited(field_tag: bytes, payload: bytes) -> bytes:
+    return field_tag + _varint(len(payload)) + payload
+
+
+_TAG_1, _TAG_2 = b"\x0a", b"\x12"  # field 1 / field 2, wire type 2 (length-delimited)
+
+
+def _encoded_floats(values: List[float]) -> bytes:
+    import numpy as np
+
+    with np.errstate(over="ignore"):  # past float32's range is inf, as FloatList stores it
+        return np.asarray(values, "<f4").tobytes()
+
+
+def serialize_example(features: Dict[str, object], fields: Optional[Dict[str, Field]] = None, *,
+                      spec=None) -> bytes:
+    """The serialized tf.train.Example of `features` (checked like `make_example`), without TensorFlow.
+
+    Byte for byte `make_example(features, fields).SerializeToString(deterministic=True)`:
+    Example{features: Features{feature: map<string, Feature>}}, the map's entries in
+    deterministic serialization's key order, BytesList / packed FloatList values.
+    """
+    entries = []
+    for name, kind, value in _checked_values(features, fields if fields is not None else _fields_of(spec)):
+        if kind == BYTES:
+            feature = _length_delimited(_TAG_1, _length_delimited(_TAG_1, value))  # bytes_list { value }
+        else:
+            packed = _length_delimited(_TAG_1, _encoded_floats(value)) if value else b""
+            feature = _length_delimited(_TAG_2, packed)  # float_list { value (packed) }
+        key = name.encode("utf-8")
+        entries.append((key, _length_delimited(_TAG_1, _length_delimited(_TAG_1, key) + _length_delimited(_TAG_2, feature))))
+    # protobuf's deterministic order of map keys: bytewise, except that a key sorts after the longer keys it
+    # is a prefix of ("image_id" before "image"); UTF-8 never holds 0xff, so the sentinel does exactly that.
+    body = b"".join(entry for _, entry in sorted(entries, key=lambda e: e[0] + b"\xff"))
+    return _length_delimited(_TAG_1, body)

@@ -86,6 +86,25 @@ def version_dirs(base_path: str, complete_only: bool = True) -> Dict[int, str]:
     return dict(sorted(found.items()))
 
 
+def start_version(base_path: str, version: int) -> Tuple[str, str]:
+    """(temporary folder, final folder) for writing version `version` under base_path.
+
+    Versions are written in the temporary folder (created empty here) and
+    renamed into place when complete, so a server never sees half a version;
+    an existing final folder is refused: versions are never overwritten.
+    """
+    import tensorflow as tf
+
+    final = join(base_path, str(version))
+    if tf.io.gfile.exists(final):
+        raise ClicklensError(f"{final} already exists; versions are never overwritten")
+    tmp = join(base_path, f".tmp-{version}")
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.io.gfile.makedirs(base_path)
+    return tmp, final
+
+
 def latest_version(base_path: str) -> Tuple[int, str]:
     """(version, folder) of the newest version under base_path; ClicklensError when there is none."""
     versions = version_dirs(base_path)

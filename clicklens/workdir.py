@@ -6,7 +6,9 @@ The layout is part of the command-line contract (docs/ARCHITECTURE.md):
     W/examples/train-*.tfrecord.gz, eval-*, corpus-*, vocab.txt, dead_letter-*.jsonl, report.json,
                logged_images-*.txt (every image id the logs showed; catalog images not in it are "cold")
     W/model/checkpoints/, W/model/tensorboard/, W/model/metrics.json
-    W/export/<model name>/<version>/, W/export/models.config
+    W/export/<model name>/<version>/, W/export/models.config, W/export/report.json
+    W/export/corpus_embeddings/<version>/ (the rows retrieval <version> was built over, for `clicklens reindex`),
+             W/export/reindex_report.json; reindex's dead letters: W/examples/dead_letter-reindex-<version>.jsonl
 
 Paths are strings joined with "/", so W may be local or gs://.
 """
@@ -131,3 +133,16 @@ class Workdir:
     @property
     def models_config(self) -> str:
         return join(self.export, "models.config")
+
+    @property
+    def corpus_embeddings(self) -> str:
+        """Base folder of the corpus embeddings versions (clicklens/corpus_embeddings.py)."""
+        return join(self.export, "corpus_embeddings")
+
+    @property
+    def reindex_report(self) -> str:
+        return join(self.export, "reindex_report.json")
+
+    def reindex_dead_letters(self, version: int) -> str:
+        """The dead letters of the `clicklens reindex` run that wrote retrieval `version` (next to the pipeline's)."""
+        return join(self.examples, f"dead_letter-reindex-{version}.jsonl")

@@ -26,3 +26,13 @@ ARG MODEL_DIR=build/serving/retrieval_bruteforce
 ENV MODEL_NAME=${MODEL_NAME}
 COPY ${MODEL_DIR}/ /models/${MODEL_NAME}/
 EXPOSE 8500 8501
+
+# Healthy once the model has an AVAILABLE version: TF Serving's REST model status,
+# read with bash's /dev/tcp (the stock image has no curl).  `clicklens serve`
+# answers the same route; its /ready and grpc.health.v1 say the same for all
+# models at once (README.md, "Health").
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8501 && printf 'GET /v1/models/%s HTTP/1.0\\r\\n\\r\\n' \"$MODEL_NAME\" >&3 && grep -q '\"state\": \"AVAILABLE\"' <&3"]
+# grpc.health.v1.Health on 8500 as well (services "", ModelService, PredictionService),
+# for gRPC load balancers; arguments given to `docker run` replace this one.
+CMD ["--enable_grpc_healthcheck_service=true"]

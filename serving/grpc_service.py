@@ -9,24 +9,32 @@ by itself).
 Requests are registered with a raw-bytes deserializer so their size is checked
 before parsing: a request over serving.max_request_bytes gets
 INVALID_ARGUMENT, like any other request the server will not run.
+
+A ModelSpec may name a version by number or by one of the model's
+`version_labels`; Predict runs through serving/runner.py (batched when
+batching is on) and records TF Serving's request metrics.  The server also
+carries `grpc.health.v1.Health` (serving/health.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import grpc
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
-import tensorflow as tf
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 from tensorflow_serving.apis import status_pb2
+from grpc_health.v1 import health_pb2_grpc
 
+from serving.metrics import Metrics
 from serving.model_registry import ModelRegistry
-from serving.predict import DEFAULT_SIGNATURE, ServingError, invalid, predict_proto
+from serving.predict import DEFAULT_SIGNATURE, ServingError, invalid, prepare_proto, tensor_proto
+from serving.runner import PREDICT_API, Runner
 from clicklens.errors import ClicklensError
 
 logger = logging.getLogger(__name__)
@@ -40,21 +48,27 @@ SIGNATURE_DEF_FIELD = "signature_def"
 TRANSPORT_LIMIT_FACTOR = 4
 
 
-def requested_version(model_spec) -> Optional[int]:
-    """The version a ModelSpec names, or None for the latest; labels are not configured here."""
+GRPC_ENTRYPOINT = "GRPC"
+
+
+def requested_version(model_spec) -> Tuple[Optional[int], Optional[str]]:
+    """(version, label) a ModelSpec names; (None, None) for the latest."""
     which = model_spec.WhichOneof("version_choice")
     if which == "version_label":
-        raise ServingError(grpc.StatusCode.NOT_FOUND, f"Unrecognized servable version label: {model_spec.version_label}")
-    return model_spec.version.value if which == "version" else None
+        return None, model_spec.version_label
+    return (model_spec.version.value if which == "version" else None), None
 
 
 class Handlers:
     """The RPC bodies: parse, size-check, run against the registry, map errors to status codes."""
 
-    def __init__(self, registry: ModelRegistry, max_request_bytes: int, max_batch: int):
+    def __init__(self, registry: ModelRegistry, max_request_bytes: int, max_batch: int,
+                 runner: Optional[Runner] = None, metrics: Optional[Metrics] = None):
         self.registry = registry
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
+        self.metrics = metrics or Metrics()
+        self.runner = runner or Runner(metrics=self.metrics)
 
     def _parse(self, raw: bytes, message_type):
         if len(raw) > self.max_request_bytes:
@@ -65,15 +79,29 @@ class Handlers:
             raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {err}") from None
 
     def predict(self, raw: bytes, context) -> predict_pb2.PredictResponse:
+        start = time.perf_counter()
         request = self._parse(raw, predict_pb2.PredictRequest)
-        loaded = self.registry.get(request.model_spec.name, requested_version(request.model_spec))
-        outputs = predict_proto(loaded.model, request, self.max_batch)
+        code = grpc.StatusCode.INTERNAL
+        try:
+            response = self._predict(request)
+            code = grpc.StatusCode.OK
+            return response
+        except ServingError as err:
+            code = err.code
+            raise
+        finally:
+            self.metrics.request(request.model_spec.name, PREDICT_API, GRPC_ENTRYPOINT, code,
+                                 time.perf_counter() - start)
+
+    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
+        outputs = self.runner.run(loaded, prepare_proto(loaded.model, request, self.max_batch))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = loaded.name
         response.model_spec.version.value = loaded.version
         response.model_spec.signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
         for name, value in outputs.items():
-            response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+            response.outputs[name].CopyFrom(tensor_proto(value))
         return response
 
     def get_model_metadata(self, raw: bytes, context) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -84,12 +112,12 @@ class Handlers:
         unsupported = [f for f in fields if f != SIGNATURE_DEF_FIELD]
         if unsupported:
             raise invalid(f"Metadata field {unsupported[0]} is not supported")
-        loaded = self.registry.get(request.model_spec.name, requested_version(request.model_spec))
+        loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
         return metadata_response(loaded)
 
     def get_model_status(self, raw: bytes, context) -> get_model_status_pb2.GetModelStatusResponse:
         request = self._parse(raw, get_model_status_pb2.GetModelStatusRequest)
-        return status_response(self.registry, request.model_spec.name, requested_version(request.model_spec))
+        return status_response(self.registry, request.model_spec.name, *requested_version(request.model_spec))
 
 
 def metadata_response(loaded) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -104,10 +132,10 @@ def metadata_response(loaded) -> get_model_metadata_pb2.GetModelMetadataResponse
     return response
 
 
-def status_response(registry: ModelRegistry, name: str, version: Optional[int]):
-    """GetModelStatusResponse for a model (all versions it knows) or one version."""
+def status_response(registry: ModelRegistry, name: str, version: Optional[int], label: Optional[str] = None):
+    """GetModelStatusResponse for a model (all versions it knows) or one version (by number or label)."""
     response = get_model_status_pb2.GetModelStatusResponse()
-    for number, st in registry.status(name, version):
+    for number, st in registry.status(name, version, label):
         entry = response.model_version_status.add()
         entry.version = number
         entry.state = st.state
@@ -136,8 +164,10 @@ def _unimplemented(method: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def build_grpc_server(handlers: Handlers, host: str, port: int, workers: int) -> tuple[grpc.Server, int]:
-    """A grpc.Server with both services on host:port (0 picks a free port); returns it and the bound port."""
+def build_grpc_server(handlers: Handlers, host: str, port: int, workers: int,
+                      health_servicer=None) -> tuple[grpc.Server, int]:
+    """A grpc.Server with both services (and grpc.health.v1.Health if given) on host:port (0 picks a free port);
+    returns it and the bound port."""
     limit = handlers.max_request_bytes * TRANSPORT_LIMIT_FACTOR
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", limit),
@@ -159,6 +189,8 @@ def build_grpc_server(handlers: Handlers, host: str, port: int, workers: int) ->
     assert set(models) == _methods(model_service_pb2_grpc.ModelServiceServicer)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
                                      grpc.method_handlers_generic_handler(MODEL_SERVICE, models)])
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as err:

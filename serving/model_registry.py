@@ -9,6 +9,11 @@ and a request in flight keeps its own reference to the version it started on.
 Directories whose names are not integers (e.g. an export's temporary
 directory) are ignored; zero-padded names (`00000123`) are version 123, as in
 TF Serving.
+
+A model's `version_labels` (models.config) name versions: a request may ask
+for a label instead of a number.  As in TF Serving, a label may only name an
+AVAILABLE version unless `allow_version_labels_for_unavailable_models`, and an
+unknown label is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 
@@ -25,9 +31,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
 from clicklens import servables
+from clicklens.errors import ClicklensError
 from clicklens.models_config import ModelConfig
 from clicklens.workdir import join
 from serving import saved_models
+from serving.metrics import Metrics
 from serving.predict import ServingError, predict_proto
 
 logger = logging.getLogger(__name__)
@@ -87,16 +95,22 @@ def replay_warmup(loaded: LoadedVersion, max_batch: int) -> int:
 class ModelRegistry:
     """Serves the versions of the models in a models.config, reloading as versions appear."""
 
-    def __init__(self, configs: Sequence[ModelConfig], poll_seconds: float = 2.0, max_batch: int = 256):
+    def __init__(self, configs: Sequence[ModelConfig], poll_seconds: float = 2.0, max_batch: int = 256,
+                 metrics: Optional[Metrics] = None):
         self._configs = {c.name: c for c in configs}
+        self._labels: Dict[str, Dict[str, int]] = {c.name: dict(c.version_labels) for c in configs}
         self._poll_seconds = poll_seconds
         self._max_batch = max_batch
+        self._metrics = metrics or Metrics()
+        self._listeners: List[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self._serving: Dict[str, Dict[int, LoadedVersion]] = {name: {} for name in self._configs}
         self._status: Dict[str, Dict[int, VersionStatus]] = {name: {} for name in self._configs}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.changes = 0  # versions loaded or retired so far
+
 
     @property
     def model_names(self) -> List[str]:
@@ -122,6 +136,10 @@ class ModelRegistry:
             except Exception:  # a broken poll must not kill the poller; the next one retries
                 logger.exception("polling for model versions failed")
 
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` after every poll (e.g. to update health statuses)."""
+        self._listeners.append(listener)
+
     def poll(self) -> None:
         """One pass over every model: load new aspired versions, then retire unwanted ones."""
         with self._poll_lock:
@@ -129,6 +147,8 @@ class ModelRegistry:
                 if self._stop.is_set():
                     return
                 self._poll_model(name, config)
+        for listener in self._listeners:
+            listener()
 
     def _poll_model(self, name: str, config: ModelConfig) -> None:
         folders = servables.version_dirs(config.base_path)
@@ -145,6 +165,7 @@ class ModelRegistry:
             if loaded is not None:
                 with self._lock:
                     self._serving[name] = {**self._serving[name], version: loaded}
+                self.changes += 1
                 st.state = State.AVAILABLE
                 logger.info("model %s version %d is available", name, version)
         # Retire versions no longer aspired, but never the last available one
@@ -157,6 +178,7 @@ class ModelRegistry:
                 status[version].state = State.UNLOADING
             with self._lock:
                 self._serving[name] = {v: lv for v, lv in serving.items() if v not in retire}
+            self.changes += 1
             for version in retire:
                 status[version].state = State.END
                 logger.info("model %s version %d is unloaded", name, version)
@@ -168,7 +190,14 @@ class ModelRegistry:
         try:
             model = saved_models.load(path)
             loaded = LoadedVersion(name, version, path, model, saved_models.signature_defs(path))
-            warmed = replay_warmup(loaded, self._max_batch)
+            start = time.perf_counter()
+            try:
+                warmed = replay_warmup(loaded, self._max_batch)
+            except Exception as err:
+                code = err.code if isinstance(err, ServingError) else grpc.StatusCode.UNKNOWN
+                self._metrics.warmup(path, code, time.perf_counter() - start, 0)
+                raise
+            self._metrics.warmup(path, grpc.StatusCode.OK, time.perf_counter() - start, warmed)
             logger.info("model %s version %d: replayed %d warmup requests", name, version, warmed)
             st.error_code, st.error_message = grpc.StatusCode.OK, ""
             return loaded
@@ -182,8 +211,36 @@ class ModelRegistry:
 
     # -- lookups -------------------------------------------------------------
 
-    def get(self, name: str, version: Optional[int] = None) -> LoadedVersion:
-        """The requested version (default: the latest available); NOT_FOUND otherwise."""
+    def version_for_label(self, name: str, label: str) -> int:
+        """The version a label names; INVALID_ARGUMENT for a label the model does not have (as TF Serving)."""
+        version = self._labels.get(name, {}).get(label)
+        if version is None:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}")
+        return version
+
+    def check_version_labels(self, allow_unavailable: bool = False) -> None:
+        """ClicklensError unless every label names an AVAILABLE version (TF Serving's FAILED_PRECONDITION)."""
+        if allow_unavailable:
+            return
+        with self._lock:
+            serving = {name: set(versions) for name, versions in self._serving.items()}
+        for name, labels in self._labels.items():
+            for label, version in sorted(labels.items()):
+                if version not in serving[name]:
+                    raise ClicklensError(
+                        f"models.config: model {name}: version_labels {label!r}: Request to assign label to version "
+                        f"{version} of model {name}, which is not currently available for inference "
+                        "(set serving.allow_version_labels_for_unavailable_models to allow it)")
+
+    def is_available(self, name: str) -> bool:
+        """True when the model has at least one AVAILABLE version."""
+        with self._lock:
+            return bool(self._serving.get(name))
+
+    def get(self, name: str, version: Optional[int] = None, label: Optional[str] = None) -> LoadedVersion:
+        """The requested version, by number or label (default: the latest available); NOT_FOUND otherwise."""
+        if label is not None:
+            version = self.version_for_label(name, label)
         if name not in self._configs:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
         with self._lock:
@@ -198,8 +255,12 @@ class ModelRegistry:
                                f"Servable not found for request: Specific({name}, {version})")
         return versions[version]
 
-    def status(self, name: str, version: Optional[int] = None) -> List[Tuple[int, VersionStatus]]:
-        """(version, status) pairs of a model, newest first; NOT_FOUND for unknown model or version."""
+    def status(self, name: str, version: Optional[int] = None,
+               label: Optional[str] = None) -> List[Tuple[int, VersionStatus]]:
+        """(version, status) pairs of a model, newest first (one version, by number or label, if given);
+        NOT_FOUND for an unknown model or version."""
+        if label is not None:
+            version = self.version_for_label(name, label)
         if name not in self._configs:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
         statuses = dict(self._status[name])

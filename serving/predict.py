@@ -1,19 +1,23 @@
 """Running one Predict call on a loaded model version, with TF Serving's checks.
 
 Both front ends (gRPC in grpc_service.py, REST in rest.py) turn their request
-into named numpy arrays and call `predict`; errors are `ServingError`s carrying
-the canonical status code TF Serving would return.
+into named numpy arrays and `prepare` a call (every check TF Serving makes
+before running); `execute` runs it, alone or merged with others by the batcher
+(serving/batcher.py).  Errors are `ServingError`s carrying the canonical status
+code TF Serving would return.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional
+import dataclasses
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import grpc
 import numpy as np
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from clicklens.servables import DEFAULT_SIGNATURE
 
@@ -76,9 +80,27 @@ def check_inputs(specs: Mapping[str, tf.TensorSpec], dtypes: Mapping[str, tf.DTy
             raise invalid(f"input {name!r}: empty batch")
 
 
-def predict(model, signature_name: str, inputs: Mapping[str, np.ndarray], max_batch: int,
-            output_filter: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
-    """Runs a signature on checked numpy inputs; returns the (filtered) outputs as numpy."""
+@dataclasses.dataclass
+class PreparedCall:
+    """A checked Predict call: the signature function, its input specs, the inputs and the outputs wanted."""
+
+    signature_name: str
+    function: object
+    specs: Dict[str, tf.TensorSpec]
+    inputs: Dict[str, np.ndarray]
+    output_names: List[str]
+    batch_size: Optional[int]  # rows of the inputs; None when no input has a batch dimension
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input's first dimension is a free batch dimension (so calls can be merged)."""
+        return self.batch_size is not None and all(
+            spec.shape.rank and spec.shape[0] is None for spec in self.specs.values())
+
+
+def prepare(model, signature_name: str, inputs: Mapping[str, np.ndarray], max_batch: int,
+            output_filter: Optional[Iterable[str]] = None) -> PreparedCall:
+    """Checks a Predict call on numpy inputs against the signature (INVALID_ARGUMENT / FAILED_PRECONDITION)."""
     function = signature_function(model, signature_name)
     specs = input_specs(function)
     check_inputs(specs, {k: numpy_dtype(v) for k, v in inputs.items()}, {k: v.shape for k, v in inputs.items()},
@@ -91,14 +113,26 @@ def predict(model, signature_name: str, inputs: Mapping[str, np.ndarray], max_ba
     batch_sizes = {v.shape[0] for v in inputs.values() if v.ndim}
     if len(batch_sizes) > 1:
         raise invalid(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
+    return PreparedCall(signature_name or DEFAULT_SIGNATURE, function, specs, dict(inputs),
+                        wanted or list(function.structured_outputs), next(iter(batch_sizes)) if batch_sizes else None)
+
+
+def execute(call: PreparedCall, inputs: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Runs a prepared call (on `inputs` instead of its own, for a merged batch); outputs as numpy."""
+    inputs = call.inputs if inputs is None else inputs
     try:
-        outputs = function(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in inputs.items()})
+        outputs = call.function(**{k: tf.constant(v, dtype=call.specs[k].dtype) for k, v in inputs.items()})
     except tf.errors.OpError as err:
         raise ServingError(_TF_ERROR_CODES.get(err.error_code, grpc.StatusCode.INTERNAL), err.message) from None
     except (TypeError, ValueError) as err:
         raise invalid(str(err)) from None
-    names = wanted or list(outputs)
-    return {name: outputs[name].numpy() for name in names}
+    return {name: outputs[name].numpy() for name in call.output_names}
+
+
+def predict(model, signature_name: str, inputs: Mapping[str, np.ndarray], max_batch: int,
+            output_filter: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
+    """Runs a signature on checked numpy inputs; returns the (filtered) outputs as numpy."""
+    return execute(prepare(model, signature_name, inputs, max_batch, output_filter))
 
 
 # ---------------------------------------------------------------------------
@@ -121,8 +155,28 @@ def proto_inputs(request, function) -> Dict[str, np.ndarray]:
     return arrays
 
 
+_FAST_DTYPES = {np.dtype(t): tf.as_dtype(t).as_datatype_enum for t in (np.float32, np.float64, np.int32, np.int64)}
+
+
+def tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """An output as a TensorProto, equal to tf.make_tensor_proto's for strings and float/int 32/64 (built
+    directly: tf.make_tensor_proto's per-call checks cost more than a small model's whole response)."""
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape])
+    if array.dtype.kind == "S" or (array.dtype.kind == "O" and all(isinstance(v, bytes) for v in array.flat)):
+        return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape, string_val=array.ravel().tolist())
+    if array.dtype in _FAST_DTYPES and array.size > 1:  # (TF writes one-value tensors as float_val etc.)
+        return tensor_pb2.TensorProto(dtype=_FAST_DTYPES[array.dtype], tensor_shape=shape,
+                                      tensor_content=np.ascontiguousarray(array).tobytes())
+    return tf.make_tensor_proto(array)
+
+
+def prepare_proto(model, request, max_batch: int) -> PreparedCall:
+    """A PredictRequest, checked and ready to execute."""
+    function = signature_function(model, request.model_spec.signature_name)
+    return prepare(model, request.model_spec.signature_name, proto_inputs(request, function), max_batch,
+                   output_filter=request.output_filter)
+
+
 def predict_proto(model, request, max_batch: int) -> Dict[str, np.ndarray]:
     """Runs a PredictRequest on a loaded model; returns the outputs as numpy."""
-    function = signature_function(model, request.model_spec.signature_name)
-    return predict(model, request.model_spec.signature_name, proto_inputs(request, function), max_batch,
-                   output_filter=request.output_filter)
+    return execute(prepare_proto(model, request, max_batch))

@@ -1,8 +1,11 @@
 """TF Serving's REST API over a ModelRegistry, plus the static files of the search page.
 
-    POST /v1/models/<name>[/versions/<v>]:predict   {"signature_name": ..., "instances": [...]} or {"inputs": ...}
-    GET  /v1/models/<name>[/versions/<v>]           model version status
-    GET  /v1/models/<name>[/versions/<v>]/metadata  signature defs
+    POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict   {"signature_name": ..., "instances": [...]}
+                                                                or {"inputs": ...}
+    GET  /v1/models/<name>[/versions/<v>|/labels/<l>]           model version status
+    GET  /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata  signature defs
+    GET  /monitoring/prometheus/metrics             TF Serving's metrics (serving.monitoring; serving/metrics.py)
+    GET  /ready                                     200 when every model has an AVAILABLE version, else 503
     GET  /clicklens/page.json                       model names, signatures and limits for the search page
     GET  /images/<image_id>                         catalog images (serving/catalog_images.py)
     GET  /<file>                                    serving/static/ (the search page; index.html at /)
@@ -22,6 +25,7 @@ import logging
 import mimetypes
 import os
 import re
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import grpc
@@ -35,15 +39,19 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from clicklens import servables
 from serving.catalog_images import ROUTE_PREFIX as IMAGES_PREFIX, CatalogImages, ImageRequestError
 from serving.grpc_service import SIGNATURE_DEF_FIELD, metadata_response, status_response
+from serving.health import READY_PATH, Health
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from serving.model_registry import ModelRegistry
-from serving.predict import ServingError, input_specs, invalid, predict, signature_function
+from serving.predict import ServingError, input_specs, invalid, prepare, signature_function
+from serving.runner import Runner
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PAGE_SETTINGS_PATH = "/clicklens/page.json"
-MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?"
+MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                         r"(?:(?P<verb>:[a-zA-Z]+)|(?P<metadata>/metadata))?/?$")
+REST_ENTRYPOINT = "REST"
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -188,6 +196,9 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
     max_batch: int
     page_json: bytes
     images: Optional[CatalogImages] = None  # GET /images/<id>: the catalog's images (the search page's thumbnails)
+    runner: Runner
+    metrics: Metrics
+    health: Optional[Health] = None
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (BaseHTTPRequestHandler's name)
         logger.debug("%s %s", self.address_string(), format % args)
@@ -212,56 +223,81 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
         match = self._route()
         if match is None:
+            route = self.path.split("?", 1)[0]
             if self.path.startswith("/v1/"):
                 return self._send_error(ServingError(grpc.StatusCode.NOT_FOUND, f"no such endpoint: {self.path}"))
+            if self.metrics.enabled and route == self.metrics.path:
+                return self._send(200, self.metrics.exposition().encode("utf-8"), METRICS_CONTENT_TYPE)
+            if route == READY_PATH:
+                return self._ready()
             if self.path.startswith(IMAGES_PREFIX):
                 return self._image()
-            if self.path.split("?", 1)[0] == PAGE_SETTINGS_PATH:
+            if route == PAGE_SETTINGS_PATH:
                 return self._send(200, self.page_json, "application/json")
             return self._static()
-        try:
-            if match["verb"]:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"{match['verb']} needs POST")
-            version = int(match["version"]) if match["version"] else None
-            if match["metadata"]:
-                payload = metadata_json(metadata_response(self.registry.get(match["name"], version)))
-            else:
-                payload = _message_json(status_response(self.registry, match["name"], version))
-            self._send_json(200, payload)
-        except ServingError as err:
-            self._send_error(err)
+        self._model_request(match, "", self._model_get)
 
     do_HEAD = do_GET
 
     def do_POST(self) -> None:  # noqa: N802
         match = self._route()
+        if match is None or not match["verb"]:
+            return self._send_error(ServingError(grpc.StatusCode.NOT_FOUND, f"no such endpoint: POST {self.path}"))
+        self._model_request(match, match["verb"][1:], self._model_post)
+
+    def _model_request(self, match: re.Match, method: str, body) -> None:
+        """Runs a /v1/models request, answers errors as TF Serving does and records its metrics."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.INTERNAL
         try:
-            if match is None or not match["verb"]:
-                raise ServingError(grpc.StatusCode.NOT_FOUND, f"no such endpoint: POST {self.path}")
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > self.max_request_bytes:
-                self.close_connection = True  # the body is left unread
-                raise invalid(f"request of {length} bytes exceeds serving.max_request_bytes={self.max_request_bytes}")
-            raw = self.rfile.read(length)
-            if match["verb"] != ":predict":
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{match['verb'][1:]} is not implemented")
-            try:
-                body = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise invalid(f"request body is not JSON: {err}") from None
-            if not isinstance(body, dict):
-                raise invalid("request body must be a JSON object")
-            loaded = self.registry.get(match["name"], int(match["version"]) if match["version"] else None)
-            signature_name = body.get("signature_name") or ""
-            specs = input_specs(signature_function(loaded.model, signature_name))
-            arrays, row_format = request_arrays(body, specs)
-            outputs = predict(loaded.model, signature_name, arrays, self.max_batch)
-            self._send_json(200, response_json(outputs, row_format))
+            payload = body(match)
+            code = grpc.StatusCode.OK
+            self._send_json(200, payload)
         except ServingError as err:
+            code = err.code
             self._send_error(err)
         except Exception as err:  # unexpected: report it, keep serving
             logger.exception("REST request failed")
             self._send_json(500, {"error": f"{type(err).__name__}: {err}"})
+        finally:
+            self.metrics.request(match["name"], method, REST_ENTRYPOINT, code, time.perf_counter() - start)
+
+    @staticmethod
+    def _version(match: re.Match) -> Tuple[Optional[int], Optional[str]]:
+        return (int(match["version"]) if match["version"] else None), match["label"]
+
+    def _model_get(self, match: re.Match) -> Any:
+        if match["verb"]:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"{match['verb']} needs POST")
+        if match["metadata"]:
+            return metadata_json(metadata_response(self.registry.get(match["name"], *self._version(match))))
+        return _message_json(status_response(self.registry, match["name"], *self._version(match)))
+
+    def _model_post(self, match: re.Match) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > self.max_request_bytes:
+            self.close_connection = True  # the body is left unread
+            raise invalid(f"request of {length} bytes exceeds serving.max_request_bytes={self.max_request_bytes}")
+        raw = self.rfile.read(length)
+        if match["verb"] != ":predict":
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{match['verb'][1:]} is not implemented")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise invalid(f"request body is not JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise invalid("request body must be a JSON object")
+        loaded = self.registry.get(match["name"], *self._version(match))
+        signature_name = body.get("signature_name") or ""
+        specs = input_specs(signature_function(loaded.model, signature_name))
+        arrays, row_format = request_arrays(body, specs)
+        outputs = self.runner.run(loaded, prepare(loaded.model, signature_name, arrays, self.max_batch))
+        return response_json(outputs, row_format)
+
+    def _ready(self) -> None:
+        """GET /ready: 200 while every model has an AVAILABLE version, 503 otherwise (serving/health.py)."""
+        health = self.health or Health(self.registry or ModelRegistry([]))
+        self._send_json(200 if health.ready() else 503, health.readiness())
 
     def _image(self) -> None:
         """GET /images/<id>: a catalog image by id (serving/catalog_images.py refuses anything else)."""
@@ -283,12 +319,17 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, body, mimetypes.guess_type(path)[0] or "application/octet-stream")
 
 
-def build_rest_server(registry: ModelRegistry, serving_config,
-                      images: Optional[CatalogImages] = None) -> http.server.ThreadingHTTPServer:
-    """A ThreadingHTTPServer on serving.host:serving.http_port (0 picks a free port); `.server_port` is the bound port."""
+def build_rest_server(registry: ModelRegistry, serving_config, images: Optional[CatalogImages] = None,
+                      runner: Optional[Runner] = None, metrics: Optional[Metrics] = None,
+                      health: Optional[Health] = None) -> http.server.ThreadingHTTPServer:
+    """A ThreadingHTTPServer on serving.host:serving.http_port (0 picks a free port); `.server_port` is the bound port.
+
+    Without `runner` requests run unbatched; without `metrics` there is no metrics page."""
     c = serving_config
+    metrics = metrics or Metrics()
     handler = type("BoundRestHandler", (RestHandler,), {
         "registry": registry, "max_request_bytes": c.max_request_bytes, "max_batch": c.max_batch, "images": images,
+        "runner": runner or Runner(metrics=metrics), "metrics": metrics, "health": health,
         "page_json": json.dumps(page_settings(c.max_request_bytes)).encode("utf-8")})
     server = http.server.ThreadingHTTPServer((c.host, c.http_port), handler)
     server.daemon_threads = True

@@ -38,13 +38,17 @@ def test_int_is_accepted_for_float():
         ({"training": {"epochs": "three"}}, "training.epochs", "an integer"),
         ({"training": {"epochs": 2.5}}, "training.epochs", "an integer"),
         ({"training": {"logq_correction": "yes"}}, "training.logq_correction", "true or false"),
-        ({"training": {"learning_rate": "fast"}}, "training.learning_rate", "a number"),
+        ({"training": {"learning_rate": "fast"}}, "training.learning_rate", "a finite number"),
+        # NaN defeats min/max comparisons: an idle server would spin, a pipeline would write no eval split.
+        ({"serving": {"poll_seconds": float("nan")}}, "serving.poll_seconds", "a finite number"),
+        ({"pipeline": {"eval_fraction": float("nan")}}, "pipeline.eval_fraction", "a finite number"),
+        ({"training": {"learning_rate": float("inf")}}, "training.learning_rate", "a finite number"),
         ({"training": {"epochs": 0}}, "training.epochs", ">= 1"),
         ({"pipeline": {"eval_fraction": 0.95}}, "pipeline.eval_fraction", "<= 0.9"),
         ({"training": {"loss": "hinge"}}, "training.loss", "one of"),
         ({"pipeline": {"entity_patterns": "bob"}}, "pipeline.entity_patterns", "a list"),
         ({"pipeline": {"ctr_threshold_by_category": {"color": 2.0}}}, "pipeline.ctr_threshold_by_category.color", "<= 1.0"),
-        ({"pipeline": {"ctr_threshold_by_category": {"color": "x"}}}, "pipeline.ctr_threshold_by_category.color", "a number"),
+        ({"pipeline": {"ctr_threshold_by_category": {"color": "x"}}}, "pipeline.ctr_threshold_by_category.color", "a finite number"),
         ({"export": {"scann": {"num_leaves": -1}}}, "export.scann.num_leaves", ">= 1"),
         ({"export": {"scann": 5}}, "export.scann", "a mapping"),
         ({"demo_data": {"min_impressions": 30, "max_impressions": 20}}, "demo_data.min_impressions", "<="),
@@ -95,3 +99,8 @@ def test_chinese_values_round_trip():
     config = config_from_dict({"pipeline": {"entity_patterns": ["周杰伦"], "ctr_threshold_by_category": {"颜色": 0.1}}})
     assert config.pipeline.entity_patterns == ["周杰伦"]
     assert config.pipeline.ctr_threshold_by_category == {"颜色": 0.1}
+
+
+def test_nan_in_an_override_names_the_key():
+    with pytest.raises(ConfigError, match="serving.poll_seconds: expected a finite number"):
+        config_from_dict({}, "defaults", ["serving.poll_seconds=.nan"])

@@ -12,7 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipelines import dead_letters, graph, images, neighbors, outputs, parse, selection, split, vocab
-from beam_pipelines.click_stats import ComputeClickStats, PairStats, QueryCategory
+from beam_pipelines.click_stats import PairStats, QueryClickStats, QueryStats
 from clicklens.log_schema import Impression, LogRecord
 
 
@@ -70,15 +70,14 @@ def test_click_stats_and_query_category():
         image_event("a", ["b", "c"], clicked=["b"]),  # query-by-image: not a (query, image) pair
     ]
     with beam_pipeline() as p:
-        records = p | beam.Create(events)
-        stats = records | ComputeClickStats()
+        stats = p | beam.Create(events) | QueryClickStats()
         # a for "red": shown at 1, 3, 1 -> 3 impressions, 1 click, positions 5.
-        assert_that(stats, equal_to([
-            (("red", "a"), PairStats(3, 1, 5)), (("red", "b"), PairStats(2, 1, 3)),
-            (("red", "c"), PairStats(1, 0, 2)), (("blue", "a"), PairStats(2, 0, 2)),
-        ]), label="stats")
         # "red": color twice, "" once -> color; "blue": tie 1-1 -> the smaller name.
-        assert_that(records | QueryCategory(), equal_to([("red", "color"), ("blue", "color")]), label="category")
+        assert_that(stats, equal_to([
+            ("red", QueryStats("color", 3, {"a": PairStats(3, 1, 5), "b": PairStats(2, 1, 3),
+                                            "c": PairStats(1, 0, 2)})),
+            ("blue", QueryStats("color", 2, {"a": PairStats(2, 0, 2)})),
+        ]))
 
 
 def test_smoothed_ctr_and_mean_position():
@@ -129,13 +128,12 @@ def test_hard_negatives_are_shown_but_never_clicked_most_shown_first():
     assert first.negatives == ("n2", "n1")
 
 
-def test_select_pairs_transform_joins_category():
+def test_select_pairs_applies_each_querys_category():
     rules = selection.SelectionRules(ctr_threshold_by_category=(("color", 0.6),), **RAW_CTR)
     with beam_pipeline() as p:
-        stats = p | "Stats" >> beam.Create([(("red", "a"), PairStats(2, 1, 2)), (("red", "b"), PairStats(1, 1, 1)),
-                                            (("blue", "a"), PairStats(2, 1, 2))])
-        cats = p | "Cats" >> beam.Create([("red", "color")])
-        out = {"stats": stats, "category": cats} | selection.SelectPairs(rules)
+        stats = p | beam.Create([("red", QueryStats("color", 2, {"a": PairStats(2, 1, 2), "b": PairStats(1, 1, 1)})),
+                                 ("blue", QueryStats("", 1, {"a": PairStats(2, 1, 2)}))])
+        out = stats | beam.ParDo(selection.SelectPairsFn(rules))
         assert_that(out | beam.Map(lambda s: (s.query, s.category, s.image_id)),
                     equal_to([("red", "color", "b"), ("blue", "", "a")]))
 
@@ -386,8 +384,9 @@ def test_vocabulary_has_reserved_tokens_first_and_every_cjk_character(tmp_path):
 
 
 def test_learn_vocabulary_transform_counts_query_events():
+    # (query, search events) per distinct query, as the click statistics give them.
     with beam_pipeline() as p:
-        tokens = p | beam.Create(["red circle"] * 12 + ["红色"] * 3) | vocab.LearnVocabulary(vocab_size=100)
+        tokens = p | beam.Create([("red circle", 12), ("红色", 3)]) | vocab.LearnVocabulary(vocab_size=100)
 
         def check(result):
             [vocabulary] = result

@@ -22,7 +22,7 @@ def unit(rows):
 
 
 QUERY = unit([[1, 0.2], [0.1, 1], [-1, 0.3], [0.5, 0.5]])
-IMAGE = unit([[0.9, 0.1], [0.2, 1], [-1, -0.2], [0.7, 0.1]])
+IMAGE = unit([[0.9, 0.1], [0.9, 0.1], [-1, -0.2], [0.7, 0.1]])
 IMAGE_KEY = np.array([10, 10, 12, 13], np.int64)  # rows 0 and 1 share an image: an accidental hit
 WEIGHT = np.array([1.0, 2.0, 0.5, 0.0], np.float32)  # row 3 is an image-only node
 PROB = np.array([0.1, 0.2, 0.05, 0.1], np.float32)
@@ -31,12 +31,13 @@ NEG_KEY = np.array([[20], [21], [22], [23]], np.int64)
 NEG_MASK = np.array([[1], [1], [0], [1]], np.float32)  # row 2's negative slot is padded
 NBR = unit([[[1, 0], [0, 1]], [[0.1, 1], [5, 5]], [[-1, 0], [1, 1]], [[1, 1], [1, -1]]])  # [B, K=2, D]
 NBR_W = np.array([[0.5, 1.0], [2.0, 0.0], [1.0, 0.0], [0.3, 0.7]], np.float32)  # 0 = padded slot
+NBR_KEY = np.array([[30, 31], [32, 33], [34, 35], [36, 37]], np.int64)
 
 
 def batch(**replace):
     values = {I.QUERY_TOKENS: QUERY, I.IMAGE: IMAGE, I.IMAGE_KEY: IMAGE_KEY, I.CLICK_WEIGHT: WEIGHT,
               I.CANDIDATE_PROBABILITY: PROB, I.NEGATIVE_IMAGES: NEG, I.NEGATIVE_KEYS: NEG_KEY,
-              I.NEGATIVE_MASK: NEG_MASK, I.NEIGHBOR_IMAGES: NBR, I.NEIGHBOR_WEIGHTS: NBR_W}
+              I.NEGATIVE_MASK: NEG_MASK, I.NEIGHBOR_IMAGES: NBR, I.NEIGHBOR_WEIGHTS: NBR_W, I.NEIGHBOR_KEYS: NBR_KEY}
     values.update(replace)
     return {k: tf.constant(v) for k, v in values.items() if v is not None}
 

@@ -7,6 +7,9 @@
     W/export/models.config               TF Serving ModelServerConfig for all four
     W/export/report.json                 the ScaNN parameters (chosen and tried), recall@k of ScaNN
                                          vs brute force and of Hamming vs float
+    W/export/corpus_embeddings/<v>/      the corpus rows the retrieval models hold: ids, content hashes of the
+                                         catalog's images, embeddings (clicklens/corpus_embeddings.py), so
+                                         `clicklens reindex` (trainer/reindex.py) embeds only new images
 
 The ScaNN index's auto parameters are tuned here (trainer/scann_tuning.py) on
 the held-out eval queries, topped up with corpus-derived ones when there are
@@ -29,13 +32,14 @@ from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from clicklens import features, models_config
+from clicklens import corpus_embeddings, features, models_config
 from clicklens import servables as S
 from clicklens.errors import ClicklensError
 from clicklens.workdir import Workdir, join
 from trainer import export_signatures as sigs
 from trainer import input as model_input
 from trainer import scann_index, scann_tuning
+from trainer.catalog_scan import catalog_path, scan_catalog
 from trainer.corpus import Corpus, embed_corpus, embed_queries, top_k_ids
 from trainer.scann_tuning import recall_at_k
 from trainer.tokenizer import QueryTokenizer
@@ -67,12 +71,12 @@ def build_encoders(config, workdir: Workdir, model=None) -> sigs.Encoders:
         model = restore_model(config, workdir)
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     p = config.pipeline
-    return sigs.Encoders(tokenizer, model.query_tower, model.image_tower, p.image_source, p.image_size, p.feature_dim)
+    return sigs.Encoders(tokenizer, model.query_tower, model.image_tower, p.image_source, p.image_size, p.feature_dim,
+                         p.max_image_pixels)
 
 
-def eval_query_embeddings(encoders: sigs.Encoders, config, workdir: Workdir,
-                          limit: int = RECALL_QUERIES) -> np.ndarray:
-    """float32 [Q, D]: the first `limit` distinct eval queries (file order), embedded; Q may be 0."""
+def distinct_eval_queries(config, workdir: Workdir, limit: int = RECALL_QUERIES) -> List[bytes]:
+    """The first `limit` distinct non-empty eval queries in file order (none without an eval split)."""
     distinct: Dict[bytes, None] = {}  # insertion-ordered set: the first `limit` distinct queries in file order
     if tf.io.gfile.glob(workdir.split_glob("eval")):
         spec = {features.QUERY: tf.io.FixedLenFeature([], tf.string, default_value="")}
@@ -80,7 +84,13 @@ def eval_query_embeddings(encoders: sigs.Encoders, config, workdir: Workdir,
             distinct.update((q, None) for q in batch[features.QUERY].numpy() if q)
             if len(distinct) >= limit:
                 break  # enough: the rest of the eval split need not be read
-    queries = list(distinct)[:limit]
+    return list(distinct)[:limit]
+
+
+def eval_query_embeddings(encoders: sigs.Encoders, config, workdir: Workdir,
+                          limit: int = RECALL_QUERIES) -> np.ndarray:
+    """float32 [Q, D]: the first `limit` distinct eval queries (file order), embedded; Q may be 0."""
+    queries = distinct_eval_queries(config, workdir, limit)
     if not queries:
         return np.zeros((0, config.model.embedding_dim), np.float32)
     return embed_queries(encoders.tokenizer, encoders.query_tower, queries)
@@ -122,16 +132,20 @@ def check_corpus(ids: np.ndarray, embeddings: np.ndarray) -> None:
             raise ClicklensError(f"corpus: {len(bad)} {what}, e.g. {named}; not exporting an index over them")
 
 
-def scann_retrieval_index(config, corpus: Corpus,
-                          held_out_queries: np.ndarray) -> Tuple[scann_index.ScannIndex, Dict[str, object]]:
+def scann_retrieval_index(config, corpus: Corpus, held_out_queries: np.ndarray,
+                          previous: Optional[scann_index.ScannParams] = None,
+                          ) -> Tuple[scann_index.ScannIndex, Dict[str, object]]:
     """The ScaNN index over the corpus and its report: export.scann as given, its null keys tuned.
 
     Tuned on the held-out query embeddings, topped up with corpus-derived ones
-    to scann_tuning.MIN_TUNING_QUERIES.
+    to scann_tuning.MIN_TUNING_QUERIES.  `previous` (reindex: the params of the
+    index being replaced) is tried first on the layout derived for this corpus
+    (scann_tuning.tune).
     """
     k = effective_k(config.export.k, len(corpus.ids))
     queries, derived = scann_tuning.tuning_queries(held_out_queries, corpus.embeddings)
-    tuning = scann_tuning.tune(corpus.embeddings, k, queries, config.export.scann, config.export.min_recall)
+    tuning = scann_tuning.tune(corpus.embeddings, k, queries, config.export.scann, config.export.min_recall,
+                               previous=previous)
     try:
         index = scann_index.ScannIndex(tuning.searcher, corpus.ids, k, tuning.params)
     finally:
@@ -154,19 +168,29 @@ def top_ids(retrieval: sigs.Retrieval, query_embeddings: np.ndarray) -> np.ndarr
 # The four servables.
 
 
-def build_servables(config, encoders: sigs.Encoders, corpus: Corpus,
-                    scann_top_k: scann_index.ScannIndex) -> Dict[str, Servable]:
-    """The four modules over `corpus` (`scann_top_k` from scann_retrieval_index), signatures traced."""
+def retrieval_servables(config, encoders, corpus: Corpus,
+                        scann_top_k: scann_index.ScannIndex) -> Dict[str, Servable]:
+    """retrieval_scann and retrieval_bruteforce over `corpus`, signatures traced.
+
+    `encoders` is a sigs.Encoders, or anything with its embed_queries /
+    embed_images / image_spec (trainer/saved_encoders.py: the exported ones).
+    """
     k = effective_k(config.export.k, len(corpus.ids))
     scann = sigs.Retrieval(encoders, scann_top_k, k, name=S.RETRIEVAL_SCANN)
     brute = sigs.Retrieval(encoders, bruteforce_index(corpus.embeddings, corpus.ids, k, config.export.hamming), k,
                            binary=config.export.hamming, name=S.RETRIEVAL_BRUTEFORCE)
+    return {S.RETRIEVAL_SCANN: Servable(scann, scann.signatures(), SCANN_SAVE_OPTIONS),
+            S.RETRIEVAL_BRUTEFORCE: Servable(brute, brute.signatures())}
+
+
+def build_servables(config, encoders: sigs.Encoders, corpus: Corpus,
+                    scann_top_k: scann_index.ScannIndex) -> Dict[str, Servable]:
+    """The four modules over `corpus` (`scann_top_k` from scann_retrieval_index), signatures traced."""
     servables = {}
-    for name, module, options in [(S.QUERY_ENCODER, sigs.QueryEncoder(encoders), None),
-                                  (S.IMAGE_ENCODER, sigs.ImageEncoder(encoders), None),
-                                  (S.RETRIEVAL_SCANN, scann, SCANN_SAVE_OPTIONS),
-                                  (S.RETRIEVAL_BRUTEFORCE, brute, None)]:
-        servables[name] = Servable(module, module.signatures(), options)
+    for name, module in [(S.QUERY_ENCODER, sigs.QueryEncoder(encoders)),
+                         (S.IMAGE_ENCODER, sigs.ImageEncoder(encoders))]:
+        servables[name] = Servable(module, module.signatures())
+    servables.update(retrieval_servables(config, encoders, corpus, scann_top_k))
     return servables
 
 
@@ -188,8 +212,10 @@ def measure_recall(config, corpus: Corpus, query_embeddings: np.ndarray,
 
 
 def choose_version(workdir: Workdir, requested: int) -> int:
-    """`requested`, or one above the newest version of any model when 0; never an existing one."""
+    """`requested`, or one above the newest version of any model (or corpus embeddings) when 0; never an
+    existing one."""
     existing = {v for name in S.MODEL_NAMES for v in S.version_dirs(workdir.export_model(name), complete_only=False)}
+    existing |= corpus_embeddings.all_version_numbers(workdir.corpus_embeddings)
     if requested == 0:
         return max(existing, default=0) + 1
     if requested in existing:
@@ -220,13 +246,7 @@ def warmup_logs(name: str, servable: Servable, sample_image) -> List[prediction_
 def save_version(servable: Servable, base_path: str, version: int,
                  warmup: List[prediction_log_pb2.PredictionLog]) -> str:
     """Writes <base_path>/<version>/ via a temporary directory renamed into place; returns the path."""
-    final = join(base_path, str(version))
-    if tf.io.gfile.exists(final):
-        raise ClicklensError(f"{final} already exists; versions are never overwritten")
-    tmp = join(base_path, f".tmp-{version}")
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    tf.io.gfile.makedirs(base_path)
+    tmp, final = S.start_version(base_path, version)
     tf.saved_model.save(servable.module, tmp, signatures=servable.signatures, options=servable.options)
     tf.io.gfile.makedirs(join(tmp, "assets.extra"))
     with tf.io.TFRecordWriter(join(tmp, S.WARMUP_FILE)) as writer:
@@ -236,8 +256,43 @@ def save_version(servable: Servable, base_path: str, version: int,
     return final
 
 
+def corpus_hashes(config, workdir: Workdir, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(hashes, stats), bytes [N] each: the content hash of each corpus image's catalog input as it is now,
+    and its file's stat (corpus_embeddings.file_stat); b"" when unknown.
+
+    Without a catalog (an export on a machine that has only W/examples and
+    W/model), every hash is unknown and the first reindex re-embeds everything.
+    """
+    path = catalog_path(config, workdir)
+    if not tf.io.gfile.exists(path):
+        logger.warning("no catalog at %s: the corpus embeddings are kept without content hashes, so "
+                       "`clicklens reindex` will re-embed every image", path)
+        unknown = np.full(len(ids), corpus_embeddings.UNKNOWN_HASH.encode(), dtype=bytes)
+        return unknown, unknown
+    scan = scan_catalog(path, config.pipeline.image_source, config.pipeline.feature_dim)
+    by_id = {image.entry.image_id.encode("utf-8"): image for image in scan.images}
+    found = [by_id.get(bytes(i)) for i in ids]
+    hashes = np.array([image.hash.encode("ascii") if image else b"" for image in found], dtype=bytes)
+    stats = np.array([image.stat.encode("utf-8") if image else b"" for image in found], dtype=bytes)
+    unknown = int(np.sum(hashes == b""))
+    if unknown:
+        logger.warning("%d of %d corpus images have no readable catalog entry in %s now; `clicklens reindex` "
+                       "will not reuse their embeddings", unknown, len(ids), path)
+    return hashes, stats
+
+
+def write_corpus_embeddings(workdir: Workdir, version: int, corpus: Corpus, hashes: np.ndarray, stats: np.ndarray,
+                            image_encoder_version: int, image_source: str, scann_params: Dict[str, object],
+                            written_by: str) -> str:
+    """W/export/corpus_embeddings/<version>/: the rows of retrieval <version>, for the next reindex."""
+    rows = corpus_embeddings.CorpusEmbeddings(corpus.ids, hashes, corpus.embeddings, image_encoder_version,
+                                              image_source, written_by, scann_params, stats)
+    return corpus_embeddings.write(workdir.corpus_embeddings, version, rows)
+
+
 def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]]:
-    """Exports all four SavedModels as one new version, writes models.config and the report."""
+    """Exports all four SavedModels as one new version, writes models.config, the report and the corpus
+    embeddings (with the catalog's content hashes)."""
     version = choose_version(workdir, config.export.version)
     encoders = build_encoders(config, workdir, model)
     corpus = embed_corpus(config, workdir, encoders.image_tower)
@@ -261,6 +316,10 @@ def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]
     base_paths = {name: _absolute(workdir.export_model(name)) for name in S.MODEL_NAMES}
     models_config.write(workdir.models_config, models_config.build(base_paths, config.export.keep_versions))
     report["models"] = paths
+    report["corpus_embeddings"] = write_corpus_embeddings(
+        workdir, version, corpus, *corpus_hashes(config, workdir, corpus.ids), version,
+        config.pipeline.image_source, scann_report["params"], "export")
+    logger.info("wrote %s", report["corpus_embeddings"])
     with tf.io.gfile.GFile(join(workdir.export, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     logger.info("wrote %s (version %d)", workdir.models_config, version)

@@ -23,7 +23,7 @@ from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
 from clicklens import servables as S
-from clicklens.images import prepare_images
+from clicklens.images import MAX_PIXELS, prepare_images
 from trainer.tokenizer import QueryTokenizer
 
 _BYTE_STRINGS = [bytes([i]) for i in range(256)]
@@ -56,7 +56,8 @@ class Encoders(tf.Module):
     """Raw input -> embedding for both towers; shared by every exported module."""
 
     def __init__(self, tokenizer: QueryTokenizer, query_tower: tf.keras.Model,
-                 image_tower: tf.keras.Model, image_source: str, image_size: int, feature_dim: int = 0):
+                 image_tower: tf.keras.Model, image_source: str, image_size: int, feature_dim: int = 0,
+                 max_image_pixels: int = MAX_PIXELS):
         super().__init__(name="encoders")
         self.tokenizer = tokenizer
         self.query_tower = query_tower
@@ -64,6 +65,7 @@ class Encoders(tf.Module):
         self.image_source = image_source
         self.image_size = image_size
         self.feature_dim = feature_dim
+        self.max_image_pixels = max_image_pixels
 
     def image_spec(self) -> tf.TensorSpec:
         """The image input of the signatures: raw bytes, or feature vectors with image_source=features."""
@@ -79,7 +81,7 @@ class Encoders(tf.Module):
     def embed_images(self, images: tf.Tensor) -> tf.Tensor:
         """Raw image bytes [B] (or feature vectors [B, F]) -> float32 [B, D]."""
         if self.image_source == "pixels":
-            images = prepare_images(images, self.image_size)
+            images = prepare_images(images, self.image_size, max_pixels=self.max_image_pixels)
         return self.image_tower(images, training=False)
 
 

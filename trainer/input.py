@@ -18,6 +18,7 @@ import tensorflow as tf
 from clicklens import features
 from clicklens.errors import ClicklensError
 from clicklens.images import prepare_images
+from trainer.image_table import ImageTable, load_image_table
 from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ IMAGE_KEY = "image_key"                  # int64 [B], hash of image_id (accident
 CLICK_WEIGHT = features.CLICK_WEIGHT     # float32 [B]
 CANDIDATE_PROBABILITY = features.CANDIDATE_PROBABILITY  # float32 [B]
 NEIGHBOR_IMAGES = "neighbor_images"      # float32 [B, K, ...image]
+NEIGHBOR_KEYS = "neighbor_keys"          # int64 [B, K], hash of neighbour ids (padded: empty_key())
 NEIGHBOR_WEIGHTS = "neighbor_weights"    # float32 [B, K], 0 for padded slots
 NEGATIVE_IMAGES = "negative_images"      # float32 [B, J, ...image]
 NEGATIVE_KEYS = "negative_keys"          # int64 [B, J]
@@ -38,6 +40,19 @@ NEGATIVE_MASK = "negative_mask"          # float32 [B, J], 1 for real negatives
 def image_id_key(image_ids):
     """tf.string image ids -> int64 keys (a 63-bit hash; collisions inside a batch are negligible)."""
     return tf.strings.to_hash_bucket_fast(image_ids, 2 ** 63 - 1)
+
+
+def empty_key() -> tf.Tensor:
+    """The key of a padded slot's empty id (its image is all zeros).
+
+    A function, not a module constant: an eager op at import time would start
+    TensorFlow's runtime before MultiWorkerMirroredStrategy can configure it.
+    """
+    return image_id_key(tf.constant(""))
+
+
+# Serialized examples parsed and tokenized per call.
+PARSE_BATCH = 256
 
 
 def list_files(pattern: str):
@@ -52,7 +67,13 @@ def image_batch(config, values):
     """Parsed image feature of a batch (bytes [B] or floats [B, F]) -> model input."""
     if config.pipeline.image_source == "features":
         return tf.cast(values, tf.float32)
-    return prepare_images(values, config.pipeline.image_size, allow_empty=True)
+    # The pipeline wrote these PNGs after checking the originals: no header checks per training step.
+    return prepare_images(values, config.pipeline.image_size, allow_empty=True, max_pixels=None)
+
+
+def uses_image_table(config) -> bool:
+    """Whether training looks images up in the corpus image table (trainer/image_table.py)."""
+    return config.training.image_table and config.pipeline.image_source == "pixels"
 
 
 def _augment(images, seed: int):
@@ -63,45 +84,109 @@ def _augment(images, seed: int):
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
-def _slots(config, parsed, key_fn, count: int):
-    """Stacks slots 0..count-1 of an image feature -> ([B, count, ...] images, [B, count] id strings)."""
+def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict[str, tf.Tensor]:
+    """Augments every distinct image of a batch once, the same wherever it appears (positive, neighbour,
+    negative), so that equal image keys always mean equal pixels (trainer/distinct_images.py relies on it).
+    Padded slots stay zeros."""
+    slots = [(IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS)]
+    slots = [(images, keys) for images, keys in slots if images in inputs]
+    pixel_shape = tf.shape(inputs[IMAGE])[1:]
+    keys = tf.concat([tf.reshape(inputs[k], [-1]) for _, k in slots], axis=0)
+    pixels = tf.concat([tf.reshape(inputs[i], tf.concat([[-1], pixel_shape], 0)) for i, _ in slots], axis=0)
+    distinct, index = tf.unique(keys)
+    first = tf.math.unsorted_segment_min(tf.range(tf.shape(keys)[0]), index, tf.shape(distinct)[0])
+    augmented = tf.gather(_augment(tf.gather(pixels, first), seed), index)
+    augmented = tf.where((keys == empty_key())[:, tf.newaxis, tf.newaxis, tf.newaxis], 0.0, augmented)
+    out, offset = dict(inputs), 0
+    for images, _ in slots:
+        size = tf.size(inputs[images]) // tf.reduce_prod(pixel_shape)
+        out[images] = tf.reshape(augmented[offset:offset + size], tf.shape(inputs[images]))
+        offset += size
+    return out
+
+
+def _stack_slots(parsed, key_fn, feature: str, count: int):
+    return tf.stack([parsed[key_fn(i, feature)] for i in range(count)], axis=1)
+
+
+# The raw image features of a parsed batch, kept until the images are decoded (no image table).
+_RAW = {IMAGE: "raw_image", NEIGHBOR_IMAGES: "raw_neighbor_images", NEGATIVE_IMAGES: "raw_negative_images"}
+
+
+def _uses_neighbors(config) -> bool:
+    # Neighbours are only read when the graph term is on.
+    return bool(config.pipeline.max_neighbors and config.training.graph_multiplier > 0)
+
+
+def parse_examples(config, records, tokenizer: QueryTokenizer, with_image_bytes: bool) -> Dict[str, tf.Tensor]:
+    """Serialized examples [B] -> numeric_features of them (image bytes parsed only `with_image_bytes`)."""
     image = features.image_key(config.pipeline.image_source)
-    ids = tf.stack([parsed[key_fn(i, features.IMAGE_ID)] for i in range(count)], axis=1)
-    raw = tf.stack([parsed[key_fn(i, image)] for i in range(count)], axis=1)
-    batch = tf.shape(ids)[0]
-    flat_shape = tf.concat([[-1], tf.shape(raw)[2:]], axis=0)
-    decoded = image_batch(config, tf.reshape(raw, flat_shape))
-    out_shape = tf.concat([[batch, count], tf.shape(decoded)[1:]], axis=0)
-    return tf.reshape(decoded, out_shape), ids
+    spec = features.spec_from_config(config)
+    if not with_image_bytes:  # the images come from the image table: do not copy their bytes out
+        spec = {name: value for name, value in spec.items() if name != image and not name.endswith("_" + image)}
+    return numeric_features(config, tf.io.parse_example(records, spec), tokenizer, with_image_bytes)
 
 
-def to_model_inputs(config, parsed: Dict[str, tf.Tensor], tokenizer: QueryTokenizer,
-                    training: bool) -> Dict[str, tf.Tensor]:
-    """A parsed batch of training examples -> the model's numeric features."""
+def numeric_features(config, parsed: Dict[str, tf.Tensor], tokenizer: QueryTokenizer,
+                     with_image_bytes: bool) -> Dict[str, tf.Tensor]:
+    """A parsed batch of examples -> its numeric features (tokens, keys, weights) and, with
+    `with_image_bytes`, its raw image features (decoded later by `add_images`)."""
     image = features.image_key(config.pipeline.image_source)
     out = {
         QUERY_TOKENS: tokenizer(parsed[features.QUERY]),
-        IMAGE: image_batch(config, parsed[image]),
         IMAGE_KEY: image_id_key(parsed[features.IMAGE_ID]),
         CLICK_WEIGHT: parsed[features.CLICK_WEIGHT],
         CANDIDATE_PROBABILITY: parsed[features.CANDIDATE_PROBABILITY],
     }
-    if training and config.training.augment and config.pipeline.image_source == "pixels":
-        out[IMAGE] = _augment(out[IMAGE], config.training.seed)
+    if with_image_bytes:
+        out[_RAW[IMAGE]] = parsed[image]
     k = config.pipeline.max_neighbors
-    if k and config.training.graph_multiplier > 0:  # neighbours are only decoded when the graph term is on
-        images, ids = _slots(config, parsed, features.neighbor_key, k)
+    if _uses_neighbors(config):
+        ids = _stack_slots(parsed, features.neighbor_key, features.IMAGE_ID, k)
         weights = tf.stack([parsed[features.neighbor_weight_key(i)] for i in range(k)], axis=1)
-        out[NEIGHBOR_IMAGES] = images
+        out[NEIGHBOR_KEYS] = image_id_key(ids)
         # A padded slot has an empty id; its weight is forced to 0 whatever the file says.
         out[NEIGHBOR_WEIGHTS] = tf.where(tf.strings.length(ids) > 0, weights, 0.0)
+        if with_image_bytes:
+            out[_RAW[NEIGHBOR_IMAGES]] = _stack_slots(parsed, features.neighbor_key, image, k)
     j = config.pipeline.hard_negatives
     if j:
-        images, ids = _slots(config, parsed, features.negative_key, j)
-        out[NEGATIVE_IMAGES] = images
+        ids = _stack_slots(parsed, features.negative_key, features.IMAGE_ID, j)
         out[NEGATIVE_KEYS] = image_id_key(ids)
         out[NEGATIVE_MASK] = tf.cast(tf.strings.length(ids) > 0, tf.float32)
+        if with_image_bytes:
+            out[_RAW[NEGATIVE_IMAGES]] = _stack_slots(parsed, features.negative_key, image, j)
     return out
+
+
+def _decode_slots(config, raw):
+    """[B, count] raw image features -> [B, count, ...] model images."""
+    flat_shape = tf.concat([[-1], tf.shape(raw)[2:]], axis=0)
+    decoded = image_batch(config, tf.reshape(raw, flat_shape))
+    return tf.reshape(decoded, tf.concat([tf.shape(raw)[:2], tf.shape(decoded)[1:]], axis=0))
+
+
+def add_images(config, batch: Dict[str, tf.Tensor], table: Optional[ImageTable], training: bool) -> Dict[str, tf.Tensor]:
+    """A batch of parsed examples -> the model's inputs: images from the table (or decoded), augmented."""
+    out = {name: value for name, value in batch.items() if name not in _RAW.values()}
+    for images, keys in ((IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS)):
+        if keys not in batch:
+            continue
+        if table is not None:
+            out[images] = table.images(batch[keys])
+        elif images == IMAGE:
+            out[images] = image_batch(config, batch[_RAW[images]])
+        else:
+            out[images] = _decode_slots(config, batch[_RAW[images]])
+    if training and config.training.augment and config.pipeline.image_source == "pixels":
+        out = augment_each_distinct_image(out, config.training.seed)
+    return out
+
+
+def to_model_inputs(config, parsed: Dict[str, tf.Tensor], tokenizer: QueryTokenizer,
+                    training: bool) -> Dict[str, tf.Tensor]:
+    """A parsed batch of training examples -> the model's numeric features (images decoded from the examples)."""
+    return add_images(config, numeric_features(config, parsed, tokenizer, with_image_bytes=True), None, training)
 
 
 def _set_static_batch(inputs: Dict[str, tf.Tensor], batch_size: int) -> Dict[str, tf.Tensor]:
@@ -123,6 +208,19 @@ def _record_dataset(files, training: bool, seed: int):
                          deterministic=True)
 
 
+_TABLES: Dict[tuple, ImageTable] = {}
+
+
+def image_table_for(config, workdir) -> ImageTable:
+    """The image table of W/examples/corpus-* (built once per process for the same files and size)."""
+    files = list_files(workdir.split_glob("corpus"))
+    key = (tuple(files), tuple(tf.io.gfile.stat(f).mtime_nsec for f in files), config.pipeline.image_size)
+    if key not in _TABLES:
+        _TABLES.clear()
+        _TABLES[key] = load_image_table(config, files, image_id_key)
+    return _TABLES[key]
+
+
 def make_dataset(config, workdir, split: str, global_batch_size: int, training: bool,
                  tokenizer: Optional[QueryTokenizer] = None, repeat: Optional[bool] = None) -> tf.data.Dataset:
     """Batches of model inputs from `W/examples/<split>-*.tfrecord.gz`.
@@ -130,19 +228,27 @@ def make_dataset(config, workdir, split: str, global_batch_size: int, training: 
     With `training`, files and examples are shuffled, the data repeats forever
     and pixel images are lightly augmented.  Batches always have exactly
     `global_batch_size` examples (drop_remainder) so shapes are static.
+
+    With `training.image_table` (pixels), examples are parsed and tokenized once
+    and cached in memory as small numeric records (keys, tokens, weights), and
+    each batch gathers its images from the corpus image table; otherwise each
+    batch decodes its examples' own PNGs.
     """
     if tokenizer is None:
         tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
-    spec = features.spec_from_config(config)
+    table = image_table_for(config, workdir) if uses_image_table(config) else None
     ds = _record_dataset(list_files(workdir.split_glob(split)), training, config.training.seed)
+    ds = ds.batch(PARSE_BATCH).map(lambda records: parse_examples(config, records, tokenizer, table is None),
+                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    if table is not None:
+        ds = ds.cache()
     if training:
         ds = ds.shuffle(config.training.shuffle_buffer, seed=config.training.seed, reshuffle_each_iteration=True)
     if training if repeat is None else repeat:
         ds = ds.repeat()
     ds = ds.batch(global_batch_size, drop_remainder=True)
-    ds = ds.map(lambda records: _set_static_batch(
-        to_model_inputs(config, tf.io.parse_example(records, spec), tokenizer, training), global_batch_size),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda batch: _set_static_batch(add_images(config, batch, table, training), global_batch_size),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -17,8 +17,8 @@ from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from trainer import distinct_images, losses
 from trainer import input as model_input
-from trainer import losses
 from clicklens.errors import ClicklensError
 from clicklens.vocabulary import PAD_ID, load_vocab
 
@@ -206,6 +206,10 @@ class TwoTowerModel(tfrs.Model):
         self.remove_accidental_hits = t.remove_accidental_hits
         self.graph_multiplier = t.graph_multiplier
         self.graph_distance = t.graph_distance
+        self.graph_neighbor_gradient = t.graph_neighbor_gradient
+        self.image_chunk_size = t.image_chunk_size
+        # Batch normalisation would see other statistics over distinct images in chunks: one call instead.
+        self.tower_mixes_batch = distinct_images.mixes_batch(image_tower)
         self.task = losses.retrieval_task(t.temperature, t.remove_accidental_hits)
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
         self.retrieval_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
@@ -218,16 +222,26 @@ class TwoTowerModel(tfrs.Model):
     # -- embeddings ---------------------------------------------------------
 
     def _embed_images(self, inputs, training):
-        """Embeds positives, neighbours and hard negatives in one image-tower call."""
+        """Embeds positives, neighbours and hard negatives; each distinct image once (trainer/distinct_images.py)."""
         image = inputs[model_input.IMAGE]
         batch = image.shape[0]
-        parts = [image]
         use_graph = self.graph_multiplier > 0 and model_input.NEIGHBOR_IMAGES in inputs
+        slots = [(image, inputs[model_input.IMAGE_KEY], True)]
         if use_graph:
-            parts.append(tf.reshape(inputs[model_input.NEIGHBOR_IMAGES], (-1,) + tuple(image.shape[1:])))
+            slots.append((inputs[model_input.NEIGHBOR_IMAGES], inputs[model_input.NEIGHBOR_KEYS], False))
         if model_input.NEGATIVE_IMAGES in inputs:
-            parts.append(tf.reshape(inputs[model_input.NEGATIVE_IMAGES], (-1,) + tuple(image.shape[1:])))
-        embeddings = self.image_tower(tf.concat(parts, axis=0) if len(parts) > 1 else image, training=training)
+            slots.append((inputs[model_input.NEGATIVE_IMAGES], inputs[model_input.NEGATIVE_KEYS], True))
+        shape = (-1,) + tuple(image.shape[1:])
+        images = tf.concat([tf.reshape(pixels, shape) for pixels, _, _ in slots], axis=0)
+        if self.image_chunk_size and not self.tower_mixes_batch:
+            keys = tf.concat([tf.reshape(k, [-1]) for _, k, _ in slots], axis=0)
+            needs_gradient = None
+            if not self.graph_neighbor_gradient:
+                needs_gradient = tf.concat([tf.fill([k.shape.num_elements()], grad) for _, k, grad in slots], axis=0)
+            embeddings = distinct_images.embed_distinct(self.image_tower, images, keys, self.image_chunk_size,
+                                                        training, needs_gradient)
+        else:
+            embeddings = self.image_tower(images, training=training)
         out = {"image": embeddings[:batch]}
         offset = batch
         dim = embeddings.shape[-1]

@@ -20,6 +20,10 @@ One rule for every corpus size, from the 300-image test world to 10M images:
   queries), so that new queries from the same distribution meet it too.
 
 A key set in `export.scann` pins that part of the setting; the rest is tuned around it.
+`clicklens reindex` passes the replaced index's params as `previous`: the
+layout is still derived from the new corpus's size and built, but the old
+search depth (its share of the leaves, its re-scoring depth) is measured first
+and kept when it still meets min_recall; only otherwise is the depth swept.
 Speeds are ranked by queries per CPU second, which other jobs on the machine
 disturb far less than wall time; both are reported.
 """
@@ -89,6 +93,7 @@ class Tuning:
     build_seconds: float
     tuning_seconds: float
     num_queries: int
+    carried_over: bool = False  # the previous index's search depth, kept (see carried_depth)
 
     @property
     def met(self) -> bool:
@@ -101,7 +106,8 @@ class Tuning:
                 "recall_standard_error": round(self.chosen.recall_standard_error, 4),
                 "queries_per_second": round(self.chosen.queries_per_second, 1),
                 "queries_per_cpu_second": round(self.chosen.queries_per_cpu_second, 1),
-                "tuning_queries": self.num_queries, "build_seconds": round(self.build_seconds, 2),
+                "tuning_queries": self.num_queries, "carried_over": self.carried_over,
+                "build_seconds": round(self.build_seconds, 2),
                 "tuning_seconds": round(self.tuning_seconds, 2), "tried": [t.as_dict() for t in self.trials]}
 
 
@@ -166,6 +172,32 @@ def search_depths(layout: ScannParams, config, k: int) -> Tuple[List[int], List[
     else:
         reorders = [m * k for m in REORDER_MULTIPLES]
     return leaves, reorders
+
+
+def carried_depth(previous: Optional[ScannParams], layout: ScannParams, leaves: List[int],
+                  reorders: List[int]) -> Optional[ScannParams]:
+    """`previous`'s search depth on the new `layout`, or None when there is nothing to carry over.
+
+    The leaves searched keep their share of all leaves (rounded up); the
+    re-scoring depth is kept when it is one the tuning would try.  None when
+    there is no previous setting, when the layout has only one setting to try,
+    or when the quantization or its blocks differ.
+    """
+    if previous is None or len(leaves) * len(reorders) == 1:
+        return None
+    if (previous.quantization, previous.dimensions_per_block) != (layout.quantization, layout.dimensions_per_block):
+        return None
+    if previous.num_reordering_candidates not in reorders:
+        return None
+    if len(leaves) == 1:
+        num_leaves_to_search = leaves[0]
+    elif previous.num_leaves > 1 and layout.num_leaves > 1:
+        share = previous.num_leaves_to_search / previous.num_leaves
+        num_leaves_to_search = min(layout.num_leaves, max(1, math.ceil(share * layout.num_leaves)))
+    else:
+        return None
+    return dataclasses.replace(layout, num_leaves_to_search=num_leaves_to_search,
+                               num_reordering_candidates=previous.num_reordering_candidates)
 
 
 # ---------------------------------------------------------------------------
@@ -271,13 +303,16 @@ def choose(searcher, trials: List[Trial], queries: np.ndarray, exact: np.ndarray
     return max(finalists, key=lambda t: t.queries_per_cpu_second)
 
 
-def tune(embeddings: np.ndarray, k: int, queries: np.ndarray, config, min_recall: float) -> Tuning:
+def tune(embeddings: np.ndarray, k: int, queries: np.ndarray, config, min_recall: float,
+         previous: Optional[ScannParams] = None) -> Tuning:
     """Builds a ScaNN index over `embeddings` as `config` (export.scann) asks, tuned on `queries` [Q, D].
 
     Keys of `config` left null / auto are chosen (module docstring); the setting
     returned is the fastest one tried whose recall@k against exact search meets
     `min_recall`, or, when none does (pinned keys can prevent it), the most
-    accurate one, with a warning.
+    accurate one, with a warning.  With `previous` (the params of the index
+    this one replaces), its depth carried onto the new layout (`carried_depth`)
+    is measured first and returned when it meets `min_recall`.
     """
     n, dim = embeddings.shape
     layout, auto_keys = choose_layout(n, dim, k, config)
@@ -288,6 +323,19 @@ def tune(embeddings: np.ndarray, k: int, queries: np.ndarray, config, min_recall
     start = time.perf_counter()
     exact = exact_top_k(embeddings, queries, k)
     scann_index.search(searcher, queries[:TIMING_BATCH], k, layout)  # warm up: first touch of the index memory
+    carried = carried_depth(previous, layout, leaves, reorders)
+    if carried is not None:
+        trial = measure(searcher, carried, queries, exact, k, min_recall=min_recall)
+        if trial.meets(min_recall):
+            tuning = Tuning(carried, searcher, trial, [trial], min_recall, auto_keys, build_seconds,
+                            time.perf_counter() - start, len(queries), carried_over=True)
+            logger.info("scann: %s over %d images: recall@%d %.4f (min_recall %.2f), %.0f queries/s; the previous "
+                        "index's search depth (%s) kept, build %.1f s, check %.1f s", carried.describe(), n, k,
+                        trial.recall, min_recall, trial.queries_per_second, previous.describe(), build_seconds,
+                        tuning.tuning_seconds)
+            return tuning
+        logger.info("scann: the previous index's search depth, %s on the new layout, misses min_recall "
+                    "(recall@%d %.4f): tuning it again", carried.describe(), k, trial.recall)
     trials = sweep(searcher, layout, leaves, reorders, queries, exact, k, min_recall)
     chosen = choose(searcher, trials, queries, exact, k, min_recall)
     tuning = Tuning(chosen.params, searcher, chosen, trials, min_recall, auto_keys, build_seconds,

@@ -1,0 +1,44 @@
+"""The pipeline writes the same outputs as before issue 14's throughput work, for the same inputs and config.
+
+The digests below are of the canonical content (tests/pipeline_digest.py: records
+sorted, the work dir's path replaced) that the pipeline wrote for the small demo
+world (tests/conftest.py's SMALL_WORLD) before its stages were restructured
+(one combiner per query for click statistics and categories, the vocabulary
+from those, a set-union combiner for logged images, examples serialized without
+TensorFlow).  A change that is meant to change the outputs must update them:
+
+    python -m tests.pipeline_digest W/examples
+"""
+
+import os
+
+from tests.conftest import run_verb
+from tests.pipeline_digest import output_digests
+
+SMALL_WORLD_DIGESTS = {
+    "train": "8d59b49568d8ddffe2b75c26f98e4b4208a95a02047d3bf4230d3627d699ee7c",
+    "eval": "1225b05fe6a91880af8c8c5fb595dda9caf34bf8bc837b1bc47523ce8ba5675f",
+    "corpus": "352888f9c52a66c8f2936aac74fea9f842a0171295b3a35d38a5f3b03d7a5d35",
+    "dead_letter": "e22f291f84c0a7a8a487e77c6c3429f53467bae265ac63d136a7ff2f6eb6bea3",
+    "logged_images": "1da980f7ddd99991ae627e67431bee20a1b302728ea8c7b872d8c33bf0bdf803",
+    "vocab.txt": "089e41a8e6e9c731cea6caa20d923777e863e6d03886aec66817fb020e623b62",
+    "report.json": "a5237f094c54e5404d0579a340f500c1f9e4638dfbed350f4d109cfa7b565db3",
+}
+# The same world with two hard negatives per example (the negatives' joins and report figures).
+HARD_NEGATIVES_DIGESTS = {
+    **SMALL_WORLD_DIGESTS,
+    "train": "f7ea69ef9ba4c268c7af62f88162ba9e6a6696a7cf582d7990b90cbc019c88a9",
+    "eval": "3f5462263a13c5cb9c7a61eceef4fb8a53324ccc327aefbbb34ebaa2c834a79e",
+    "report.json": "c261ab257cec4eed8d6577db6a01b9595910fe51a864c3f507d1f6f9ea4fd9cc",
+}
+
+
+def test_small_world_outputs_equal_the_golden_digests(demo_examples):
+    assert output_digests(demo_examples.examples) == SMALL_WORLD_DIGESTS
+
+
+def test_small_world_with_hard_negatives_equal_the_golden_digests(demo_world, tmp_path):
+    # ~20 s: a second pipeline run over the same raw inputs (linked, so dead letters name paths under tmp_path).
+    os.symlink(demo_world.raw, tmp_path / "raw")
+    run_verb("pipeline", tmp_path, overrides=["pipeline.hard_negatives=2"])
+    assert output_digests(str(tmp_path / "examples")) == HARD_NEGATIVES_DIGESTS

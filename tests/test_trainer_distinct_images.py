@@ -1,0 +1,143 @@
+"""Each distinct image of a batch through the image tower once: the same losses and gradients as every slot.
+
+A real CNN tower (the trainer tests' config) on a batch where images repeat as
+positives, graph neighbours and hard negatives; the reference is the same model
+with `training.image_chunk_size=0` (every slot through the tower in one call, the
+step before de-duplication).
+"""
+
+import numpy as np
+import pytest
+
+from clicklens import compat  # noqa: F401
+import tensorflow as tf
+
+from tests import trainer_synthetic as synth
+from trainer import distinct_images
+from trainer import input as I
+from trainer.model import TwoTowerModel, build_model
+
+S = synth.IMAGE_SIZE
+E = int(I.empty_key().numpy())
+# 6 examples, 2 neighbour slots, 1 negative slot: 24 slots, 7 distinct images (+ the padded one).
+IMAGE_KEY = [11, 12, 11, 13, 14, 12]
+NEIGHBOR_KEYS = [[12, 13], [11, E], [12, 15], [16, 11], [11, 12], [17, E]]
+NEIGHBOR_WEIGHTS = [[0.5, 1.0], [2.0, 0.0], [1.0, 0.3], [0.7, 0.2], [0.4, 0.9], [1.0, 0.0]]
+NEGATIVE_KEYS = [[15], [13], [14], [12], [E], [11]]
+
+
+def pixels_of(keys):
+    """The same random image for the same key (zeros for the padded key)."""
+    keys = np.asarray(keys)
+    out = np.zeros(keys.shape + (S, S, 3), np.float32)
+    for index, key in np.ndenumerate(keys):
+        if key != E:
+            out[index] = np.random.default_rng(int(key)).uniform(size=(S, S, 3))
+    return out
+
+
+def batch():
+    values = {
+        I.QUERY_TOKENS: np.array([[5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [5, 8, 9, 0, 0, 0], [6, 0, 0, 0, 0, 0],
+                                  [0] * 6, [9, 5, 0, 0, 0, 0]], np.int32),
+        I.IMAGE: pixels_of(IMAGE_KEY), I.IMAGE_KEY: np.array(IMAGE_KEY, np.int64),
+        I.CLICK_WEIGHT: np.array([1.0, 0.5, 2.0, 1.0, 0.0, 1.5], np.float32),
+        I.CANDIDATE_PROBABILITY: np.array([0.2, 0.1, 0.2, 0.05, 0.1, 0.1], np.float32),
+        I.NEIGHBOR_IMAGES: pixels_of(NEIGHBOR_KEYS), I.NEIGHBOR_KEYS: np.array(NEIGHBOR_KEYS, np.int64),
+        I.NEIGHBOR_WEIGHTS: np.array(NEIGHBOR_WEIGHTS, np.float32),
+        I.NEGATIVE_IMAGES: pixels_of(NEGATIVE_KEYS), I.NEGATIVE_KEYS: np.array(NEGATIVE_KEYS, np.int64),
+        I.NEGATIVE_MASK: (np.array(NEGATIVE_KEYS) != E).astype(np.float32),
+    }
+    return {k: tf.constant(v) for k, v in values.items()}
+
+
+@pytest.fixture(scope="module")
+def towers():
+    """One set of towers shared by every variant, so only the embedding path differs."""
+    model = build_model(synth.trainer_config(["model.dropout=0"]), 30)
+    return model.query_tower, model.image_tower
+
+
+def model_with(towers, *overrides):
+    config = synth.trainer_config(["training.graph_multiplier=0.7", *overrides])
+    return TwoTowerModel(config, *towers)
+
+
+def loss_and_gradients(model, inputs, graph_mode):
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            parts = model.loss_parts(inputs, training=True)
+            total = parts["retrieval_loss"] + parts["graph_loss"]
+        return parts, tape.gradient(total, model.trainable_variables)
+
+    parts, grads = (tf.function(step) if graph_mode else step)(inputs)
+    return {k: float(v) for k, v in parts.items()}, [tf.convert_to_tensor(g).numpy() for g in grads]
+
+
+def test_distinct_groups_share_a_group_exactly_when_keys_are_equal():
+    keys = tf.constant([7, 3, 7, 9, 3, 3, 1], tf.int64)
+    group, first, count, with_gradient = distinct_images.distinct_groups(keys)
+    group, first = group.numpy(), first.numpy()
+    assert int(count) == int(with_gradient) == 4
+    for a in range(7):
+        assert keys[first[group[a]]] == keys[a]
+        for b in range(7):
+            assert (group[a] == group[b]) == (keys[a] == keys[b])
+    # Groups with a slot that needs gradients come first.
+    needs = tf.constant([False, False, False, True, False, True, False])
+    group, _, count, with_gradient = distinct_images.distinct_groups(keys, needs)
+    assert int(count) == 4 and int(with_gradient) == 2
+    assert sorted({int(group[i]) for i in (3, 1, 4, 5)}) == [0, 1]
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("graph_mode", [False, True])
+def test_losses_and_gradients_equal_every_slot_through_the_tower(towers, distance, graph_mode):
+    inputs = batch()
+    reference = model_with(towers, f"training.graph_distance={distance}", "training.image_chunk_size=0")
+    # Chunks of 4: the 8 distinct images take two chunks of the six the 24 slots could need.
+    deduplicated = model_with(towers, f"training.graph_distance={distance}", "training.image_chunk_size=4")
+    want_parts, want_grads = loss_and_gradients(reference, inputs, graph_mode)
+    got_parts, got_grads = loss_and_gradients(deduplicated, inputs, graph_mode)
+    assert want_parts["graph_loss"] > 0 and want_parts["retrieval_loss"] > 0
+    assert got_parts == pytest.approx(want_parts, rel=1e-4)  # float32 sums in another order
+    for got, want in zip(got_grads, want_grads):
+        # Float32 convolutions and sums in other batch sizes and orders differ by rounding (~1e-5 of the
+        # gradient's norm here); a gradient that missed or doubled a slot would differ by far more.
+        assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+
+
+def test_neighbours_without_gradient_keep_the_loss_and_drop_their_gradient_share(towers):
+    inputs = batch()
+    exact_parts, exact_grads = loss_and_gradients(model_with(towers), inputs, graph_mode=True)
+    frozen = model_with(towers, "training.graph_neighbor_gradient=false")
+    frozen_parts, frozen_grads = loss_and_gradients(frozen, inputs, graph_mode=True)
+    assert frozen_parts == pytest.approx(exact_parts, rel=1e-4)
+    image_tower_grads = len(frozen.query_tower.trainable_variables)
+    assert any(not np.allclose(a, b, rtol=1e-4) for a, b in zip(frozen_grads[image_tower_grads:],
+                                                               exact_grads[image_tower_grads:]))
+
+
+def test_augmentation_gives_equal_keys_equal_pixels_and_keeps_padding_zero():
+    inputs = {k: v for k, v in batch().items()}
+    out = I.augment_each_distinct_image(inputs, seed=3)
+    slots = [(I.IMAGE, I.IMAGE_KEY), (I.NEIGHBOR_IMAGES, I.NEIGHBOR_KEYS), (I.NEGATIVE_IMAGES, I.NEGATIVE_KEYS)]
+    keys = np.concatenate([inputs[k].numpy().reshape(-1) for _, k in slots])
+    pixels = np.concatenate([out[i].numpy().reshape(-1, S, S, 3) for i, _ in slots])
+    before = np.concatenate([inputs[i].numpy().reshape(-1, S, S, 3) for i, _ in slots])
+    assert not np.allclose(pixels[keys != E], before[keys != E])
+    for key in set(keys):
+        same = pixels[keys == key]
+        assert np.all(same == same[0])
+    assert np.all(pixels[keys == E] == 0)
+
+
+def test_image_table_gives_the_pixels_of_decoding_each_example(tmp_path):
+    workdir = synth.write_workdir(tmp_path)
+    batches = {}
+    for table in (True, False):
+        config = synth.trainer_config([f"training.image_table={str(table).lower()}"])
+        batches[table] = next(iter(I.make_dataset(config, workdir, "eval", 8, training=False)))
+    assert set(batches[True]) == set(batches[False])
+    for name in batches[True]:
+        np.testing.assert_array_equal(batches[True][name].numpy(), batches[False][name].numpy(), err_msg=name)
