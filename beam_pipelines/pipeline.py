@@ -33,12 +33,14 @@ selected pairs"), and `run` logs the report's headline figures at the end.
 """
 
 
+import dataclasses
 import json
 import logging
 import re
 from typing import Dict, List, Sequence
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
@@ -123,14 +125,45 @@ def check_inputs(config: Config, workdir: Workdir) -> None:
             raise ClicklensError(f"pipeline.entity_patterns: {pattern!r} is not a valid regex: {err}") from None
 
 
-def remove_previous_outputs(workdir: Workdir) -> None:
-    """Deletes the shards of an earlier run, so a run with fewer shards leaves no stale files."""
+STAGING_FOLDER = "examples.next"
+
+
+def previous_outputs(workdir: Workdir) -> List[str]:
+    """The files a run writes under workdir.examples (shards of every output, vocab.txt, report.json)."""
     patterns = [join(workdir.examples, f"{prefix}-*") for prefix in OUTPUT_PREFIXES]
-    stale: List[str] = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    stale += [p for p in (workdir.vocab, workdir.report) if FileSystems.exists(p)]
+    found: List[str] = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    return found + [p for p in (workdir.vocab, workdir.report) if FileSystems.exists(p)]
+
+
+def staging(workdir: Workdir) -> Workdir:
+    """The same work directory with the pipeline's outputs going to W/examples.next, emptied first."""
+    staged = dataclasses.replace(workdir, examples_folder=STAGING_FOLDER)
+    delete_folder(staged.examples)  # what a failed run left
+    return staged
+
+
+def delete_folder(path: str) -> None:
+    """Deletes a folder and everything under it, local or remote; nothing when there is none."""
+    path = path.rstrip("/")
+    if "://" in path:
+        path += "/"  # what makes GCS (and the other object stores) delete recursively
+    try:
+        FileSystems.delete([path])
+    except BeamIOError:
+        pass  # no such folder
+
+
+def publish(staged: Workdir, workdir: Workdir) -> None:
+    """Replaces the previous run's outputs with the staged ones (a run with fewer shards leaves no stale files)."""
+    files = [m.path for m in FileSystems.match([join(staged.examples, "*")])[0].metadata_list]
+    stale = previous_outputs(workdir)
     if stale:
-        logger.info("removing %d files of a previous run under %s", len(stale), workdir.examples)
+        logger.info("replacing %d files of the previous run under %s", len(stale), workdir.examples)
         FileSystems.delete(stale)
+    if not FileSystems.exists(workdir.examples):
+        FileSystems.mkdirs(workdir.examples)
+    FileSystems.rename(files, [join(workdir.examples, f.rsplit("/", 1)[-1]) for f in files])
+    delete_folder(staged.examples)
 
 
 def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
@@ -197,20 +230,30 @@ def add_content_graph(p: beam.Pipeline, config: Config, workdir: Workdir, good_i
 
 
 def run_pipeline(config: Config, workdir: Workdir, extra_args: Sequence[str] = ()) -> PipelineResult:
-    """Checks the inputs, removes the previous run's outputs, runs the pipeline to the end; its PipelineResult.
+    """Checks the inputs, runs the pipeline to the end, then replaces the previous run's outputs; its PipelineResult.
+
+    The run writes into W/examples.next; only a run that finished moves its files into W/examples, so a
+    failed run leaves the last good outputs as they were.
 
     The result's metrics hold Beam's per-transform timings (benchmarks/pipeline_throughput.py
     prints them per stage).
     """
     check_inputs(config, workdir)
     options = pipeline_options(extra_args)
-    remove_previous_outputs(workdir)
     paths = input_paths(config, workdir)
     logger.info("pipeline: logs %s, catalog %s -> %s", paths["logs"], paths["catalog"], workdir.examples)
+    staged = staging(workdir)
     p = make_pipeline(options)
-    build_pipeline(p, config, workdir)
-    result = p.run()
-    result.wait_until_finish()
+    build_pipeline(p, config, staged)
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as err:  # noqa: BLE001  (the runner wraps a worker's error in its own)
+        unreadable = re.search(f"{parse.UNREADABLE_FILE} [^\n]*", str(err))
+        if unreadable:
+            raise ClicklensError(f"pipeline: {unreadable.group(0)}; the previous outputs are kept") from None
+        raise
+    publish(staged, workdir)
     return result
 
 

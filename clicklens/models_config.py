@@ -6,6 +6,9 @@ stock `tensorflow_model_server --model_config_file=...` both read it.
 
 from __future__ import annotations
 
+import logging
+import os
+import posixpath
 from typing import List, Mapping
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
@@ -16,6 +19,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from clicklens.errors import ClicklensError
 
 ModelConfig = model_server_config_pb2.ModelConfig
+logger = logging.getLogger(__name__)
 
 
 def build(base_paths: Mapping[str, str], num_versions: int = 1) -> model_server_config_pb2.ModelServerConfig:
@@ -59,3 +63,34 @@ def read(path: str) -> List[ModelConfig]:
         if m.model_platform not in ("", "tensorflow"):
             raise ClicklensError(f"{path}: model {m.name}: platform {m.model_platform!r} is not supported")
     return models
+
+
+def served_beside(models: List[ModelConfig], path: str) -> List[ModelConfig]:
+    """The entries of the models.config at `path`, each served from the folder beside it when there is one.
+
+    Export writes absolute base paths, as TF Serving needs.  A work directory
+    that was copied or moved keeps that file, whose paths still name the
+    original: a model whose folder `<config's folder>/<name>` exists is served
+    from there (logged when that differs from its base_path).  A model found
+    in neither place is warned about at once, instead of serving nothing.
+    """
+    here = posixpath.dirname(path.rstrip("/")) or "."
+    out = []
+    for model in models:
+        model = ModelConfig.FromString(model.SerializeToString())  # a copy: the caller's list is left as read
+        beside = posixpath.join(here, model.name)
+        if tf.io.gfile.isdir(beside) and not _same_folder(beside, model.base_path):
+            logger.info("model %s: serving %s (the folder beside %s) instead of its base_path %s",
+                        model.name, beside, path, model.base_path)
+            model.base_path = beside
+        elif not tf.io.gfile.isdir(model.base_path):
+            logger.warning("model %s: base_path %s does not exist; it serves nothing until a version appears there",
+                           model.name, model.base_path)
+        out.append(model)
+    return out
+
+
+def _same_folder(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)

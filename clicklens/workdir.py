@@ -57,6 +57,9 @@ class Workdir:
     """The paths of one clicklens work directory."""
 
     root: str
+    # The pipeline writes into a staging folder (examples_folder="examples.next") and moves the
+    # finished files into "examples", so a failed run leaves the last good outputs in place.
+    examples_folder: str = "examples"
 
     # Raw inputs (written by generate-demo-data, or supplied by the user).
     @property
@@ -86,7 +89,7 @@ class Workdir:
     # Pipeline outputs.
     @property
     def examples(self) -> str:
-        return join(self.root, "examples")
+        return join(self.root, self.examples_folder)
 
     def split_glob(self, split: str) -> str:
         """Glob of one split's TFRecords: split is train, eval or corpus."""

@@ -63,6 +63,17 @@ class VersionStatus:
     error_code: grpc.StatusCode = grpc.StatusCode.OK
     error_message: str = ""
     attempts: int = 0
+    failed_files: Optional[Tuple] = None  # folder_files() when loading gave up: a change on disk retries it
+
+
+def folder_files(path: str) -> Tuple:
+    """(file, size, modification time) of every file under a version folder: what tells a fixed folder."""
+    found = []
+    for root, _, files in tf.io.gfile.walk(path):
+        for name in files:
+            stat = tf.io.gfile.stat(join(root, name))
+            found.append((join(root, name), stat.length, stat.mtime_nsec))
+    return tuple(sorted(found))
 
 
 def aspired_versions(config: ModelConfig, on_disk: Sequence[int]) -> List[int]:
@@ -160,7 +171,11 @@ class ModelRegistry:
                 continue
             st = status.setdefault(version, VersionStatus())
             if st.attempts >= MAX_LOAD_ATTEMPTS:
-                continue
+                if folder_files(folders[version]) == st.failed_files:
+                    continue
+                logger.info("model %s version %d changed on disk since it failed to load: loading it again",
+                            name, version)
+                st.attempts = 0
             loaded = self._load(name, version, folders[version], st)
             if loaded is not None:
                 with self._lock:
@@ -182,6 +197,10 @@ class ModelRegistry:
             for version in retire:
                 status[version].state = State.END
                 logger.info("model %s version %d is unloaded", name, version)
+        # A version deleted from disk and not served is forgotten (GetModelStatus no longer lists it).
+        gone = [v for v in status if v not in on_disk and v not in self._serving[name]]
+        if gone:
+            self._status[name] = {v: st for v, st in status.items() if v not in gone}
 
     def _load(self, name: str, version: int, path: str, st: VersionStatus) -> Optional[LoadedVersion]:
         st.state = State.LOADING
@@ -207,6 +226,8 @@ class ModelRegistry:
             code = err.code if isinstance(err, ServingError) else grpc.StatusCode.UNKNOWN
             st.state = State.END if st.attempts >= MAX_LOAD_ATTEMPTS else State.START
             st.error_code, st.error_message = code, f"failed to load: {err}"
+            if st.attempts >= MAX_LOAD_ATTEMPTS:
+                st.failed_files = folder_files(path)
             return None
 
     # -- lookups -------------------------------------------------------------

@@ -43,7 +43,8 @@ class ModelServer:
         options = batching_options.from_config(serving_config.batching)
         self.batcher = Batcher(options, self.metrics) if options else None
         self.runner = Runner(self.batcher, self.metrics)
-        self.registry = ModelRegistry(models_config.read(models_config_path),
+        models = models_config.served_beside(models_config.read(models_config_path), models_config_path)
+        self.registry = ModelRegistry(models,
                                       poll_seconds=serving_config.poll_seconds,
                                       max_batch=serving_config.max_batch, metrics=self.metrics)
         self.health = Health(self.registry)

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from clicklens.config import config_from_dict
+from clicklens.errors import ClicklensError
 from clicklens.workdir import Workdir
 
 DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "p", "--region", "r",
@@ -152,3 +153,42 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     (tmp_path / "raw" / "catalog.jsonl").write_text("")
     with pytest.raises(ClicklensError, match="entity_patterns"):
         pipeline.check_inputs(bad, Workdir(str(tmp_path)))
+
+
+def test_a_failed_rerun_keeps_the_last_good_outputs(tiny_world, tmp_path):
+    import shutil
+
+    from beam_pipelines import pipeline
+
+    w = Workdir(str(tmp_path / "w"))
+    shutil.copytree(tiny_world.raw, w.raw)
+    args = argparse.Namespace(extra_args=[])
+    assert pipeline.run(_config(), w, args) == 0
+    good = {name: open(os.path.join(w.examples, name), "rb").read() for name in os.listdir(w.examples)}
+    assert "report.json" in good and any(name.startswith("train-") for name in good)
+    # A second run that dies half-way: a ".gz" shard that is really plain text.
+    with open(os.path.join(w.logs, "part-1.jsonl.gz"), "w") as f:
+        f.write(_event("red", ["a"], {"a"}) + "\n")
+    with pytest.raises(ClicklensError, match=r"unreadable input file .*part-1\.jsonl\.gz.*BadGzipFile.*after 0 lines"):
+        pipeline.run(_config(), w, args)
+    assert {name: open(os.path.join(w.examples, name), "rb").read() for name in os.listdir(w.examples)} == good
+    # Fixed, the next run replaces them, and its staging folder is gone.
+    os.remove(os.path.join(w.logs, "part-1.jsonl.gz"))
+    assert pipeline.run(_config(), w, args) == 0
+    assert sorted(os.listdir(w.examples)) == sorted(good) and not os.path.exists(os.path.join(w.root, "examples.next"))
+
+
+def test_a_truncated_gzip_shard_is_an_error_naming_the_file(tiny_world, tmp_path):
+    import gzip
+    import shutil
+
+    from beam_pipelines import pipeline
+
+    w = Workdir(str(tmp_path / "w"))
+    shutil.copytree(tiny_world.raw, w.raw)
+    whole = gzip.compress(("\n".join(_event("red", ["a"], {"a"}) for _ in range(2000)) + "\n").encode())
+    with open(os.path.join(w.logs, "part-1.jsonl.gz"), "wb") as f:
+        f.write(whole[: len(whole) * 2 // 3])  # cut: Beam's own reader would stop quietly part-way
+    with pytest.raises(ClicklensError, match=r"part-1\.jsonl\.gz: EOFError.*after \d+ lines"):
+        pipeline.run(_config(), w, argparse.Namespace(extra_args=[]))
+    assert not os.path.exists(w.examples)  # nothing published from a half-read run

@@ -7,6 +7,7 @@ code end to end over real sockets.
 """
 
 import base64
+import logging
 import shutil
 import types
 
@@ -21,7 +22,7 @@ from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, predictio
 from clicklens import models_config, servables
 from serving import saved_models
 from serving.catalog_images import ROUTE_PREFIX
-from serving.model_registry import LoadedVersion, ModelRegistry, aspired_versions, replay_warmup
+from serving.model_registry import MAX_LOAD_ATTEMPTS, LoadedVersion, ModelRegistry, aspired_versions, replay_warmup
 from serving.predict import ServingError, input_specs, predict, signature_function
 from serving.rest import page_settings, request_arrays, response_json
 
@@ -328,3 +329,44 @@ def test_replay_warmup_runs_the_warmup_records(export, model, tmp_path):
     _write_warmup(str(bad), [_text_request("not_an_input", [b"x"])])
     failing = LoadedVersion(MODEL, 1, str(bad), model, {})
     assert _code(lambda: replay_warmup(failing, MAX_BATCH), "not_an_input") == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_failed_version_is_retried_once_fixed_and_a_deleted_one_forgotten(export, tmp_path):
+    base = tmp_path / MODEL
+    shutil.copytree(export.saved, base / "1")
+    (base / "2").mkdir()
+    (base / "2" / "saved_model.pb").write_bytes(b"truncated")  # a broken version 2
+    config = tmp_path / "models.config"
+    models_config.write(str(config), models_config.build({MODEL: str(base)}, 2))
+    registry = ModelRegistry(models_config.read(str(config)), max_batch=MAX_BATCH)
+    for _ in range(MAX_LOAD_ATTEMPTS + 2):
+        registry.poll()
+    assert [(v, s.state) for v, s in registry.status(MODEL)] == [(2, END), (1, AVAILABLE)]
+    assert registry.status(MODEL, 2)[0][1].attempts == MAX_LOAD_ATTEMPTS  # gave up: no retry while unchanged
+    shutil.rmtree(base / "2")
+    shutil.copytree(export.saved, base / "2")  # fixed on disk
+    registry.poll()
+    assert registry.get(MODEL).version == 2
+    shutil.rmtree(base / "1")
+    registry.poll()
+    assert [v for v, _ in registry.status(MODEL)] == [2]  # version 1 deleted from disk: not listed any more
+
+
+def test_a_copied_export_serves_its_own_models_even_with_the_original_gone(export, tmp_path, caplog):
+    original = tmp_path / "original"
+    shutil.copytree(export.saved, original / MODEL / "1")
+    models_config.write(str(original / "models.config"), models_config.build({MODEL: str(original / MODEL)}))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    shutil.copytree(export.saved, copy / MODEL / "2")  # the copy has a version the original lacks
+    shutil.rmtree(original)
+    models = models_config.served_beside(models_config.read(str(copy / "models.config")), str(copy / "models.config"))
+    assert [m.base_path for m in models] == [str(copy / MODEL)]
+    registry = ModelRegistry(models, max_batch=MAX_BATCH)
+    registry.poll()
+    assert registry.get(MODEL).version == 2 and registry.get(MODEL).path.startswith(str(copy))
+    # neither beside the file nor at its base_path: said at once, not a silent empty server
+    models_config.write(str(tmp_path / "lonely.config"), models_config.build({"nowhere": str(tmp_path / "gone")}))
+    with caplog.at_level(logging.WARNING):
+        models_config.served_beside(models_config.read(str(tmp_path / "lonely.config")), str(tmp_path / "lonely.config"))
+    assert "does not exist" in caplog.text
