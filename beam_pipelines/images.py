@@ -82,8 +82,9 @@ class LoadImageFn(beam.DoFn):
     """CatalogEntry -> (image_id, PNG bytes or feature tuple); bad images to DEAD_LETTER."""
 
     def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_outside_uris: bool = False):
         self._catalog_path = catalog_path
+        self._allow_outside = allow_outside_uris
         self._source = image_source
         self._size = image_size
         self._dim = feature_dim
@@ -104,7 +105,8 @@ class LoadImageFn(beam.DoFn):
     def process(self, entry: CatalogEntry):
         # The one way of reading a catalog image (clicklens/catalog.py), shared with `clicklens reindex`.
         try:
-            raw = read_image_input(entry, self._catalog_path, self._source, self._dim, read_file)
+            raw = read_image_input(entry, self._catalog_path, self._source, self._dim, read_file,
+                                   self._allow_outside)
             where = resolve_uri(entry.uri, self._catalog_path) if entry.uri else ""
             value = prepare_image_input(raw, self._source, self._prepare_png, where)
         except BadRecord as err:
@@ -119,9 +121,10 @@ class LoadImages(beam.PTransform):
     """CatalogEntry -> {IMAGES: (image_id, image value), DEAD_LETTER: dead letters}."""
 
     def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_outside_uris: bool = False):
         super().__init__()
-        self._fn = LoadImageFn(catalog_path, image_source, image_size, feature_dim, max_image_pixels)
+        self._fn = LoadImageFn(catalog_path, image_source, image_size, feature_dim, max_image_pixels,
+                               allow_outside_uris)
 
     def expand(self, entries):
         loaded = (
@@ -142,10 +145,10 @@ class ReadCatalogImages(beam.PTransform):
     """
 
     def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int = 0,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_outside_uris: bool = False):
         super().__init__()
         self._catalog_path = catalog_path
-        self._load = (image_source, image_size, feature_dim, max_image_pixels)
+        self._load = (image_source, image_size, feature_dim, max_image_pixels, allow_outside_uris)
 
     def expand(self, pbegin):
         catalog = (

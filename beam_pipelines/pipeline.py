@@ -181,7 +181,8 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
     logged | "WriteLoggedImages" >> outputs.WriteLines(
         join(workdir.examples, LOGGED_IMAGES), ".txt", cfg.num_shards)
     catalog = p | "ReadCatalogImages" >> images.ReadCatalogImages(
-        paths["catalog"], cfg.image_source, cfg.image_size, cfg.feature_dim, cfg.max_image_pixels)
+        paths["catalog"], cfg.image_source, cfg.image_size, cfg.feature_dim, cfg.max_image_pixels,
+        cfg.allow_outside_uris)
     content = add_content_graph(p, config, workdir, catalog[images.IMAGES])
     image_graph = {graph.CLICK: click_edges, graph.CONTENT: content[content_graph.EDGES]} | (
         "BuildImageGraph" >> graph.BuildImageGraph(cfg.content_graph.weight, cfg.max_neighbors))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import math
 import posixpath
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -118,12 +119,22 @@ def first_entry(entries: Iterable[CatalogEntry]) -> Tuple[CatalogEntry, List[Cat
 ImageInput = Union[bytes, Tuple[float, ...]]
 
 
+def inside_catalog(path: str, catalog_path: str) -> bool:
+    """True when `path` is in the catalog file's folder or below it (the same bucket for gs:// and the like)."""
+    if "://" in path or "://" in catalog_path:
+        bucket = lambda p: p.split("://", 1)[0] + "://" + p.split("://", 1)[-1].split("/", 1)[0]  # noqa: E731
+        return "://" in path and "://" in catalog_path and bucket(path) == bucket(catalog_path)
+    folder = os.path.realpath(os.path.dirname(catalog_path) or ".")
+    return os.path.realpath(path).startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def read_image_input(entry: CatalogEntry, catalog_path: str, image_source: str, feature_dim: int,
-                     read_file: Callable[[str], bytes]) -> ImageInput:
+                     read_file: Callable[[str], bytes], allow_outside: bool = False) -> ImageInput:
     """An entry's raw image input: its file's bytes (`read_file(resolved uri)`), or its feature vector.
 
     Raises BadRecord: `no_features` / `bad_feature_dim` (image_source features),
-    `no_uri` / `missing_image` (pixels; any error of `read_file` is a missing image).
+    `no_uri` / `missing_image` (pixels; any error of `read_file` is a missing image), `uri_outside_catalog`
+    (a file outside the catalog's folder, not read unless `allow_outside`: pipeline.allow_outside_uris).
     """
     if image_source == "features":
         if entry.features is None:
@@ -134,6 +145,8 @@ def read_image_input(entry: CatalogEntry, catalog_path: str, image_source: str, 
     if not entry.uri:
         raise BadRecord("no_uri")
     path = resolve_uri(entry.uri, catalog_path)
+    if not allow_outside and not inside_catalog(path, catalog_path):
+        raise BadRecord("uri_outside_catalog", f"{path} (pipeline.allow_outside_uris lets catalogs name such files)")
     try:
         return read_file(path)
     except Exception as err:  # noqa: BLE001  (any filesystem's not-found / permission error)

@@ -89,6 +89,8 @@ class PipelineConfig:
     catalog: str = _field("", help="Image catalog JSONL; empty means <workdir>/raw/catalog.jsonl.")
     image_size: int = _field(32, min=8, max=1024, help="Images are resized to this square size.")
     # A 40-megapixel photo decodes to 120 MB of uint8, 480 MB as float32.
+    allow_outside_uris: bool = _field(False, help="Let catalog uris name files outside the catalog's folder (or "
+                                                   "bucket); otherwise such images are dead-lettered unread.")
     max_image_pixels: int = _field(40_000_000, min=1, help="Images declaring more pixels (width x height) are "
                                                            "refused before decoding: pipeline, export, serving.")
     image_source: str = _field("pixels", choices=["pixels", "features"])

@@ -117,3 +117,23 @@ def test_the_pipeline_dead_letters_a_bomb_with_its_own_reason(tmp_path):
         out = p | images.ReadCatalogImages(str(catalog), "pixels", 8, max_image_pixels=1_000_000)
         assert_that(out[images.IMAGES] | beam.Keys(), equal_to(["ok"]), label="good")
         assert_that(out[images.BAD_IMAGE_IDS], equal_to([("bomb", "image_too_large")]), label="bad")
+
+
+def test_catalog_uris_outside_the_catalog_folder_are_not_read_unless_allowed(tmp_path):
+    from clicklens.catalog import CatalogEntry, inside_catalog, read_image_input
+    from clicklens.errors import BadRecord
+
+    catalog = str(tmp_path / "catalog" / "catalog.jsonl")
+    (tmp_path / "catalog" / "images").mkdir(parents=True)
+    (tmp_path / "catalog" / "images" / "a.png").write_bytes(b"png")
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    read = lambda path: open(path, "rb").read()  # noqa: E731
+    assert read_image_input(CatalogEntry("a", "images/a.png"), catalog, "pixels", 0, read) == b"png"
+    for uri in ("../secret.txt", str(tmp_path / "secret.txt"), "/etc/passwd", "images/../../secret.txt"):
+        with pytest.raises(BadRecord) as err:
+            read_image_input(CatalogEntry("x", uri), catalog, "pixels", 0, lambda path: pytest.fail(f"read {path}"))
+        assert err.value.reason == "uri_outside_catalog"
+    assert read_image_input(CatalogEntry("x", "../secret.txt"), catalog, "pixels", 0, read, allow_outside=True) == b"secret"
+    assert inside_catalog("gs://b/images/a.png", "gs://b/catalog.jsonl")
+    assert not inside_catalog("gs://other/a.png", "gs://b/catalog.jsonl")
+    assert not inside_catalog("/data/a.png", "gs://b/catalog.jsonl")

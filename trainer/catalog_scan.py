@@ -60,6 +60,7 @@ class CatalogScan:
     dead_letters: List[Dict[str, object]]
     lines: int
     files_read: int = 0  # files read and hashed (the others' stat matched `known`)
+    allow_outside_uris: bool = False  # pipeline.allow_outside_uris
 
 
 def catalog_path(config, workdir) -> str:
@@ -90,7 +91,8 @@ def stat_file(path: str) -> str:
 
 def read_input(scan: CatalogScan, image: ScannedImage) -> ImageInput:
     """The raw input of a scanned image, read again (raises BadRecord if it has gone since)."""
-    return read_image_input(image.entry, scan.path, scan.image_source, scan.feature_dim, read_file)
+    return read_image_input(image.entry, scan.path, scan.image_source, scan.feature_dim, read_file,
+                            scan.allow_outside_uris)
 
 
 def parse_entries(path: str) -> Tuple[List[CatalogEntry], List[Dict[str, object]], int]:
@@ -124,14 +126,15 @@ def parse_entries(path: str) -> Tuple[List[CatalogEntry], List[Dict[str, object]
 
 
 def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional[Dict[str, str]] = None,
-                 threads: int = READ_THREADS, log_prefix: Optional[str] = None) -> CatalogScan:
+                 threads: int = READ_THREADS, log_prefix: Optional[str] = None,
+                 allow_outside_uris: bool = False) -> CatalogScan:
     """Parses the catalog at `path` and hashes every image's raw input (see the module docstring).
 
     `known` maps file_stat() records to the hashes taken with them: a file whose
     stat is there is not read again.
     """
     entries, dead, lines = parse_entries(path)
-    scan = CatalogScan(path, image_source, feature_dim, [], dead, lines)
+    scan = CatalogScan(path, image_source, feature_dim, [], dead, lines, allow_outside_uris=allow_outside_uris)
     known = known or {}
 
     def hash_chunk(chunk: List[CatalogEntry]):
@@ -142,7 +145,7 @@ def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional
                 results.append((known[stat], stat, False))
                 continue
             try:
-                raw = read_image_input(entry, path, image_source, feature_dim, read_file)
+                raw = read_image_input(entry, path, image_source, feature_dim, read_file, allow_outside_uris)
                 results.append((content_hash(raw), stat, True))
             except BadRecord as err:
                 results.append(err)

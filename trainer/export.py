@@ -269,7 +269,8 @@ def corpus_hashes(config, workdir: Workdir, ids: np.ndarray) -> Tuple[np.ndarray
                        "`clicklens reindex` will re-embed every image", path)
         unknown = np.full(len(ids), corpus_embeddings.UNKNOWN_HASH.encode(), dtype=bytes)
         return unknown, unknown
-    scan = scan_catalog(path, config.pipeline.image_source, config.pipeline.feature_dim)
+    scan = scan_catalog(path, config.pipeline.image_source, config.pipeline.feature_dim,
+                        allow_outside_uris=config.pipeline.allow_outside_uris)
     by_id = {image.entry.image_id.encode("utf-8"): image for image in scan.images}
     found = [by_id.get(bytes(i)) for i in ids]
     hashes = np.array([image.hash.encode("ascii") if image else b"" for image in found], dtype=bytes)

@@ -192,7 +192,7 @@ def reindex(config, workdir: Workdir, rehash: bool = False) -> Tuple[Optional[in
     t = time.perf_counter()
     path = catalog_path(config, workdir)
     scan = scan_catalog(path, p.image_source, p.feature_dim, known=None if rehash else known_stats(previous),
-                        log_prefix="reindex")
+                        log_prefix="reindex", allow_outside_uris=p.allow_outside_uris)
     dead = list(scan.dead_letters)
     seconds["scan"] = time.perf_counter() - t
     plan = Plan(scan, previous, reuse)
