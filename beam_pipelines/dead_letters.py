@@ -6,6 +6,12 @@ and `image_id` for images), written one JSON object per line to
 output tagged DEAD_LETTER, and counts them in METRICS_NAMESPACE.  The record
 itself (`dead_letter`, `dead_letter_json`) is defined in the core,
 clicklens/dead_letters.py, which `clicklens reindex` writes too.
+
+Sources: "log" (a log line; raw is the line), "log_file" (a corrupt .gz shard
+skipped under pipeline.skip_corrupt_files; raw is its path, plus `file` and
+`lines_read`, parse.py), "session" (a robot session dropped by the click cap;
+raw is its id, plus its counts, sessions.py) and "image" (a catalog image,
+images.py, or an image the join cannot find, neighbors.py).
 """
 
 

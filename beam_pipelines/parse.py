@@ -5,6 +5,12 @@ not UTF-8 reaches `parse_log_line`, which calls it a bad record, instead of
 crashing the text reader.  Every bad line becomes one dead-letter record
 `{"source": "log", "reason": ..., "raw": ...}` and increments the Beam counter
 named after its reason.  `ReadLogs` is the stage: read, then parse.
+
+A .gz shard that cannot be read to its end (truncated, or not really gzip)
+stops the run naming the file, unless `pipeline.skip_corrupt_files`: then the
+file becomes one dead letter `{"source": "log_file", "reason": "corrupt_file",
+"raw": path, "file": path, "lines_read": n, "detail": ...}` and the run goes on
+(see ReadGzipLinesFn for what happens to the n lines read before the fault).
 """
 
 
@@ -27,6 +33,11 @@ from clicklens.log_schema import LogRecord, parse_log_line
 RECORDS = "records"
 # The raw lines ReadLogs read (for the report's count).
 LINES = "lines"
+# The dead-letter source and reason of a corrupt log file skipped under pipeline.skip_corrupt_files.
+LOG_FILE_SOURCE = "log_file"
+CORRUPT_FILE = "corrupt_file"
+# ReadLogs' output of the corrupt files' dead letters alone.
+CORRUPT_FILES = "corrupt_files"
 
 
 def parse_or_dead_letter(line: bytes) -> Tuple[Optional[LogRecord], Optional[Dict[str, Any]]]:
@@ -72,7 +83,21 @@ class ReadGzipLinesFn(beam.DoFn):
     Python's gzip module, not Beam's decompressor: that one stops quietly where a
     truncated file ends, so half a shard would pass for a whole one.  A file that
     is not gzip, or ends early, fails the run naming the file (UNREADABLE_FILE).
+
+    With `skip_corrupt_files`, such a file instead yields one dead letter (tagged
+    DEAD_LETTER, source LOG_FILE_SOURCE, reason CORRUPT_FILE) with the file name,
+    the error and `lines_read`, and the run goes on.  The lines read before the
+    fault are kept: they were already passed on (dropping them would mean holding
+    a whole shard in memory, or reading every shard twice), each is a whole line
+    (a line is handed out only once its newline is decompressed; a broken stream
+    raises instead), and every one of them still goes through the parser, which
+    dead-letters any that is damaged.
+    The dead letter says how many there were.
     """
+
+    def __init__(self, skip_corrupt_files: bool = False):
+        self._skip = skip_corrupt_files
+        self._corrupt = Metrics.counter(METRICS_NAMESPACE, "corrupt_log_files")
 
     def process(self, readable_file):
         path, count = readable_file.metadata.path, 0
@@ -83,15 +108,51 @@ class ReadGzipLinesFn(beam.DoFn):
                     count += 1
                     yield line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith(b"\n") else line
         except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{UNREADABLE_FILE} {path}: {type(err).__name__}: {err} (after {count} lines; "
-                             "a truncated or not really gzip-compressed shard)") from None
+            error = f"{type(err).__name__}: {err}"
+            if not self._skip:
+                raise ValueError(f"{UNREADABLE_FILE} {path}: {error} (after {count} lines; "
+                                 "a truncated or not really gzip-compressed shard)") from None
+            self._corrupt.inc()
+            bad = dead_letter(LOG_FILE_SOURCE, CORRUPT_FILE, path,
+                              f"{error}; the {count} lines read before the fault are kept"[:300])
+            bad.update(file=path, lines_read=count)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, bad)
+
+
+class ReadLinesAndCorruptFiles(beam.PTransform):
+    """Reads every line of the files matching a glob as bytes (gzip by the .gz extension).
+
+    -> {LINES: bytes lines, DEAD_LETTER: one dead letter per corrupt .gz file skipped}.
+    .gz files go through ReadGzipLinesFn (read whole, checked to their end; a
+    corrupt one fails the run unless `skip_corrupt_files`); the others through
+    Beam's ReadAllFromText, which splits large files.
+    """
+
+    def __init__(self, file_pattern: str, skip_corrupt_files: bool = False):
+        super().__init__()
+        self._pattern = file_pattern
+        self._skip = skip_corrupt_files
+
+    def expand(self, pbegin):
+        files = pbegin | "Match" >> fileio.MatchFiles(self._pattern)
+        gzipped, other = files | "ByCompression" >> beam.Partition(
+            lambda match, _: 0 if match.path.endswith(".gz") else 1, 2)
+        gzip_read = (gzipped
+                     | "ReadMatches" >> fileio.ReadMatches()
+                     | "ReadGzipLines" >> beam.ParDo(ReadGzipLinesFn(self._skip)).with_outputs(
+                         DEAD_LETTER, main=LINES))
+        other_lines = (other
+                       | "Paths" >> beam.Map(lambda match: match.path)
+                       | "ReadText" >> beam.io.ReadAllFromText(coder=coders.BytesCoder(),
+                                                               compression_type=CompressionTypes.AUTO))
+        lines = (gzip_read[LINES], other_lines) | "Lines" >> beam.Flatten()
+        return {LINES: lines, DEAD_LETTER: gzip_read[DEAD_LETTER]}
 
 
 class ReadLines(beam.PTransform):
-    """Reads every line of the files matching a glob as bytes (gzip by the .gz extension).
+    """Reads every line of the files matching a glob as bytes; a corrupt .gz file fails the run.
 
-    .gz files go through ReadGzipLinesFn (read whole, checked to their end);
-    the others through Beam's ReadAllFromText, which splits large files.
+    ReadLinesAndCorruptFiles without skipping, its lines only (the catalog is read this way).
     """
 
     def __init__(self, file_pattern: str):
@@ -99,17 +160,7 @@ class ReadLines(beam.PTransform):
         self._pattern = file_pattern
 
     def expand(self, pbegin):
-        files = pbegin | "Match" >> fileio.MatchFiles(self._pattern)
-        gzipped, other = files | "ByCompression" >> beam.Partition(
-            lambda match, _: 0 if match.path.endswith(".gz") else 1, 2)
-        gzip_lines = (gzipped
-                      | "ReadMatches" >> fileio.ReadMatches()
-                      | "ReadGzipLines" >> beam.ParDo(ReadGzipLinesFn()))
-        other_lines = (other
-                       | "Paths" >> beam.Map(lambda match: match.path)
-                       | "ReadText" >> beam.io.ReadAllFromText(coder=coders.BytesCoder(),
-                                                               compression_type=CompressionTypes.AUTO))
-        return (gzip_lines, other_lines) | "Lines" >> beam.Flatten()
+        return (pbegin | "Read" >> ReadLinesAndCorruptFiles(self._pattern))[LINES]
 
 
 class ParseLogs(beam.PTransform):
@@ -120,14 +171,22 @@ class ParseLogs(beam.PTransform):
 
 
 class ReadLogs(beam.PTransform):
-    """PBegin -> {LINES: raw bytes lines, RECORDS: LogRecord, DEAD_LETTER: dead letters} of the logs matching a glob."""
+    """PBegin -> {LINES: raw bytes lines, RECORDS: LogRecord, DEAD_LETTER: dead letters, CORRUPT_FILES: the
+    dead letters of the corrupt files skipped} of the logs matching a glob.
 
-    def __init__(self, file_pattern: str):
+    DEAD_LETTER holds the bad lines' dead letters and the corrupt files' (CORRUPT_FILES is those alone,
+    for the report); a corrupt .gz shard fails the run unless `skip_corrupt_files`.
+    """
+
+    def __init__(self, file_pattern: str, skip_corrupt_files: bool = False):
         super().__init__()
         self._pattern = file_pattern
+        self._skip = skip_corrupt_files
 
     def expand(self, pbegin):
-        lines = pbegin | "ReadLines" >> ReadLines(self._pattern)
+        read = pbegin | "ReadLines" >> ReadLinesAndCorruptFiles(self._pattern, self._skip)
+        lines = read[LINES]
         parsed = lines | "ParseLogs" >> ParseLogs()
         records = parsed[RECORDS] | "LogRecords" >> LogProgress("ParseLogs", "log records")
-        return {LINES: lines, RECORDS: records, DEAD_LETTER: parsed[DEAD_LETTER]}
+        dead = (parsed[DEAD_LETTER], read[DEAD_LETTER]) | "LogDeadLetters" >> beam.Flatten()
+        return {LINES: lines, RECORDS: records, DEAD_LETTER: dead, CORRUPT_FILES: read[DEAD_LETTER]}

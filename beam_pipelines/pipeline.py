@@ -8,7 +8,8 @@ Options the clicklens command line does not know are Beam pipeline options, so
 `--direct_num_workers 2 --direct_running_mode multi_processing` uses two local
 processes.  The stages, each a named composite PTransform in the module of its stage:
 
-    ReadLogs (parse) ------------------------------------------> dead letters
+    ReadLogs (parse; corrupt .gz shards too, under skip_corrupt_files) -> dead letters
+    CapSessionClicks (sessions: robot sessions over a click cap dropped whole) -> dead letters
       |-- SelectTrainingPairs (selection: click stats, query category, selection rules)
       |-- ClickGraph (graph: co-click + similar-image-click edges)
       |-- LoggedImages (cold_images: every image id the logs show) -> logged_images-*
@@ -46,7 +47,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import (cold_images, content_graph, graph, images, neighbors, outputs, parse, report,
-                            selection, vocab)
+                            selection, sessions, vocab)
 from beam_pipelines.dead_letters import DEAD_LETTER
 from clicklens import servables
 from clicklens.config import Config
@@ -171,8 +172,11 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
     cfg = config.pipeline
     paths = input_paths(config, workdir)
 
-    logs = p | "ReadLogs" >> parse.ReadLogs(paths["logs"])
-    records = logs[parse.RECORDS]
+    logs = p | "ReadLogs" >> parse.ReadLogs(paths["logs"], cfg.skip_corrupt_files)
+    # Every stage that reads the logs reads them after the session click cap.
+    capped = logs[parse.RECORDS] | "CapSessionClicks" >> sessions.CapSessionClicks(
+        cfg.max_clicks_per_session, cfg.max_clicks_per_session_query)
+    records = capped[sessions.RECORDS]
     pairs = records | "SelectTrainingPairs" >> selection.SelectTrainingPairs(
         selection.SelectionRules.from_config(cfg))
     click_edges = records | "ClickGraph" >> graph.ClickEdges(
@@ -196,11 +200,12 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
         "WriteExamples" >> outputs.WriteExamples(config, workdir.examples))
     vocabulary = pairs[selection.QUERY_STATS] | "LearnAndWriteVocabulary" >> vocab.LearnAndWriteVocabulary(
         cfg.vocab_size, cfg.eval_fraction, workdir.vocab)
-    dead_letters = (logs[DEAD_LETTER], catalog[DEAD_LETTER], joined[DEAD_LETTER]) | (
+    dead_letters = (logs[DEAD_LETTER], capped[DEAD_LETTER], catalog[DEAD_LETTER], joined[DEAD_LETTER]) | (
         "WriteDeadLetters" >> outputs.WriteDeadLetters(join(workdir.examples, "dead_letter")))
 
     figures = {
-        "lines": logs[parse.LINES], "records": records, "dead_letters": dead_letters,
+        "lines": logs[parse.LINES], "records": logs[parse.RECORDS], "dead_letters": dead_letters,
+        "corrupt_files": logs[parse.CORRUPT_FILES], "robot_sessions": capped[sessions.ROBOTS],
         "query_stats": pairs[selection.QUERY_STATS], "selected": pairs[selection.SELECTED],
         "graph_edges": image_graph["edges"], "graph_neighbors": image_graph["neighbors"],
         "content_embeddings": content[content_graph.EMBEDDINGS], "content_dropped": content[content_graph.DROPPED],
@@ -252,7 +257,8 @@ def run_pipeline(config: Config, workdir: Workdir, extra_args: Sequence[str] = (
     except Exception as err:  # noqa: BLE001  (the runner wraps a worker's error in its own)
         unreadable = re.search(f"{parse.UNREADABLE_FILE} [^\n]*", str(err))
         if unreadable:
-            raise ClicklensError(f"pipeline: {unreadable.group(0)}; the previous outputs are kept") from None
+            raise ClicklensError(f"pipeline: {unreadable.group(0)}; the previous outputs are kept (set "
+                                 "pipeline.skip_corrupt_files=true to dead-letter such shards and go on)") from None
         raise
     publish(staged, workdir)
     return result
@@ -270,6 +276,15 @@ def run(config: Config, workdir: Workdir, args) -> int:
                 "reached by the graph", config.pipeline.content_graph.source,
                 summary["content_embeddings"]["computed"], summary["content_embeddings"]["dropped"],
                 graph_figures["cold_images"], graph_figures["cold_images_reached"])
+    corrupt, cap = summary["log_files"], summary["session_click_cap"]
+    if corrupt["corrupt"]:
+        logger.warning("pipeline: %d corrupt log file(s) skipped (pipeline.skip_corrupt_files), %d lines read from "
+                       "them before the fault kept; their dead letters (reason corrupt_file) name them",
+                       corrupt["corrupt"], corrupt["corrupt_lines_kept"])
+    if cap["sessions_dropped"]:
+        logger.warning("pipeline: %d session(s) over the click cap dropped as robots: %d records, %d clicks, "
+                       "%d impressions (dead letters with reason session_click_cap)", cap["sessions_dropped"],
+                       cap["records_dropped"], cap["clicks_dropped"], cap["impressions_dropped"])
     return 0
 
 

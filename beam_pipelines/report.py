@@ -42,6 +42,23 @@ class Histogram(beam.PTransform):
         )
 
 
+class SumFields(beam.PTransform):
+    """Elements -> {name: sum of field(element)} for every (name, field) given (every sum 0 when empty)."""
+
+    def __init__(self, fields):
+        super().__init__()
+        self._fields = tuple(fields.items())
+
+    def expand(self, pcoll):
+        fields = self._fields
+        return (
+            pcoll
+            | "Fields" >> beam.Map(lambda e: tuple(field(e) for _, field in fields))
+            | "SumEach" >> beam.CombineGlobally(beam.combiners.TupleCombineFn(*[sum] * len(fields)))
+            | "AsDict" >> beam.Map(lambda sums: {name: int(n) for (name, _), n in zip(fields, sums)})
+        )
+
+
 class CountBySource(beam.PTransform):
     """Merged graph edges ((a, b), (weight, source)) -> {source: count} with every source named (0 when none)."""
 
@@ -102,8 +119,9 @@ class BuildReport(beam.PTransform):
 class PipelineReport(beam.PTransform):
     """The stages' named PCollections -> the report JSON (one string).
 
-    Inputs: "lines" (raw log lines), "records" (LogRecords), "dead_letters"
-    (all of them), "query_stats", "selected", "graph_edges" (merged, with their
+    Inputs: "lines" (raw log lines), "records" (LogRecords parsed), "dead_letters"
+    (all of them), "corrupt_files" (the dead letters of the corrupt log files skipped),
+    "robot_sessions" ((session_id, SessionTally) of the sessions dropped by the click cap), "query_stats", "selected", "graph_edges" (merged, with their
     source), "graph_neighbors", "content_embeddings", "content_dropped" (ids
     whose embedding was zero or not finite), "cold_images" and "cold_reached"
     (ids), "catalog_entries", "images" (good images), "bad_image_ids",
@@ -123,6 +141,14 @@ class PipelineReport(beam.PTransform):
             "log_records.ok": pcolls["records"] | "CountRecords" >> Count(),
             "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
             "dead_letter_records": pcolls["dead_letters"] | "CountDeadLetters" >> Count(),
+            # Corrupt .gz shards skipped under pipeline.skip_corrupt_files (the lines read before the
+            # fault are kept, and in log_records.read).
+            "log_files": pcolls["corrupt_files"] | "CorruptFiles" >> SumFields(
+                {"corrupt": lambda _: 1, "corrupt_lines_kept": lambda d: d["lines_read"]}),
+            # Sessions dropped whole by pipeline.max_clicks_per_session(_query).
+            "session_click_cap": pcolls["robot_sessions"] | "RobotSessions" >> SumFields(
+                {"sessions_dropped": lambda _: 1, "records_dropped": lambda kv: kv[1][0],
+                 "impressions_dropped": lambda kv: kv[1][1], "clicks_dropped": lambda kv: kv[1][2]}),
             "pairs": pcolls["query_stats"]
             | "PairsPerQuery" >> beam.MapTuple(lambda _, stats: len(stats.images)) | "SumPairs" >> Sum(),
             "selected_pairs": pcolls["selected"] | "CountSelected" >> Count(),

@@ -1,7 +1,7 @@
 """Typed run configuration: the one contract for every setting clicklens reads.
 
 A run config is a YAML file with one mapping per section (`demo_data`,
-`pipeline`, `model`, `training`, `export`, `serving`).  Each section is a
+`pipeline`, `model`, `training`, `pretrain`, `export`, `serving`).  Each section is a
 dataclass below; `load_config` reads the file, applies `--set section.key=value`
 overrides and validates every value, so a typo or an out-of-range number fails
 at load time with the file and the key named, not an hour into a TPU job.
@@ -104,6 +104,15 @@ class PipelineConfig:
     ctr_threshold_by_category: Dict[str, float] = _field({}, min=0.0, max=1.0)
     entity_patterns: List[str] = _field([], help="Regexes; matching queries get at most entity_cap examples.")
     entity_cap: int = _field(5, min=1)
+    # Hostile input: robots, scrapers and broken shards (beam_pipelines/sessions.py, parse.py).
+    max_clicks_per_session: int = _field(100, min=0, help="A session (all its records) with more clicks is taken for a "
+                                                          "robot and dropped whole, clicks and impressions, before click "
+                                                          "stats and the graph (dead letter session_click_cap); 0 = no cap.")
+    max_clicks_per_session_query: int = _field(50, min=0, help="The same for the clicks of one session on one query "
+                                                               "(text or query image); 0 = no cap.")
+    skip_corrupt_files: bool = _field(False, help="A truncated or not really gzip .gz log shard is dead-lettered "
+                                                  "(corrupt_file, with the lines read before the fault, which are "
+                                                  "kept) and counted in the report; otherwise it stops the run.")
     # Image-image graph.
     coclick_weight: float = _field(1.0, min=0.0)
     similar_click_weight: float = _field(1.0, min=0.0)
@@ -132,6 +141,53 @@ class ModelConfig:
     backbone_weights: str = _field("", help="Local weights file for the backbone; empty trains from scratch.")
     cnn_filters: List[int] = _field([32, 64, 128], min=1)
     dropout: float = _field(0.0, min=0.0, max=0.9)
+    image_init: str = _field("random", choices=["random", "pretrained"],
+                             help="pretrained: `train` starts the image tower from the weights `clicklens pretrain` "
+                                  "wrote (self-supervised on every catalog image); random: from scratch.")
+    image_init_path: str = _field("", help="image_init=pretrained: the pretrained tower's weights (a save_weights "
+                                           "prefix); empty means <workdir>/pretrain/image_tower/weights.")
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """The two random views of each image that pretraining contrasts (trainer/augment.py); 0 turns a jitter off."""
+
+    crop_min_area: float = _field(0.35, min=0.05, max=1.0, help="Random resized crop: each view keeps a random "
+                                                                "region of at least this share of the image, "
+                                                                "resized back to image_size; 1 = no crop.")
+    crop_max_aspect: float = _field(1.33, min=1.0, max=4.0, help="Random resized crop: the region's aspect "
+                                                                 "ratio is drawn from [1/this, this].")
+    flip: bool = _field(True, help="Random left-right flip of each view.")
+    jitter_probability: float = _field(0.8, min=0.0, max=1.0, help="Share of views that get the colour "
+                                                                   "jitters below (those that are not 0).")
+    brightness: float = _field(0.0, min=0.0, max=1.0, help="Colour jitter: add a random value in +/- this.")
+    contrast: float = _field(0.0, min=0.0, max=0.9, help="Colour jitter: scale contrast by a factor in 1 +/- this.")
+    saturation: float = _field(0.0, min=0.0, max=0.9, help="Colour jitter: scale saturation by a factor in 1 +/- "
+                                                           "this (0 keeps colours as they are).")
+    hue: float = _field(0.0, min=0.0, max=0.5, help="Colour jitter: rotate hue by up to +/- this share of the "
+                                                    "colour wheel; keep 0 when users search by colour.")
+    grayscale_probability: float = _field(0.0, min=0.0, max=1.0, help="Share of views turned to grey; keep 0 "
+                                                                      "when users search by colour.")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Self-supervised (SimCLR) pretraining of the image tower on every corpus image (`clicklens pretrain`)."""
+
+    # Strategy, precision, optimizer, learning-rate schedule, checkpoints, progress lines and seed come from
+    # the `training` section, as for `clicklens train`.
+
+    epochs: int = _field(60, min=1, help="Passes over the corpus (every decodable catalog image, logged or not).")
+    steps_per_epoch: int = _field(0, min=0, help="0 means one pass over the corpus in whole global batches.")
+    per_replica_batch_size: int = _field(256, min=2, help="Images per replica per step; each gives two views, "
+                                                          "and every other view of the global batch is a negative.")
+    learning_rate: float = _field(0.003, min=0.0, max=10.0, help="Peak learning rate (training.lr_schedule).")
+    temperature: float = _field(0.2, min=1e-3, max=10.0, help="NT-Xent softmax temperature.")
+    projection_dim: int = _field(64, min=2, max=4096, help="Output of the projection head the loss is computed "
+                                                            "on (the head is dropped after pretraining).")
+    projection_hidden: int = _field(128, min=0, max=8192, help="Hidden width of the projection head; 0 = a "
+                                                               "linear head.")
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
 @dataclasses.dataclass
@@ -263,6 +319,20 @@ class ServingConfig:
     poll_seconds: float = _field(2.0, min=0.1, help="How often new model versions are looked for.")
     workers: int = _field(8, min=1, max=256, help="gRPC threads = gRPC requests in flight at once, so also the "
                                                   "most gRPC requests one merged batch can hold.")
+    image_call_slots: int = _field(2, min=1, max=256, help="Model calls with image inputs that run at once; the "
+                                   "rest wait.  Each may decode up to max_batch images of up to "
+                                   "pipeline.max_image_pixels pixels, so this bounds the memory image requests take.")
+    http_backlog: int = _field(1024, min=1, max=65535, help="Listen backlog of the REST port: connections the "
+                               "kernel holds until the server accepts them (the kernel caps it at "
+                               "net.core.somaxconn).")
+    http_max_connections: int = _field(1000, min=1, max=100_000, help="REST connections open at once, one thread "
+                                       "each; further connections wait in the backlog until one closes.")
+    http_timeout_seconds: float = _field(30.0, min=0.05, max=3600.0, help="REST: the longest wait for the next "
+                                         "bytes of a request's headers, and the most time its whole body may take "
+                                         "to arrive (then 408 and the connection closes).")
+    http_idle_timeout_seconds: float = _field(75.0, min=0.05, max=3600.0, help="A keep-alive REST connection "
+                                              "without a request for this long is closed; behind a load balancer, "
+                                              "make it longer than the balancer's idle timeout.")
     allow_version_labels_for_unavailable_models: bool = _field(
         False, help="Let models.config version_labels name versions that are not AVAILABLE (TF Serving's flag); "
                     "otherwise the server refuses to start.")
@@ -305,6 +375,7 @@ class Config:
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
 

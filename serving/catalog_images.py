@@ -7,12 +7,18 @@ W/raw/catalog.jsonl and only a uri that the catalog lists for that id is
 read.  Ids that could only be a path trick (`..`, `/`, `\\`, NUL, also when
 percent-encoded) are refused before the lookup, and a file is served only
 when its bytes are an image of a known type, so even a catalog line pointing
-at some other file cannot turn the route into a file reader.
+at some other file cannot turn the route into a file reader.  As in the
+pipeline, a uri outside the catalog's folder is not even opened unless
+`pipeline.allow_outside_uris`, and only regular files are read (a catalog
+line naming a FIFO would otherwise hold a request thread forever).  Refusals
+name the image id, never the server's paths.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 import urllib.parse
@@ -21,7 +27,7 @@ from typing import Dict, Optional, Tuple
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from clicklens.catalog import read_catalog, resolve_uri
+from clicklens.catalog import inside_catalog, read_catalog, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +85,32 @@ def image_id_from_path(request_path: str) -> str:
     return image_id
 
 
+def read_image_file(uri: str) -> bytes:
+    """The bytes of a catalog image file, at most MAX_IMAGE_BYTES; ValueError for anything else.
+
+    A local path is opened without blocking and must be a regular file: a catalog line naming a FIFO or a
+    device would otherwise hold a request thread forever."""
+    if "://" in uri:
+        if tf.io.gfile.stat(uri).length > MAX_IMAGE_BYTES:
+            raise ValueError(f"larger than {MAX_IMAGE_BYTES} bytes")
+        with tf.io.gfile.GFile(uri, "rb") as f:
+            return f.read()
+    fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise ValueError(f"larger than {MAX_IMAGE_BYTES} bytes")
+        return f.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
+
+
 class CatalogImages:
     """The images of one catalog file, by id.  The catalog is read on first use and re-read when it changes."""
 
-    def __init__(self, catalog_path: str):
+    def __init__(self, catalog_path: str, allow_outside_uris: bool = False):
         self.catalog_path = catalog_path
+        self.allow_outside_uris = allow_outside_uris  # pipeline.allow_outside_uris, as the pipeline reads them
         self._uris: Dict[str, str] = {}
         self._stamp: Optional[Tuple[int, int]] = None
         self._checked_at = float("-inf")
@@ -117,19 +144,22 @@ class CatalogImages:
         self._uris, self._stamp = uris, stamp
 
     def read(self, image_id: str) -> Tuple[bytes, str]:
-        """(bytes, content type) of a catalog image; raises ImageRequestError(404) when it cannot be served."""
+        """(bytes, content type) of a catalog image; raises ImageRequestError(404) when it cannot be served.
+
+        Refusals name the image id, never the file: paths stay in the server's log."""
         with self._lock:
             self._refresh()
             uri = self._uris.get(image_id)
         if uri is None:
             raise ImageRequestError(404, f"no image {image_id!r} in the catalog")
+        if not self.allow_outside_uris and not inside_catalog(uri, self.catalog_path):
+            logger.warning("image %r: %s is outside the catalog's folder (pipeline.allow_outside_uris)", image_id, uri)
+            raise ImageRequestError(404, f"image {image_id!r} is outside the catalog's folder")
         try:
-            if tf.io.gfile.stat(uri).length > MAX_IMAGE_BYTES:
-                raise ImageRequestError(404, f"image {image_id!r} is larger than {MAX_IMAGE_BYTES} bytes")
-            with tf.io.gfile.GFile(uri, "rb") as f:
-                data = f.read()
-        except tf.errors.OpError as err:
-            raise ImageRequestError(404, f"image {image_id!r} cannot be read: {err.message}") from None
+            data = read_image_file(uri)
+        except (OSError, tf.errors.OpError, ValueError) as err:
+            logger.warning("image %r: %s: %s", image_id, uri, getattr(err, "message", None) or err)
+            raise ImageRequestError(404, f"image {image_id!r} cannot be read") from None
         content_type = sniff_content_type(data)
         if content_type is None:
             raise ImageRequestError(404, f"image {image_id!r}: its file is not a PNG, JPEG, GIF, BMP or WebP image")

@@ -90,8 +90,8 @@ class Handlers:
             code = err.code
             raise
         finally:
-            self.metrics.request(request.model_spec.name, PREDICT_API, GRPC_ENTRYPOINT, code,
-                                 time.perf_counter() - start)
+            self.metrics.request(self.registry.metric_label(request.model_spec.name), PREDICT_API, GRPC_ENTRYPOINT,
+                                 code, time.perf_counter() - start)
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))

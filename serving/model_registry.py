@@ -40,6 +40,8 @@ from serving.predict import ServingError, predict_proto
 
 logger = logging.getLogger(__name__)
 
+UNKNOWN_MODEL_LABEL = "<unknown>"  # the metrics' model_name of requests naming no served model
+
 MAX_LOAD_ATTEMPTS = 5  # as tensorflow_model_server's default --max_num_load_retries
 MAX_WARMUP_RECORDS = 1000  # TF Serving replays at most this many
 
@@ -126,6 +128,11 @@ class ModelRegistry:
     @property
     def model_names(self) -> List[str]:
         return list(self._configs)
+
+    def metric_label(self, name: str) -> str:
+        """`name` as a metrics label: a served model's name, or one label for every other name (so requests
+        for made-up names cannot grow the metrics page without bound)."""
+        return name if name in self._configs else UNKNOWN_MODEL_LABEL
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -139,6 +139,56 @@ def predict(model, signature_name: str, inputs: Mapping[str, np.ndarray], max_ba
 # TensorProto <-> numpy (gRPC requests and the warmup records).
 
 
+# The repeated field holding each dtype's values when a TensorProto has no tensor_content, and how many
+# entries of that field make one value (complex numbers take two).
+_VALUE_FIELDS = {
+    types_pb2.DT_STRING: ("string_val", 1), types_pb2.DT_FLOAT: ("float_val", 1),
+    types_pb2.DT_DOUBLE: ("double_val", 1), types_pb2.DT_INT64: ("int64_val", 1),
+    types_pb2.DT_UINT32: ("uint32_val", 1), types_pb2.DT_UINT64: ("uint64_val", 1),
+    types_pb2.DT_BOOL: ("bool_val", 1), types_pb2.DT_HALF: ("half_val", 1), types_pb2.DT_BFLOAT16: ("half_val", 1),
+    types_pb2.DT_COMPLEX64: ("scomplex_val", 2), types_pb2.DT_COMPLEX128: ("dcomplex_val", 2),
+    **{t: ("int_val", 1) for t in (types_pb2.DT_INT32, types_pb2.DT_INT16, types_pb2.DT_INT8, types_pb2.DT_UINT8,
+                                   types_pb2.DT_UINT16)},
+}
+
+
+def values_present(proto: tensor_pb2.TensorProto) -> int:
+    """How many values a TensorProto actually carries (in tensor_content or its dtype's repeated field)."""
+    if proto.tensor_content:
+        itemsize = tf.dtypes.as_dtype(proto.dtype).size if proto.dtype != types_pb2.DT_STRING else 0
+        if not itemsize or len(proto.tensor_content) % itemsize:
+            raise invalid(f"tensor_content of {len(proto.tensor_content)} bytes does not hold whole "
+                          f"{tf.dtypes.as_dtype(proto.dtype).name} values")
+        return len(proto.tensor_content) // itemsize
+    field, per_value = _VALUE_FIELDS.get(proto.dtype, (None, 1))
+    if field is None:
+        raise invalid(f"unsupported dtype {tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else 'DT_INVALID'}")
+    return len(getattr(proto, field)) // per_value
+
+
+def check_declared_shape(name: str, proto: tensor_pb2.TensorProto) -> None:
+    """INVALID_ARGUMENT unless a TensorProto's declared shape holds exactly the values it carries.
+
+    Checked before anything is allocated: a 52-byte request may declare a shape of 2^28 strings, and
+    tf.make_ndarray would build all of them (repeating the last value, TensorProto's compression) before
+    any batch-size check could refuse it."""
+    if proto.tensor_shape.unknown_rank:
+        raise invalid(f"input {name!r}: the shape must be known")
+    present = values_present(proto)
+    sizes = [dim.size for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in sizes):
+        raise invalid(f"input {name!r}: negative dimension in the shape {sizes}")
+    declared = 0 if 0 in sizes else 1
+    for size in sizes if declared else ():
+        declared *= size
+        if declared > present:  # stop early: the product of huge dims is never needed
+            break
+    if declared != present:
+        shape = sizes
+        declares = f"more than {present}" if declared > present else f"{declared}"
+        raise invalid(f"input {name!r}: shape {shape} declares {declares} values, the tensor holds {present}")
+
+
 def proto_inputs(request, function) -> Dict[str, np.ndarray]:
     """A PredictRequest's inputs as numpy, with dtypes checked against the signature first."""
     specs = input_specs(function)
@@ -148,6 +198,7 @@ def proto_inputs(request, function) -> Dict[str, np.ndarray]:
             raise invalid(f"input {name!r}: expects dtype {specs[name].dtype.name}, got {got}")
     arrays = {}
     for name, proto in request.inputs.items():
+        check_declared_shape(name, proto)
         try:
             arrays[name] = tf.make_ndarray(proto)
         except (TypeError, ValueError) as err:

@@ -10,6 +10,12 @@
     GET  /images/<image_id>                         catalog images (serving/catalog_images.py)
     GET  /<file>                                    serving/static/ (the search page; index.html at /)
 
+Limits (serving.http_*, RestServer): a listen backlog; a cap on open
+connections, beyond which connections wait in the backlog; a read timeout for
+a request's headers and body (a late body gets 408); an idle keep-alive
+timeout.  A POST body needs a Content-Length within serving.max_request_bytes
+(chunked bodies get 411).  `RestServer.drain` is the graceful shutdown.
+
 JSON follows TF Serving's REST conventions: binary strings travel as
 {"b64": "..."}; "instances" gives row format in and "predictions" out,
 "inputs" gives columnar format in and "outputs" out.  Errors are
@@ -19,12 +25,18 @@ JSON follows TF Serving's REST conventions: binary strings travel as
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import logging
 import mimetypes
 import os
 import re
+import select
+import selectors
+import socket
+import sys
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -49,9 +61,11 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PAGE_SETTINGS_PATH = "/clicklens/page.json"
-MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
                         r"(?:(?P<verb>:[a-zA-Z]+)|(?P<metadata>/metadata))?/?$")
 REST_ENTRYPOINT = "REST"
+INT64_MAX = 2 ** 63 - 1  # TF Serving reads the version in the URL as an int64
+LINGER_SECONDS = 1.0  # the longest a closing connection discards what the client still sends
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -83,16 +97,31 @@ def _decode_strings(value: Any, name: str) -> Any:
     raise invalid(f"input {name!r}: expects strings, got {type(value).__name__}")
 
 
+def _contains_null(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def json_to_array(value: Any, spec: tf.TensorSpec, name: str) -> np.ndarray:
     """One input's JSON value as a numpy array of the signature's dtype."""
     try:
         if spec.dtype == tf.string:
             return np.array(_decode_strings(value, name), dtype=object)
-        return np.array(value, dtype=spec.dtype.as_numpy_dtype)
+        array = np.array(value, dtype=spec.dtype.as_numpy_dtype)
     except ServingError:
         raise
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise invalid(f"input {name!r}: cannot be read as {spec.dtype.name}: {err}") from None
+    # numpy reads null as NaN for float dtypes; only a NaN can hide one, so only then look.
+    if array.dtype.kind == "f" and np.isnan(array).any() and _contains_null(value):
+        raise invalid(f"input {name!r}: cannot be read as {spec.dtype.name}: null is not a number")
+    return array
 
 
 def request_arrays(body: Dict[str, Any], specs: Dict[str, tf.TensorSpec]) -> Tuple[Dict[str, np.ndarray], bool]:
@@ -186,11 +215,34 @@ def page_settings(max_request_bytes: int) -> Dict[str, Any]:
 # -- the HTTP server ---------------------------------------------------------
 
 
+class RequestError(ServingError):
+    """A request refused before it reaches a model, with its own HTTP status (400, 408, 411)."""
+
+    def __init__(self, status: int, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
+        super().__init__(code, message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request body arrived: there is no one to answer."""
+
+
+def _shortened(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class RestHandler(http.server.BaseHTTPRequestHandler):
-    """Routes /v1/models/... to the registry and everything else to serving/static/."""
+    """Routes /v1/models/... to the registry and everything else to serving/static/.
+
+    One handler serves one connection (keep-alive: request after request) on
+    its own thread.  `timeout` bounds each wait for a request's headers and the
+    whole of its body; `idle_timeout` closes a connection that sends no request."""
 
     server_version = "clicklens-serving"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle would hold the body for the ACK
+    timeout = 30.0  # serving.http_timeout_seconds
+    idle_timeout = 75.0  # serving.http_idle_timeout_seconds
     registry: ModelRegistry  # set on the subclass built by build_rest_server
     max_request_bytes: int
     max_batch: int
@@ -199,23 +251,75 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
     runner: Runner
     metrics: Metrics
     health: Optional[Health] = None
+    server: "RestServer"
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (BaseHTTPRequestHandler's name)
         logger.debug("%s %s", self.address_string(), format % args)
+
+    # -- connection state: idle (waiting for a request) or busy, for the drain and the timeouts
+
+    def handle_one_request(self) -> None:
+        """Waits for the next request (up to idle_timeout) and answers it; during a drain, closes instead."""
+        if not self.server.connection_idle(self.connection):
+            self.close_connection = True
+            return
+        self.connection.settimeout(self.idle_timeout)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Reads the headers once a request line has arrived: the connection is busy until it is answered."""
+        self.server.connection_busy(self.connection)
+        self.connection.settimeout(self.timeout)
+        self._close_after_response = False
+        if not super().parse_request():
+            return False
+        # A body nobody reads would be taken for the next request: close after answering, unless it is read.
+        self._close_after_response = ("Transfer-Encoding" in self.headers
+                                      or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """Refuses a body it would not read before the client sends it (curl asks first for bodies over 1 MB)."""
+        if self.command == "POST":
+            try:
+                self._content_length()
+            except RequestError as err:
+                self._send_error(err)
+                return False
+        return super().handle_expect_100()
+
+    # -- responses
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if self._close_after_response or self.server.draining:
+            self.send_header("Connection", "close")  # (this also ends the connection after the response)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
     def _send_json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json")
+        text = json.dumps(payload, ensure_ascii=False)
+        try:
+            body = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from the request, echoed in an error: ASCII-escape it
+            body = json.dumps(payload).encode("ascii")
+        self._send(status, body, "application/json")
 
     def _send_error(self, err: ServingError) -> None:
-        self._send_json(HTTP_STATUS.get(err.code, 500), {"error": err.message})
+        if isinstance(err, RequestError):
+            self._close_after_response = True  # the body, if any, is left unread
+        self._send_json(getattr(err, "status", None) or HTTP_STATUS.get(err.code, 500), {"error": err.message})
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own refusals (bad request line, too long, unknown method) as {"error": ...}, then close."""
+        self.log_error("code %d, message %s", code, message)
+        self._close_after_response = True  # what follows on this connection is not read: it closes
+        self._send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+    # -- routes
 
     def _route(self) -> Optional[re.Match]:
         return MODEL_PATH.match(self.path.split("?", 1)[0])
@@ -256,15 +360,27 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         except ServingError as err:
             code = err.code
             self._send_error(err)
+        except (ClientGone, ConnectionError):  # the client, or the end of a drain, closed the connection
+            code = grpc.StatusCode.CANCELLED
+            self.close_connection = True
+        except RecursionError:  # JSON nested deeper than Python's recursion limit, anywhere in the decoding
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            self._send_json(400, {"error": "request body is nested too deeply"})
         except Exception as err:  # unexpected: report it, keep serving
             logger.exception("REST request failed")
             self._send_json(500, {"error": f"{type(err).__name__}: {err}"})
         finally:
-            self.metrics.request(match["name"], method, REST_ENTRYPOINT, code, time.perf_counter() - start)
+            self.metrics.request(self.registry.metric_label(match["name"]), method, REST_ENTRYPOINT, code,
+                                 time.perf_counter() - start)
 
     @staticmethod
     def _version(match: re.Match) -> Tuple[Optional[int], Optional[str]]:
-        return (int(match["version"]) if match["version"] else None), match["label"]
+        text = match["version"]
+        if text is None:
+            return None, match["label"]
+        if len(text) > 19 or int(text) > INT64_MAX:  # (int() refuses more than 4300 digits)
+            raise invalid(f"Failed to convert version: {_shortened(text)} to numeric.")
+        return int(text), None
 
     def _model_get(self, match: re.Match) -> Any:
         if match["verb"]:
@@ -273,22 +389,66 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
             return metadata_json(metadata_response(self.registry.get(match["name"], *self._version(match))))
         return _message_json(status_response(self.registry, match["name"], *self._version(match)))
 
+    def _content_length(self) -> int:
+        """The request's Content-Length: 411 without one (or for chunked bodies), 400 unless it is one decimal
+        number within serving.max_request_bytes.  The body is not read here."""
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(411, "Transfer-Encoding is not supported: send the body with a Content-Length header")
+        values = {v.strip() for v in self.headers.get_all("Content-Length", [])}
+        if not values:
+            raise RequestError(411, "a POST needs a Content-Length header")
+        if len(values) > 1:
+            raise RequestError(400, f"conflicting Content-Length headers: {_shortened(', '.join(sorted(values)))}")
+        text = values.pop()
+        if not re.fullmatch(r"[0-9]+", text):
+            raise RequestError(400, f"invalid Content-Length: {_shortened(text)!r} (must be a number of bytes)")
+        if len(text) > 18 or int(text) > self.max_request_bytes:
+            raise RequestError(400, f"request of {_shortened(text)} bytes exceeds "
+                                    f"serving.max_request_bytes={self.max_request_bytes}")
+        return int(text)
+
+    def _read_body(self, length: int) -> bytes:
+        """Exactly `length` bytes of body, which must all arrive within `timeout` seconds (else 408)."""
+        deadline = time.monotonic() + self.timeout
+        chunks = []
+        try:
+            while length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(length, 1 << 16))
+                if not chunk:
+                    raise ClientGone()
+                chunks.append(chunk)
+                length -= len(chunk)
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within serving.http_timeout_seconds="
+                                    f"{self.timeout:g}", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        except ConnectionError:
+            raise ClientGone() from None
+        self.connection.settimeout(self.timeout)
+        self._close_after_response = False
+        return b"".join(chunks)
+
     def _model_post(self, match: re.Match) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > self.max_request_bytes:
-            self.close_connection = True  # the body is left unread
-            raise invalid(f"request of {length} bytes exceeds serving.max_request_bytes={self.max_request_bytes}")
-        raw = self.rfile.read(length)
+        raw = self._read_body(self._content_length())
         if match["verb"] != ":predict":
             raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{match['verb'][1:]} is not implemented")
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise invalid(f"request body is not JSON: {err}") from None
+        except RecursionError:
+            raise invalid("request body is not JSON: nested too deeply") from None
+        except ValueError as err:  # not UTF-8, not JSON, or a number of more than 4300 digits
+            raise invalid(f"request body is not JSON: {_shortened(str(err), 200)}") from None
         if not isinstance(body, dict):
             raise invalid("request body must be a JSON object")
+        signature_name = body.get("signature_name")
+        if signature_name is None:
+            signature_name = ""
+        if not isinstance(signature_name, str):
+            raise invalid("'signature_name' key must be a string value.")
         loaded = self.registry.get(match["name"], *self._version(match))
-        signature_name = body.get("signature_name") or ""
         specs = input_specs(signature_function(loaded.model, signature_name))
         arrays, row_format = request_arrays(body, specs)
         outputs = self.runner.run(loaded, prepare(loaded.model, signature_name, arrays, self.max_batch))
@@ -311,7 +471,7 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
 
     def _static(self) -> None:
         relative = self.path.split("?", 1)[0].lstrip("/") or "index.html"
-        path = os.path.realpath(os.path.join(STATIC_DIR, relative))
+        path = "" if "\0" in relative else os.path.realpath(os.path.join(STATIC_DIR, relative))
         if not path.startswith(STATIC_DIR + os.sep) or not os.path.isfile(path):
             return self._send_json(404, {"error": f"not found: {self.path}"})
         with open(path, "rb") as f:  # a file inside the package, always local
@@ -319,18 +479,206 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, body, mimetypes.guess_type(path)[0] or "application/octet-stream")
 
 
+def _has_input(sock: socket.socket) -> bool:
+    """True when bytes (or the client's EOF) wait on `sock`: a request is arriving."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _discard_unread_input(sock: socket.socket, seconds: float = LINGER_SECONDS) -> None:
+    """Before closing: if the client is still sending (a body that was refused or cut short), ends our side and
+    discards what arrives for up to `seconds`; closing with unread input would reset the connection, and the
+    client could lose the answer it was just sent."""
+    if not _has_input(sock):
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if not sock.recv(1 << 16):
+                break
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    """Ends a connection another thread is blocked on (it reads EOF); that thread closes the socket."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class RestServer(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer with a real backlog, a connection cap and a graceful drain.
+
+    Backlog: the kernel holds up to `backlog` connections until they are
+    accepted (socketserver's default is 5, which resets clients under bursts).
+
+    Connection cap: at most `max_connections` connections are open, each on
+    its own handler thread.  While the cap is reached the accept loop stops
+    accepting, so further connections wait in the backlog and are served as
+    soon as a connection closes (idle ones close after the idle timeout); past
+    the backlog the kernel refuses them.  A burst is served late, not failed
+    with 503s.
+
+    Drain (`drain(grace)`): stop accepting, accept the connections the kernel
+    had already completed, close keep-alive connections that are idle, and let
+    every request being read or run finish, its response saying
+    `Connection: close`, for up to `grace` seconds; connections left at the end
+    are closed and counted."""
+
+    daemon_threads = True  # a handler still running after the grace must not keep the process alive
+    block_on_close = False  # drain() does the waiting, bounded by the grace
+
+    def __init__(self, address, handler, backlog: int, max_connections: int):
+        self.request_queue_size = backlog  # socketserver passes it to listen()
+        self.max_connections = max_connections
+        self.draining = False
+        self._accepting = True
+        self._changed = threading.Condition()
+        self._connections: Dict[socket.socket, bool] = {}  # open connection -> busy with a request
+        self._loop_done = threading.Event()
+        self._loop_done.set()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        super().__init__(address, handler)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)  # accepts happen only when select says one is waiting
+
+    # -- accepting
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accepts connections, one handler thread each, until `shutdown` or `drain` (poll_interval is unused)."""
+        self._loop_done.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while self._free_slot():
+                    ready = {key.fileobj for key, _ in selector.select()}
+                    if self.socket in ready and self._accepting:
+                        self._accept()
+        finally:
+            self._loop_done.set()
+
+    def _free_slot(self) -> bool:
+        """Waits while max_connections connections are open; False once accepting has stopped."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._accepting or len(self._connections) < self.max_connections)
+            return self._accepting
+
+    def _accept(self) -> bool:
+        """Accepts one waiting connection and starts its handler thread; False when none was waiting."""
+        try:
+            sock, address = self.socket.accept()
+        except BlockingIOError:
+            return False
+        except OSError as err:  # out of file descriptors or memory: the connection stays in the backlog
+            logger.warning("REST: cannot accept a connection: %s", err)
+            time.sleep(0.1)
+            return False
+        with self._changed:
+            self._connections[sock] = False
+        try:
+            self.process_request(sock, address)
+        except Exception:  # no thread could be started
+            logger.exception("REST: cannot serve a connection")
+            self.shutdown_request(sock)
+        return True
+
+    def shutdown(self) -> None:
+        """Stops the accept loop and waits for it to end; open connections carry on."""
+        with self._changed:
+            self._accepting = False
+            self._changed.notify_all()
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+        self._loop_done.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    # -- connections (called by the handler threads)
+
+    def connection_idle(self, sock: socket.socket) -> bool:
+        """A connection is about to wait for a request; False when it should close instead (draining, and
+        no request is arriving)."""
+        with self._changed:
+            if self.draining and not _has_input(sock):
+                return False
+            self._connections[sock] = False
+            return True
+
+    def connection_busy(self, sock: socket.socket) -> None:
+        """A request has started arriving on `sock`: the drain waits for its answer."""
+        with self._changed:
+            self._connections[sock] = True
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        _discard_unread_input(request)
+        with self._changed:
+            self._connections.pop(request, None)
+            self._changed.notify_all()
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection failed outside the routes' error handling: quietly when the client (or the drain) closed
+        it, with the traceback otherwise."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)) or (self.draining and isinstance(err, OSError)):
+            logger.debug("REST connection from %s ended: %r", client_address[0], err)
+        else:
+            logger.exception("REST connection from %s failed", client_address[0])
+
+    # -- draining
+
+    def drain(self, grace: float) -> int:
+        """Stops taking connections and lets the requests in flight finish, for up to `grace` seconds.
+
+        Returns how many connections were still busy at the end; those are closed and logged."""
+        deadline = time.monotonic() + grace
+        with self._changed:
+            self.draining = True  # from now on every response says Connection: close
+        self.shutdown()
+        if self.socket.fileno() >= 0:
+            while self._free_slot_now() and self._accept():  # completed before the drain: in flight too
+                pass
+        self.server_close()  # new connections are refused from here on
+        with self._changed:
+            idle = [sock for sock, busy in self._connections.items() if not busy and not _has_input(sock)]
+            for sock in idle:
+                _close_quietly(sock)
+            logger.info("REST: draining %d requests in flight, closed %d idle connections",
+                        len(self._connections) - len(idle), len(idle))
+            self._changed.wait_for(lambda: not self._connections, max(0.0, deadline - time.monotonic()))
+            left = list(self._connections)
+            for sock in left:
+                _close_quietly(sock)
+        if left:
+            logger.warning("%d REST requests were still running after the %g s grace period; their connections "
+                           "were closed", len(left), grace)
+        return len(left)
+
+    def _free_slot_now(self) -> bool:
+        with self._changed:
+            return len(self._connections) < self.max_connections
+
+
 def build_rest_server(registry: ModelRegistry, serving_config, images: Optional[CatalogImages] = None,
                       runner: Optional[Runner] = None, metrics: Optional[Metrics] = None,
-                      health: Optional[Health] = None) -> http.server.ThreadingHTTPServer:
-    """A ThreadingHTTPServer on serving.host:serving.http_port (0 picks a free port); `.server_port` is the bound port.
+                      health: Optional[Health] = None) -> RestServer:
+    """A RestServer on serving.host:serving.http_port (0 picks a free port); `.server_port` is the bound port.
 
-    Without `runner` requests run unbatched; without `metrics` there is no metrics page."""
+    Its limits come from serving.http_backlog, http_max_connections, http_timeout_seconds and
+    http_idle_timeout_seconds.  Without `runner` requests run unbatched; without `metrics` there is no metrics
+    page."""
     c = serving_config
     metrics = metrics or Metrics()
     handler = type("BoundRestHandler", (RestHandler,), {
         "registry": registry, "max_request_bytes": c.max_request_bytes, "max_batch": c.max_batch, "images": images,
         "runner": runner or Runner(metrics=metrics), "metrics": metrics, "health": health,
+        "timeout": c.http_timeout_seconds, "idle_timeout": c.http_idle_timeout_seconds,
         "page_json": json.dumps(page_settings(c.max_request_bytes)).encode("utf-8")})
-    server = http.server.ThreadingHTTPServer((c.host, c.http_port), handler)
-    server.daemon_threads = True
-    return server
+    return RestServer((c.host, c.http_port), handler, backlog=c.http_backlog, max_connections=c.http_max_connections)

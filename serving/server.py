@@ -36,13 +36,14 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 class ModelServer:
     """The registry plus both front ends; `start()` binds and loads, `stop()` drains and closes."""
 
-    def __init__(self, serving_config, models_config_path: str, catalog_path: Optional[str] = None):
+    def __init__(self, serving_config, models_config_path: str, catalog_path: Optional[str] = None,
+                 allow_outside_uris: bool = False):
         self.config = serving_config
         # Parameter files are read (and refused, naming the field) before anything loads.
         self.metrics = metrics_module.from_config(serving_config.monitoring)
         options = batching_options.from_config(serving_config.batching)
         self.batcher = Batcher(options, self.metrics) if options else None
-        self.runner = Runner(self.batcher, self.metrics)
+        self.runner = Runner(self.batcher, self.metrics, serving_config.image_call_slots)
         models = models_config.served_beside(models_config.read(models_config_path), models_config_path)
         self.registry = ModelRegistry(models,
                                       poll_seconds=serving_config.poll_seconds,
@@ -57,7 +58,7 @@ class ModelServer:
         self._http = None
         self._http_thread: Optional[threading.Thread] = None
         # GET /images/<id> on the HTTP port: the catalog's images, for the search page.
-        self.images = CatalogImages(catalog_path) if catalog_path else None
+        self.images = CatalogImages(catalog_path, allow_outside_uris) if catalog_path else None
 
     def _freeze_loaded_objects(self) -> None:
         """Moves the loaded models' Python objects out of the cyclic GC's reach after each load or retirement.
@@ -95,14 +96,18 @@ class ModelServer:
 
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Reports NOT_SERVING, stops taking requests, lets in-flight ones finish (up to `grace` seconds),
-        then stops the batch threads and the polling."""
+        then stops the batch threads and the polling.
+
+        gRPC and REST drain at the same time, each for up to `grace` seconds: gRPC's stop() returns at once
+        and drains in the background while the REST server drains here (serving/rest.py, RestServer.drain)."""
         self.health.shutdown()
-        if self._grpc is not None:
-            done = self._grpc.stop(grace)
-            done.wait(grace + 1)
+        grpc_stopped = self._grpc.stop(grace) if self._grpc is not None else None
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.drain(grace)
+            if self._http_thread is not None:
+                self._http_thread.join()
+        if grpc_stopped is not None:
+            grpc_stopped.wait(grace + 1)
         if self.batcher is not None:
             self.batcher.stop()
         self.registry.stop()
@@ -110,7 +115,8 @@ class ModelServer:
 
 def run(config, workdir, args) -> int:
     """Serves every model in W/export/models.config until SIGTERM or Ctrl-C."""
-    server = ModelServer(config.serving, workdir.models_config, catalog_path=workdir.catalog)
+    server = ModelServer(config.serving, workdir.models_config, catalog_path=workdir.catalog,
+                         allow_outside_uris=config.pipeline.allow_outside_uris)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

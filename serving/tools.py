@@ -133,9 +133,9 @@ def _queries_and_images(workdir: Workdir):
     return (query_encoder, image_encoder), queries, query_embeddings, image_ids, image_embeddings
 
 
-def _read_images_for_thumbnails(workdir: Workdir, ids: Sequence[str]) -> Dict[str, bytes]:
+def _read_images_for_thumbnails(workdir: Workdir, ids: Sequence[str], allow_outside_uris: bool) -> Dict[str, bytes]:
     """{image id: file bytes} of the catalog images among `ids` that can be served (others are left out)."""
-    images = CatalogImages(workdir.catalog)
+    images = CatalogImages(workdir.catalog, allow_outside_uris)
     out = {}
     for image_id in ids:
         try:
@@ -188,7 +188,8 @@ def plot_embeddings(config, workdir: Workdir, args) -> int:
     # structure they share.
     points, explained = pca_2d(np.vstack([standardize(query_embeddings), standardize(image_embeddings)]))
     query_points, image_points = points[:len(queries)], points[len(queries):]
-    thumbnails = _read_images_for_thumbnails(workdir, [image_ids[i] for i in thumbnail_picks(image_points)])
+    thumbnails = _read_images_for_thumbnails(workdir, [image_ids[i] for i in thumbnail_picks(image_points)],
+                                             config.pipeline.allow_outside_uris)
     canvas, labelled = draw_embeddings(query_points, queries, image_points, image_ids, thumbnails, explained)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")

@@ -104,3 +104,28 @@ def test_chinese_values_round_trip():
 def test_nan_in_an_override_names_the_key():
     with pytest.raises(ConfigError, match="serving.poll_seconds: expected a finite number"):
         config_from_dict({}, "defaults", ["serving.poll_seconds=.nan"])
+
+
+def test_hostile_input_keys():
+    from clicklens.config import describe_config
+
+    p = Config().pipeline
+    # Generous caps: a demo session has at most demo_data.max_impressions (20) clicks.
+    assert (p.max_clicks_per_session, p.max_clicks_per_session_query, p.skip_corrupt_files) == (100, 50, False)
+    config = config_from_dict({}, overrides=["pipeline.max_clicks_per_session=0", "pipeline.max_clicks_per_session_query=7",
+                                             "pipeline.skip_corrupt_files=true"])
+    assert (config.pipeline.max_clicks_per_session, config.pipeline.max_clicks_per_session_query) == (0, 7)
+    assert config.pipeline.skip_corrupt_files is True
+    for override, words in [("pipeline.max_clicks_per_session=-1", "pipeline.max_clicks_per_session: must be >= 0"),
+                            ("pipeline.max_clicks_per_session_query=-5",
+                             "pipeline.max_clicks_per_session_query: must be >= 0"),
+                            ("pipeline.max_clicks_per_session=.nan", "pipeline.max_clicks_per_session: expected an integer"),
+                            ("pipeline.max_clicks_per_session_query=2.5",
+                             "pipeline.max_clicks_per_session_query: expected an integer"),
+                            ("pipeline.skip_corrupt_files=sometimes", "pipeline.skip_corrupt_files: expected true or false"),
+                            ("pipeline.skip_corrupt_files=1", "pipeline.skip_corrupt_files: expected true or false")]:
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            config_from_dict({}, "defaults", [override])
+    described = describe_config(Config())
+    assert "max_clicks_per_session: 100" in described and "0 = no cap" in described
+    assert "skip_corrupt_files: false" in described

@@ -57,7 +57,11 @@ def image_server(tmp_path_factory):
         {"image_id": "img_text", "uri": "images/notes.txt"},  # a catalog line pointing at a non-image
         {"image_id": "img_gone", "uri": "images/missing.png"},
         {"image_id": "feat_only", "features": [0.1, 0.2]},
+        {"image_id": "img_fifo", "uri": "images/fifo.png"},  # a FIFO: opening it for reading would block
+        {"image_id": "img_outside", "uri": "../secret.png"},  # a real image outside the catalog's folder
+        {"image_id": "img_passwd", "uri": "/etc/passwd"},
     ]) + "\n")
+    os.mkfifo(raw / "images" / "fifo.png")
     config = ServingConfig(host="127.0.0.1", http_port=0, max_request_bytes=1 << 20, max_batch=8)
     server = build_rest_server(None, config, images=CatalogImages(str(catalog)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -88,6 +92,23 @@ def test_image_route_serves_catalog_images_by_id(image_server):
     assert _get(port, "/images/feat_only")[0] == 404  # features only: nothing to show
     status, _, body = _get(port, "/images/img_text")  # listed, but not an image: never served
     assert status == 404 and b"not an image" not in body
+
+
+def test_image_route_refuses_fifos_and_files_outside_the_catalog_without_naming_paths(image_server):
+    port, root = image_server
+    for image_id in ("img_fifo", "img_outside", "img_passwd", "img_gone", "img_text"):
+        status, content_type, body = _get(port, "/images/" + image_id)  # the client's timeout is 10 s
+        assert (status, content_type) == (404, "application/json"), image_id
+        assert image_id in body.decode() and str(root) not in body.decode() and "/etc" not in body.decode()
+        assert b"root:" not in body and body != PNG_1X1
+
+
+def test_files_outside_the_catalog_are_served_only_when_allowed(image_server):
+    _, root = image_server
+    catalog = str(root / "raw" / "catalog.jsonl")
+    assert CatalogImages(catalog, allow_outside_uris=True).read("img_outside") == (PNG_1X1, "image/png")
+    with pytest.raises(ImageRequestError):
+        CatalogImages(catalog).read("img_outside")
 
 
 @pytest.mark.parametrize("path", [

@@ -185,6 +185,38 @@ def test_invalid_argument(server, bad):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
 
 
+def _png_bomb(side: int) -> bytes:
+    """A PNG of a few KB declaring side x side pixels (gigabytes once decoded)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_decompression_bombs_are_refused_before_decoding(server):
+    import base64
+
+    bomb = _png_bomb(20_000)  # 47 KB, 400 M pixels: 28 s and 7.9 GB when it was decoded
+    assert len(bomb) < MAX_REQUEST_BYTES
+    for model, signature in (("retrieval_scann", "by_image"), ("image_encoder", "serving_default")):
+        err = rpc_error(server.predictions.Predict, request(model, signature, image_bytes=np.array([bomb], object)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "too large" in err.details(), err.details()
+    status, body = _http(server, "/v1/models/retrieval_scann:predict", {
+        "signature_name": "by_image", "instances": [{"image_bytes": {"b64": base64.b64encode(bomb).decode()}}]})
+    assert status == 400 and "too large" in body["error"]
+    server.predictions.Predict(request("retrieval_scann", query=np.array(["still serving"], object)), timeout=30)
+
+
+def test_declared_shapes_larger_than_the_values_are_refused(server):
+    hostile = request("retrieval_scann", query=np.array(["a"], object))
+    hostile.inputs["query"].tensor_shape.dim[0].size = 2 ** 28  # 52 bytes declaring 2^28 strings
+    err = rpc_error(server.predictions.Predict, hostile)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "declares more than 1 values" in err.details()
+
+
 def test_unknown_signature_is_failed_precondition(server):
     err = rpc_error(server.predictions.Predict, request("retrieval_scann", "nope", query=np.array(["a"], object)))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION

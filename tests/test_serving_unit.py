@@ -9,6 +9,7 @@ code end to end over real sockets.
 import base64
 import logging
 import shutil
+import threading
 import types
 
 import grpc
@@ -23,7 +24,9 @@ from clicklens import models_config, servables
 from serving import saved_models
 from serving.catalog_images import ROUTE_PREFIX
 from serving.model_registry import MAX_LOAD_ATTEMPTS, LoadedVersion, ModelRegistry, aspired_versions, replay_warmup
-from serving.predict import ServingError, input_specs, predict, signature_function
+from serving.predict import (ServingError, input_specs, predict, predict_proto, prepare, signature_function,
+                             values_present)
+from serving.runner import Runner
 from serving.rest import page_settings, request_arrays, response_json
 
 MODEL = servables.RETRIEVAL_BRUTEFORCE
@@ -157,6 +160,54 @@ def test_predict_batch_at_max_and_two_inputs_are_fine(model):
     both = predict(model, TWO_INPUTS_SIGNATURE, {servables.QUERY: _strings([b"ab"]),
                                                  servables.IMAGE_BYTES: _strings([b"cde"])}, MAX_BATCH)
     assert both[servables.SCORES].tolist() == [[5.0, 2.5]]
+
+
+def _declared(proto, dims):
+    """`proto` with its shape replaced by `dims` (what a hostile client can send)."""
+    del proto.tensor_shape.dim[:]
+    for size in dims:
+        proto.tensor_shape.dim.add(size=size)
+    return proto
+
+
+@pytest.mark.parametrize("make_proto, message", [
+    (lambda: _declared(tf.make_tensor_proto([b"a"], dtype=tf.string), [2 ** 28]), "declares more than 1 values"),
+    (lambda: _declared(tf.make_tensor_proto([b"a"], dtype=tf.string), [5]), "declares more than 1 values"),
+    (lambda: _declared(tf.make_tensor_proto([b"a", b"b", b"c"], dtype=tf.string), [2]), "declares 2 values"),
+    (lambda: _declared(tf.make_tensor_proto([b"a"], dtype=tf.string), [2 ** 40, 2 ** 40, 0]), "declares 0 values"),
+    (lambda: _declared(tf.make_tensor_proto([b"a"], dtype=tf.string), [-1]), "negative dimension"),
+    (lambda: _declared(tf.make_tensor_proto([], dtype=tf.string), [3]), "declares more than 0 values"),
+], ids=["2^28 of one", "5 of one", "2 of three", "huge dims times zero", "negative", "none"])
+def test_declared_shapes_are_checked_against_the_values_before_allocating(model, make_proto, message):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = servables.TEXT_SIGNATURE
+    request.inputs[servables.QUERY].CopyFrom(make_proto())
+    assert _code(lambda: predict_proto(model, request, MAX_BATCH), message) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_values_present_counts_tensor_content_and_value_fields():
+    assert values_present(tf.make_tensor_proto(np.zeros((3, 4), np.float32))) == 12  # tensor_content
+    assert values_present(tf.make_tensor_proto([1.5], dtype=tf.float32)) == 1  # float_val
+    assert values_present(tf.make_tensor_proto(np.zeros(3, np.complex64))) == 3
+    odd = tf.make_tensor_proto(np.zeros(3, np.float32))
+    odd.tensor_content = odd.tensor_content[:-1]
+    assert _code(lambda: values_present(odd), "whole float32 values") == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_image_calls_wait_for_a_slot_and_text_calls_do_not(model):
+    runner = Runner(image_call_slots=1)
+    loaded = types.SimpleNamespace(name=MODEL)
+    image_call = prepare(model, servables.IMAGE_SIGNATURE, {servables.IMAGE_BYTES: _strings([b"abc"])}, MAX_BATCH)
+    text_call = prepare(model, servables.TEXT_SIGNATURE, {servables.QUERY: _strings([b"abc"])}, MAX_BATCH)
+    runner._image_slots.acquire()  # another image call holds the only slot
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (runner.run(loaded, image_call), done.set()))
+    worker.start()
+    assert runner.run(loaded, text_call)[servables.SCORES].tolist() == [[3.0, 1.5]]  # text calls need no slot
+    assert not done.wait(0.5)
+    runner._image_slots.release()
+    assert done.wait(30)
+    worker.join()
 
 
 def test_unknown_signature_is_failed_precondition(model):
