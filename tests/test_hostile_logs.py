@@ -13,6 +13,7 @@ from clicklens.config import config_from_dict
 from clicklens.log_schema import Impression, LogRecord
 from clicklens.workdir import Workdir
 from tests.pipeline_digest import output_digests
+from tests.test_pipeline_runner import _event as log_line
 
 # Images of the normal sessions, and 40 that only robots click.
 NORMAL_IMAGES = ["a", "b", "c", "d"]
@@ -20,13 +21,7 @@ ROBOT_IMAGES = [f"r{i:02d}" for i in range(40)]
 
 
 def _event(session, query, shown, clicked, image_query=None):
-    record = {"session_id": session, "time": 1.0, "category": "color",
-              "impressions": [{"image_id": i, "position": k + 1, "clicked": i in clicked} for k, i in enumerate(shown)]}
-    if image_query:
-        record["query_image_id"] = image_query
-    else:
-        record["query"] = query
-    return json.dumps(record)
+    return log_line(query, shown, clicked, image_query=image_query, session=session)
 
 
 def _clicked_list(session, query, n, images, image_query=None):

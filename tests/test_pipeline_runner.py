@@ -16,8 +16,9 @@ DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "p", "--region", "r"
                  "--temp_location", "gs://b/t", "--setup_file", "./setup.py"]
 
 
-def _event(query, shown, clicked, category="color", image_query=None):
-    record = {"session_id": "s", "time": 1.0, "category": category,
+def _event(query, shown, clicked, category="color", image_query=None, session="s"):
+    """One log line: `shown` at positions 1.., those in `clicked` clicked."""
+    record = {"session_id": session, "time": 1.0, "category": category,
               "impressions": [{"image_id": i, "position": k + 1, "clicked": i in clicked} for k, i in enumerate(shown)]}
     if image_query:
         record["query_image_id"] = image_query
