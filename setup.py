@@ -24,9 +24,10 @@ setup(
     # find_packages installs what is there.
     packages=find_packages(include=["clicklens", "clicklens.*", "trainer", "trainer.*", "beam_pipelines",
                                     "beam_pipelines.*", "serving", "serving.*"]),
-    package_data={"serving": ["static/*"]},
+    package_data={"serving": ["static/*"], "clicklens": ["default_config.yaml"]},
     include_package_data=True,
     install_requires=requirements("requirements.txt"),
     extras_require={"test": requirements("requirements-test.txt")},
-    entry_points={"console_scripts": ["clicklens=clicklens.cli:main"]},
+    entry_points={"console_scripts": ["clicklens=clicklens.cli:main",
+                                      "clicklens-model-server=serving.model_server_main:main"]},
 )

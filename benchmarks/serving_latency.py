@@ -1,6 +1,7 @@
 """Latency and throughput of gRPC Predict against `clicklens serve`, batching off and on, in one run.
 
     nice -n 10 .venv/bin/python benchmarks/serving_latency.py --workdir demo_workdir [--model retrieval_scann]
+    ... --servers clicklens-serve clicklens-model-server     (both, side by side)
 
 Starts `clicklens serve` over W/export (run `make demo` or `clicklens export`
 first) twice on free ports, once with batching off and once with it on
@@ -10,7 +11,12 @@ process keeps its share of the concurrency in flight as gRPC futures, sending
 pre-serialized one-query PredictRequests (a mix of Chinese and English).  Each
 level runs --warmup-seconds unmeasured, then --seconds measured.  Prints p50,
 p95 and p99 latency, req/s and errors per level, the on/off ratios, and
-whether the targets are met:
+whether the targets are met.  With `--servers clicklens-serve clicklens-model-server` the
+same levels also run against `clicklens-model-server --model_config_file=W/export/models.config`
+(tensorflow_model_server's flags; batching through --enable_batching and a
+batching_parameters_file holding the same parameters), and each server's
+start-to-ready time (process start to serving) is printed beside its figures;
+the two should match, being the same server.  The targets:
 
 - batching on serves at least 2x the req/s of batching off at concurrency 32,
   with a p99 no worse;
@@ -29,6 +35,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Sequence
@@ -55,18 +62,45 @@ DEFAULT_BATCHING = ("max_batch_size=64", "batch_timeout_micros=2000", "num_batch
 # -- the server ------------------------------------------------------------------
 
 
-def start_server(workdir: str, config: str, overrides: Sequence[str]) -> tuple[subprocess.Popen, int]:
-    """`clicklens serve` on free ports with `overrides` (--set values); returns the process and its gRPC port."""
+SERVERS = ("clicklens-serve", "clicklens-model-server")
+
+
+def serve_command(workdir: str, config: str, overrides: Sequence[str]) -> List[str]:
+    """`clicklens serve` on free ports with `overrides` (--set values)."""
     command = [sys.executable, "-m", "clicklens", "serve", "--config", config, "--workdir", workdir,
                "--set", "serving.grpc_port=0", "--set", "serving.http_port=0"]
     for override in overrides:
         command += ["--set", override]
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    return command
+
+
+def model_server_command(workdir: str, workers: int, batching: Optional[Sequence[str]], scratch: str) -> List[str]:
+    """clicklens-model-server over W/export/models.config on a free gRPC port (REST off, its default), with
+    `batching` (KEY=VALUE of serving.batching) as a TF Serving batching_parameters_file when given."""
+    command = [sys.executable, "-m", "serving.model_server_main", "--port=0",
+               f"--model_config_file={os.path.join(workdir, 'export', 'models.config')}",
+               f"--grpc_max_threads={workers}"]
+    if batching is not None:
+        path = os.path.join(scratch, "batching_parameters.txt")
+        with open(path, "w") as f:
+            for kv in batching:
+                key, value = kv.split("=", 1)
+                f.write(f"{key}: {value}\n" if key == "allowed_batch_sizes" else f"{key} {{ value: {value} }}\n")
+        command += ["--enable_batching", f"--batching_parameters_file={path}"]
+    return command
+
+
+def start_server(command: Sequence[str]) -> tuple[subprocess.Popen, int, float]:
+    """Starts a server process; returns it, its gRPC port and its start-to-ready seconds (process start to the
+    "serving ..." line, logged once the models are loaded and the ports take traffic)."""
+    started = time.monotonic()
+    process = subprocess.Popen(list(command), cwd=REPO, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         match = READY.search(line)
         if match:
+            ready = time.monotonic() - started
             threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
-            return process, int(match[1])
+            return process, int(match[1]), ready
     raise SystemExit(f"the server exited with code {process.wait()} before it was ready")
 
 
@@ -198,9 +232,10 @@ def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
-def report(results: Dict[str, Dict[int, dict]], levels: Sequence[int]) -> None:
+def report(results: Dict[str, Dict[int, dict]], levels: Sequence[int], server: str = SERVERS[0]) -> None:
     """Ratios of batching on to off per level, then the targets."""
     off, on = results.get("off", {}), results.get("on", {})
+    print(f"\n== {server}")
     if off and on:
         print("\nbatching on / off:")
         print(f"{'concurrency':>12}{'req/s x':>10}{'p50 x':>9}{'p99 x':>9}")
@@ -237,6 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batching", nargs="*", default=list(DEFAULT_BATCHING), metavar="KEY=VALUE",
                         help="serving.batching.* of the batching-on server")
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--servers", nargs="+", default=[SERVERS[0]], choices=SERVERS,
+                        help="clicklens serve, and/or clicklens-model-server with tensorflow_model_server's flags")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra config overrides for both servers")
     args = parser.parse_args(argv)
@@ -245,26 +282,35 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"the client processes and anything else on the machine (load average {os.getloadavg()[0]:.2f} "
           f"at the start); {args.warmup_seconds:g} s warm-up + {args.seconds:g} s measured per level; "
           f"serving.workers={args.workers}; batching on: {' '.join(args.batching)}")
-    results: Dict[str, Dict[int, dict]] = {}
-    print(f"\n{'batching':>8}{'concurrency':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}"
-          f"{'server CPU ms/req':>19}{'client CPU ms/req':>19}")
-    for mode in args.modes:
-        overrides = [f"serving.workers={args.workers}", *args.overrides]
-        if mode == "on":
-            overrides += ["serving.batching.enabled=true", *(f"serving.batching.{kv}" for kv in args.batching)]
-        process, port = start_server(args.workdir, args.config, overrides)
-        try:
-            results[mode] = {}
-            for concurrency in args.concurrency:
-                r = measure(f"127.0.0.1:{port}", requests, concurrency, args.client_processes,
-                            args.warmup_seconds, args.seconds, process.pid)
-                results[mode][concurrency] = r
-                print(f"{mode:>8}{concurrency:>12}{r['p50']:>9.2f}{r['p95']:>9.2f}{r['p99']:>9.2f}"
-                      f"{r['rps']:>9.1f}{r['errors']:>8}{r['server_cpu_ms']:>19.3f}{r['client_cpu_ms']:>19.3f}",
-                      flush=True)
-        finally:
-            stop_server(process)
-    report(results, args.concurrency)
+    by_server: Dict[str, Dict[str, Dict[int, dict]]] = {}
+    print(f"\n{'server':>23}{'batching':>9}{'ready s':>9}{'concurrency':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+          f"{'req/s':>9}{'errors':>8}{'server CPU ms/req':>19}{'client CPU ms/req':>19}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for mode in args.modes:
+            for server in args.servers:
+                if server == "clicklens-serve":
+                    overrides = [f"serving.workers={args.workers}", *args.overrides]
+                    if mode == "on":
+                        overrides += ["serving.batching.enabled=true",
+                                      *(f"serving.batching.{kv}" for kv in args.batching)]
+                    command = serve_command(args.workdir, args.config, overrides)
+                else:
+                    command = model_server_command(args.workdir, args.workers,
+                                                   args.batching if mode == "on" else None, scratch)
+                process, port, ready = start_server(command)
+                try:
+                    results = by_server.setdefault(server, {}).setdefault(mode, {})
+                    for concurrency in args.concurrency:
+                        r = measure(f"127.0.0.1:{port}", requests, concurrency, args.client_processes,
+                                    args.warmup_seconds, args.seconds, process.pid)
+                        results[concurrency] = r
+                        print(f"{server:>23}{mode:>9}{ready:>9.2f}{concurrency:>12}{r['p50']:>9.2f}{r['p95']:>9.2f}"
+                              f"{r['p99']:>9.2f}{r['rps']:>9.1f}{r['errors']:>8}{r['server_cpu_ms']:>19.3f}"
+                              f"{r['client_cpu_ms']:>19.3f}", flush=True)
+                finally:
+                    stop_server(process)
+    for server, results in by_server.items():
+        report(results, args.concurrency, server)
     print(f"\n(load average {os.getloadavg()[0]:.2f} at the end)")
 
 

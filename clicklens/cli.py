@@ -71,6 +71,8 @@ VERBS: List[Verb] = [
     Verb("pipeline", "beam_pipelines.pipeline:run",
          "run the Beam pipeline: logs -> <workdir>/examples (other options go to Beam)",
          passes_unknown_args=True),
+    Verb("pretrain", "trainer.pretrain:run", "self-supervised pretraining of the image tower on every catalog image "
+         "-> <workdir>/pretrain (model.image_init: pretrained starts `train` from it)"),
     Verb("train", "trainer.task:run", "train the two-tower model -> <workdir>/model"),
     Verb("evaluate", "trainer.evaluate:run", "evaluate the trained model -> <workdir>/model/metrics.json"),
     Verb("export", "trainer.export:run", "export SavedModels for TF Serving -> <workdir>/export"),
@@ -79,6 +81,7 @@ VERBS: List[Verb] = [
          "the next version of both retrieval models -> <workdir>/export",
          add_arguments=_reindex_arguments),
     Verb("serve", "serving.server:run", "serve <workdir>/export over TF Serving's gRPC and REST APIs",
+         passes_unknown_args=True,  # tensorflow_model_server's flags (serving/model_server_flags.py)
          writes_workdir=False),
     Verb("query", "serving.client:run", "send a query to a running server and print the top-k images",
          add_arguments=_query_arguments, writes_workdir=False),

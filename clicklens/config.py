@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -25,6 +26,9 @@ import yaml
 from clicklens.errors import ClicklensError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
+# The same file inside the installed package (a link to configs/demo.yaml in the repository; a copy in a wheel),
+# read when DEFAULT_CONFIG is not found from the current directory: an installed clicklens runs from anywhere.
+PACKAGED_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.yaml")
 
 
 class ConfigError(ClicklensError, ValueError):
@@ -56,6 +60,9 @@ class DemoDataConfig:
     broken_images: int = _field(4, min=0, help="Extra catalog entries whose image file is missing or corrupt.")
     cold_fraction: float = _field(0.2, min=0.0, max=0.9,
                                   help="Share of catalog images never shown in any session (new uploads).")
+    ranker_quality_weight: float = _field(0.3, min=0.0, max=10.0,
+                                          help="How much the old ranker's query-independent quality bias counts "
+                                               "against true relevance (what a position-blind learner inherits).")
 
 
 @dataclasses.dataclass
@@ -104,6 +111,23 @@ class PipelineConfig:
     ctr_threshold_by_category: Dict[str, float] = _field({}, min=0.0, max=1.0)
     entity_patterns: List[str] = _field([], help="Regexes; matching queries get at most entity_cap examples.")
     entity_cap: int = _field(5, min=1)
+    # Position bias (beam_pipelines/position_bias.py): clicks as evidence, not votes.
+    position_bias: str = _field("none", choices=["none", "pbm"],
+                                help="pbm: fit a position-based click model by EM on the logs and select and weight "
+                                     "pairs by debiased clicks and CTR (propensities in report.json and "
+                                     "position_bias.png); none: raw clicks and CTR.")
+    position_bias_by: str = _field("none", choices=["none", "locale", "category"],
+                                   help="pbm: one set of propensities per log locale or query category.")
+    position_bias_iterations: int = _field(1000, min=1, help="pbm: EM iterations at most; a fit that has not "
+                                                              "converged by then stops the run.")
+    position_bias_tolerance: float = _field(1e-5, min=1e-12, max=0.1,
+                                            help="pbm: EM has converged when no relative propensity moves more.")
+    position_bias_min_impressions: int = _field(10, min=1, help="pbm: the fit uses (query, image) pairs with at "
+                                                                 "least this many impressions at 2+ positions.")
+    propensity_clip: float = _field(0.1, min=0.001, max=1.0, help="pbm: smallest propensity an impression is "
+                                                                    "divided by (inverse-propensity weight <= 1/clip).")
+    min_dwell_ms: float = _field(0.0, min=0.0, help="A click with a dwell below this counts dwell/min_dwell_ms of "
+                                                    "a click in the debiased figures; 0 = off.")
     # Hostile input: robots, scrapers and broken shards (beam_pipelines/sessions.py, parse.py).
     max_clicks_per_session: int = _field(100, min=0, help="A session (all its records) with more clicks is taken for a "
                                                           "robot and dropped whole, clicks and impressions, before click "
@@ -168,6 +192,9 @@ class AugmentConfig:
                                                     "colour wheel; keep 0 when users search by colour.")
     grayscale_probability: float = _field(0.0, min=0.0, max=1.0, help="Share of views turned to grey; keep 0 "
                                                                       "when users search by colour.")
+    blur_probability: float = _field(0.0, min=0.0, max=1.0, help="Share of views blurred (Gaussian of "
+                                                                 "blur_sigma pixels, at a random strength).")
+    blur_sigma: float = _field(1.0, min=0.1, max=10.0, help="Blur: the Gaussian's standard deviation, pixels.")
 
 
 @dataclasses.dataclass
@@ -183,8 +210,9 @@ class PretrainConfig:
                                                           "and every other view of the global batch is a negative.")
     learning_rate: float = _field(0.003, min=0.0, max=10.0, help="Peak learning rate (training.lr_schedule).")
     temperature: float = _field(0.2, min=1e-3, max=10.0, help="NT-Xent softmax temperature.")
-    projection_dim: int = _field(64, min=2, max=4096, help="Output of the projection head the loss is computed "
-                                                            "on (the head is dropped after pretraining).")
+    projection_dim: int = _field(64, min=0, max=4096, help="Output of the projection head the loss is computed "
+                                                            "on (the head is dropped after pretraining); 0 = no "
+                                                            "head, the loss is on the tower's embeddings.")
     projection_hidden: int = _field(128, min=0, max=8192, help="Hidden width of the projection head; 0 = a "
                                                                "linear head.")
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
@@ -543,7 +571,10 @@ def config_from_dict(data: Optional[Mapping[str, Any]], source: str = "<dict>",
 
 
 def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Config:
-    """Reads a YAML run config (local or any TF filesystem path) and validates it."""
+    """Reads a YAML run config (local or any TF filesystem path) and validates it; the default path falls back
+    to the packaged copy when run from outside the repository."""
+    if path == DEFAULT_CONFIG and not os.path.exists(path) and os.path.exists(PACKAGED_DEFAULT_CONFIG):
+        path = PACKAGED_DEFAULT_CONFIG
     try:
         text = _read_text(path)
     except FileNotFoundError:

@@ -48,21 +48,39 @@ def read(path: str) -> List[ModelConfig]:
         raise ClicklensError(f"{path}: model config not found (run `clicklens export` first)")
     with tf.io.gfile.GFile(path, "r") as f:
         text = f.read()
+    return parse(text, path)
+
+
+def parse(text: str, path: str) -> List[ModelConfig]:
+    """The model entries of a ModelServerConfig in protobuf text; ClicklensError (TF Serving's words) if malformed."""
     config = model_server_config_pb2.ModelServerConfig()
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as err:
-        raise ClicklensError(f"{path}: not a TF Serving ModelServerConfig: {err}") from None
+        # tensorflow_model_server's words, which scripts and its own tests look for.
+        raise ClicklensError(f"Invalid protobuf file: '{path}': not a TF Serving ModelServerConfig: {err}") from None
+    return entries(config, path)
+
+
+def entries(config: model_server_config_pb2.ModelServerConfig, source: str) -> List[ModelConfig]:
+    """The model entries of a ModelServerConfig message, checked as TF Serving checks them."""
     if config.WhichOneof("config") != "model_config_list":
-        raise ClicklensError(f"{path}: only model_config_list configs are supported")
+        raise ClicklensError(f"{source}: only model_config_list configs are supported")
     models = list(config.model_config_list.config)
     names = [m.name for m in models]
     if len(set(names)) != len(names) or not all(names):
-        raise ClicklensError(f"{path}: model names must be non-empty and unique, got {names}")
+        raise ClicklensError(f"{source}: model names must be non-empty and unique, got {names}")
     for m in models:
         if m.model_platform not in ("", "tensorflow"):
-            raise ClicklensError(f"{path}: model {m.name}: platform {m.model_platform!r} is not supported")
+            raise ClicklensError(f"{source}: model {m.name}: platform {m.model_platform!r} is not supported")
+        if not m.base_path:
+            raise ClicklensError(f"{source}: model {m.name}: base_path is empty")
     return models
+
+
+def single_model(name: str, base_path: str) -> List[ModelConfig]:
+    """The one-model config of tensorflow_model_server's --model_name / --model_base_path (latest version)."""
+    return list(build({name: base_path}).model_config_list.config)
 
 
 def served_beside(models: List[ModelConfig], path: str) -> List[ModelConfig]:

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
-# TF Serving with one exported clicklens model baked in.
+# The serving image: one exported clicklens model baked in, served with tensorflow_model_server's
+# command line.  One Dockerfile, two variants with the same flags, ports and entrypoint:
 #
-# Stock route (default): the stock tensorflow/serving image at the version of
+# VARIANT=stock (default): the stock tensorflow/serving image at the version of
 # tensorflow-serving-api in requirements.txt, serving retrieval_bruteforce, which
 # uses only TensorFlow ops and the tensorflow-text ops TF Serving links in:
 #
@@ -9,23 +10,51 @@
 #   docker build -f containers/serving.Dockerfile --build-arg MODEL_DIR=build/serving/retrieval_bruteforce -t IMAGE .
 #   docker run -p 8500:8500 -p 8501:8501 IMAGE
 #
-# ScaNN route: retrieval_scann needs a model server linked to the ScaNN ops.  Pass
-# such an image as SERVING_IMAGE and the ScaNN export as the model (README.md,
-# "Run on Google Cloud", says how that image is built):
+# VARIANT=clicklens: clicklens-model-server (a drop-in tensorflow_model_server with the ScaNN
+# ops, serving/model_server_main.py) on Python with the pinned stack, so retrieval_scann is
+# served with the stock image's flags:
 #
-#   docker build -f containers/serving.Dockerfile --build-arg SERVING_IMAGE=SCANN_SERVING_IMAGE \
+#   docker build -f containers/serving.Dockerfile --build-arg VARIANT=clicklens \
+#     --build-arg SERVING_IMAGE=python:3.11-slim-bookworm \
 #     --build-arg MODEL_NAME=retrieval_scann --build-arg MODEL_DIR=build/serving/retrieval_scann -t IMAGE .
+#   docker run -p 8500:8500 -p 8501:8501 IMAGE [--enable_batching ...]
 ARG SERVING_IMAGE=tensorflow/serving:2.20.0
 FROM ${SERVING_IMAGE}
 
+ARG VARIANT=stock
 ARG MODEL_NAME=retrieval_bruteforce
 ARG MODEL_DIR=build/serving/retrieval_bruteforce
 
-# The stock image's entrypoint serves /models/${MODEL_NAME}, newest numeric version
-# first; gRPC on 8500, REST on 8501.
-ENV MODEL_NAME=${MODEL_NAME}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# The clicklens variant installs the pinned stack, the core and the serving stage, and puts
+# an entrypoint at the stock image's path that runs clicklens-model-server with the stock
+# entrypoint's flags; the stock variant leaves the image as it is.
+COPY requirements.txt setup.py README.md containers/tf_serving_entrypoint.sh /opt/clicklens/
+COPY clicklens/ /opt/clicklens/clicklens/
+COPY serving/ /opt/clicklens/serving/
+COPY configs/ /opt/clicklens/configs/
+RUN case "${VARIANT}" in \
+      stock) rm -rf /opt/clicklens ;; \
+      clicklens) pip install --no-cache-dir -r /opt/clicklens/requirements.txt && \
+                 pip install --no-cache-dir --no-deps /opt/clicklens && \
+                 install -m 755 /opt/clicklens/tf_serving_entrypoint.sh /usr/bin/tf_serving_entrypoint.sh && \
+                 rm -rf /opt/clicklens ;; \
+      *) echo "unknown VARIANT=${VARIANT} (use stock or clicklens)" >&2; exit 2 ;; \
+    esac
+
+# The entrypoint serves ${MODEL_BASE_PATH}/${MODEL_NAME}, newest numeric version first; gRPC on
+# 8500, REST on 8501 (the stock image's entrypoint, and the clicklens one at the same path).
+ENV MODEL_NAME=${MODEL_NAME} \
+    MODEL_BASE_PATH=/models
 COPY ${MODEL_DIR}/ /models/${MODEL_NAME}/
 EXPOSE 8500 8501
+ENTRYPOINT ["/usr/bin/tf_serving_entrypoint.sh"]
 
 # Healthy once the model has an AVAILABLE version: TF Serving's REST model status,
 # read with bash's /dev/tcp (the stock image has no curl).  `clicklens serve`

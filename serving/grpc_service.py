@@ -1,10 +1,11 @@
 """TF Serving's gRPC services (tensorflow_serving.apis) over a ModelRegistry.
 
-`PredictionService`: Predict and GetModelMetadata; Classify, Regress and
-MultiInference answer UNIMPLEMENTED (the exported models have no
-classification/regression signatures).  `ModelService`: GetModelStatus;
-HandleReloadConfigRequest answers UNIMPLEMENTED (the server reloads versions
-by itself).
+`PredictionService`: Predict, GetModelMetadata, and Classify, Regress and
+MultiInference over tf.Example inputs (serving/inference.py).
+`ModelService`: GetModelStatus, and HandleReloadConfigRequest when the server
+was given a reload function (ModelServer.reload_config: the new
+ModelServerConfig replaces the old, as in tensorflow_model_server); without
+one it answers UNIMPLEMENTED.
 
 Requests are registered with a raw-bytes deserializer so their size is checked
 before parsing: a request over serving.max_request_bytes gets
@@ -21,19 +22,21 @@ from __future__ import annotations
 import logging
 import time
 from concurrent import futures
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import grpc
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                     inference_pb2, model_management_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc, regression_pb2)
 from tensorflow_serving.apis import status_pb2
 from grpc_health.v1 import health_pb2_grpc
 
+from serving import inference
 from serving.metrics import Metrics
 from serving.model_registry import ModelRegistry
-from serving.predict import DEFAULT_SIGNATURE, ServingError, invalid, prepare_proto, tensor_proto
+from serving.predict import ServingError, invalid, prepare_proto, tensor_proto
 from serving.runner import PREDICT_API, Runner
 from clicklens.errors import ClicklensError
 
@@ -49,6 +52,7 @@ TRANSPORT_LIMIT_FACTOR = 4
 
 
 GRPC_ENTRYPOINT = "GRPC"
+CLASSIFY_API, REGRESS_API, MULTI_INFERENCE_API = "Classify", "Regress", "MultiInference"
 
 
 def requested_version(model_spec) -> Tuple[Optional[int], Optional[str]]:
@@ -63,8 +67,11 @@ class Handlers:
     """The RPC bodies: parse, size-check, run against the registry, map errors to status codes."""
 
     def __init__(self, registry: ModelRegistry, max_request_bytes: int, max_batch: int,
-                 runner: Optional[Runner] = None, metrics: Optional[Metrics] = None):
+                 runner: Optional[Runner] = None, metrics: Optional[Metrics] = None,
+                 reload_config: Optional[Callable] = None):
+        """`reload_config(ModelServerConfig)` carries out HandleReloadConfigRequest, raising ServingError."""
         self.registry = registry
+        self.reload_config = reload_config
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
         self.metrics = metrics or Metrics()
@@ -78,28 +85,69 @@ class Handlers:
         except Exception as err:  # protobuf DecodeError
             raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {err}") from None
 
-    def predict(self, raw: bytes, context) -> predict_pb2.PredictResponse:
+    def _measured(self, api: str, model_name: str, body: Callable, request):
+        """body(request), recorded in the request metrics under `api` with its outcome."""
         start = time.perf_counter()
-        request = self._parse(raw, predict_pb2.PredictRequest)
         code = grpc.StatusCode.INTERNAL
         try:
-            response = self._predict(request)
+            response = body(request)
             code = grpc.StatusCode.OK
             return response
         except ServingError as err:
             code = err.code
             raise
         finally:
-            self.metrics.request(self.registry.metric_label(request.model_spec.name), PREDICT_API, GRPC_ENTRYPOINT,
-                                 code, time.perf_counter() - start)
+            self.metrics.request(self.registry.metric_label(model_name), api, GRPC_ENTRYPOINT, code,
+                                 time.perf_counter() - start)
+
+    def predict(self, raw: bytes, context) -> predict_pb2.PredictResponse:
+        request = self._parse(raw, predict_pb2.PredictRequest)
+        return self._measured(PREDICT_API, request.model_spec.name, self._predict, request)
+
+    def classify(self, raw: bytes, context) -> classification_pb2.ClassificationResponse:
+        request = self._parse(raw, classification_pb2.ClassificationRequest)
+        return self._measured(CLASSIFY_API, request.model_spec.name, self._classify, request)
+
+    def regress(self, raw: bytes, context) -> regression_pb2.RegressionResponse:
+        request = self._parse(raw, regression_pb2.RegressionRequest)
+        return self._measured(REGRESS_API, request.model_spec.name, self._regress, request)
+
+    def multi_inference(self, raw: bytes, context) -> inference_pb2.MultiInferenceResponse:
+        request = self._parse(raw, inference_pb2.MultiInferenceRequest)
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        return self._measured(MULTI_INFERENCE_API, name, lambda r: inference.multi_inference(
+            self.registry, r, self.max_batch, self.runner, requested_version), request)
+
+    def _classify(self, request) -> classification_pb2.ClassificationResponse:
+        loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
+        response = classification_pb2.ClassificationResponse()
+        response.result.CopyFrom(inference.classify(loaded, request.model_spec.signature_name, request.input,
+                                                    self.max_batch, self.runner))
+        inference.set_model_spec(response.model_spec, loaded, request.model_spec.signature_name)
+        return response
+
+    def _regress(self, request) -> regression_pb2.RegressionResponse:
+        loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
+        response = regression_pb2.RegressionResponse()
+        response.result.CopyFrom(inference.regress(loaded, request.model_spec.signature_name, request.input,
+                                                   self.max_batch, self.runner))
+        inference.set_model_spec(response.model_spec, loaded, request.model_spec.signature_name)
+        return response
+
+    def handle_reload_config_request(self, raw: bytes, context) -> model_management_pb2.ReloadConfigResponse:
+        request = self._parse(raw, model_management_pb2.ReloadConfigRequest)
+        if self.reload_config is None:
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "HandleReloadConfigRequest is not enabled")
+        self.reload_config(request.config)
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = 0
+        return response
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
         outputs = self.runner.run(loaded, prepare_proto(loaded.model, request, self.max_batch))
         response = predict_pb2.PredictResponse()
-        response.model_spec.name = loaded.name
-        response.model_spec.version.value = loaded.version
-        response.model_spec.signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        inference.set_model_spec(response.model_spec, loaded, request.model_spec.signature_name)
         for name, value in outputs.items():
             response.outputs[name].CopyFrom(tensor_proto(value))
         return response
@@ -157,32 +205,30 @@ def _unary(body: Callable, response_type) -> grpc.RpcMethodHandler:
                                                response_serializer=response_type.SerializeToString)
 
 
-def _unimplemented(method: str) -> grpc.RpcMethodHandler:
-    def handler(raw: bytes, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by the clicklens server")
+def build_grpc_server(handlers: Handlers, host: str, port: Optional[int], workers: int,
+                      health_servicer=None, socket_path: str = "",
+                      channel_arguments: Sequence[Tuple[str, object]] = ()) -> tuple[grpc.Server, int]:
+    """A grpc.Server with both services (and grpc.health.v1.Health if given) on host:port (0 picks a free port;
+    None: no TCP port) and on the Unix domain socket `socket_path` if given; returns it and the bound port.
 
-    return grpc.unary_unary_rpc_method_handler(handler)
-
-
-def build_grpc_server(handlers: Handlers, host: str, port: int, workers: int,
-                      health_servicer=None) -> tuple[grpc.Server, int]:
-    """A grpc.Server with both services (and grpc.health.v1.Health if given) on host:port (0 picks a free port);
-    returns it and the bound port."""
+    `channel_arguments` are extra gRPC server options (tensorflow_model_server's --grpc_channel_arguments)."""
     limit = handlers.max_request_bytes * TRANSPORT_LIMIT_FACTOR
+    options = {"grpc.max_receive_message_length": limit, "grpc.max_send_message_length": -1,
+               "grpc.so_reuseport": 0}
+    options.update(dict(channel_arguments))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                         options=[("grpc.max_receive_message_length", limit),
-                                  ("grpc.max_send_message_length", -1),
-                                  ("grpc.so_reuseport", 0)])
+                         options=list(options.items()))
     prediction = {
         "Predict": _unary(handlers.predict, predict_pb2.PredictResponse),
         "GetModelMetadata": _unary(handlers.get_model_metadata, get_model_metadata_pb2.GetModelMetadataResponse),
-        "Classify": _unimplemented("Classify"),
-        "Regress": _unimplemented("Regress"),
-        "MultiInference": _unimplemented("MultiInference"),
+        "Classify": _unary(handlers.classify, classification_pb2.ClassificationResponse),
+        "Regress": _unary(handlers.regress, regression_pb2.RegressionResponse),
+        "MultiInference": _unary(handlers.multi_inference, inference_pb2.MultiInferenceResponse),
     }
     models = {
         "GetModelStatus": _unary(handlers.get_model_status, get_model_status_pb2.GetModelStatusResponse),
-        "HandleReloadConfigRequest": _unimplemented("HandleReloadConfigRequest"),
+        "HandleReloadConfigRequest": _unary(handlers.handle_reload_config_request,
+                                            model_management_pb2.ReloadConfigResponse),
     }
     # The stub modules name the full method set; fail loudly if a proto update adds one.
     assert set(prediction) == _methods(prediction_service_pb2_grpc.PredictionServiceServicer)
@@ -191,15 +237,22 @@ def build_grpc_server(handlers: Handlers, host: str, port: int, workers: int,
                                      grpc.method_handlers_generic_handler(MODEL_SERVICE, models)])
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = _listen(server, f"{host}:{port}") if port is not None else 0
+    if socket_path:
+        _listen(server, f"unix:{socket_path}")
+    return server, bound
+
+
+def _listen(server: grpc.Server, address: str) -> int:
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_insecure_port(address)
     except RuntimeError as err:
         bound, reason = 0, str(err)
     else:
         reason = "address in use or not available"
     if not bound:
-        raise ClicklensError(f"cannot listen for gRPC on {host}:{port}: {reason}")
-    return server, bound
+        raise ClicklensError(f"cannot listen for gRPC on {address}: {reason}")
+    return bound
 
 
 def _methods(servicer_class) -> set:

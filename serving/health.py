@@ -36,6 +36,7 @@ class Health:
         self.servicer = health.HealthServicer()
         self._lock = threading.Lock()
         self._shutting_down = False
+        self._known: set = set()
         self.update()
 
     def models(self) -> Dict[str, bool]:
@@ -52,6 +53,9 @@ class Health:
             if self._shutting_down:
                 return
             models = self.models()
+            for name in self._known - set(models):  # a model that left the config (a reload) serves nothing
+                self.servicer.set(name, NOT_SERVING)
+            self._known = set(models)
             for name, available in models.items():
                 self.servicer.set(name, SERVING if available else NOT_SERVING)
             overall = SERVING if all(models.values()) else NOT_SERVING

@@ -14,6 +14,13 @@ A model's `version_labels` (models.config) name versions: a request may ask
 for a label instead of a number.  As in TF Serving, a label may only name an
 AVAILABLE version unless `allow_version_labels_for_unavailable_models`, and an
 unknown label is INVALID_ARGUMENT.
+
+`reconfigure` swaps in a new list of models (TF Serving's
+HandleReloadConfigRequest and --model_config_file polling): models that left
+the list are unloaded, new ones are loaded before it returns.  Load retries
+follow either `clicklens serve`'s rule (one attempt per poll) or, with a
+`load_retry_seconds`, tensorflow_model_server's (--max_num_load_retries
+attempts after the first, --load_retry_interval_micros apart, within one load).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 UNKNOWN_MODEL_LABEL = "<unknown>"  # the metrics' model_name of requests naming no served model
 
-MAX_LOAD_ATTEMPTS = 5  # as tensorflow_model_server's default --max_num_load_retries
+MAX_LOAD_ATTEMPTS = 5  # `clicklens serve`: attempts per version (tensorflow_model_server: 1 + --max_num_load_retries)
 MAX_WARMUP_RECORDS = 1000  # TF Serving replays at most this many
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -109,10 +116,15 @@ class ModelRegistry:
     """Serves the versions of the models in a models.config, reloading as versions appear."""
 
     def __init__(self, configs: Sequence[ModelConfig], poll_seconds: float = 2.0, max_batch: int = 256,
-                 metrics: Optional[Metrics] = None):
+                 metrics: Optional[Metrics] = None, max_load_attempts: int = MAX_LOAD_ATTEMPTS,
+                 load_retry_seconds: Optional[float] = None, warmup: bool = True):
+        """`poll_seconds` <= 0 polls once, at start (tensorflow_model_server's --file_system_poll_wait_seconds=0)."""
         self._configs = {c.name: c for c in configs}
         self._labels: Dict[str, Dict[str, int]] = {c.name: dict(c.version_labels) for c in configs}
         self._poll_seconds = poll_seconds
+        self._max_attempts = max(1, max_load_attempts)
+        self._retry_seconds = load_retry_seconds
+        self._warmup = warmup
         self._max_batch = max_batch
         self._metrics = metrics or Metrics()
         self._listeners: List[Callable[[], None]] = []
@@ -139,8 +151,9 @@ class ModelRegistry:
     def start(self) -> None:
         """Loads what is on disk now, then keeps polling in a background thread."""
         self.poll()
-        self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
-        self._thread.start()
+        if self._poll_seconds > 0:
+            self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -161,7 +174,7 @@ class ModelRegistry:
     def poll(self) -> None:
         """One pass over every model: load new aspired versions, then retire unwanted ones."""
         with self._poll_lock:
-            for name, config in self._configs.items():
+            for name, config in list(self._configs.items()):
                 if self._stop.is_set():
                     return
                 self._poll_model(name, config)
@@ -177,7 +190,7 @@ class ModelRegistry:
             if version in self._serving[name]:
                 continue
             st = status.setdefault(version, VersionStatus())
-            if st.attempts >= MAX_LOAD_ATTEMPTS:
+            if st.attempts >= self._max_attempts:
                 if folder_files(folders[version]) == st.failed_files:
                     continue
                 logger.info("model %s version %d changed on disk since it failed to load: loading it again",
@@ -209,7 +222,49 @@ class ModelRegistry:
         if gone:
             self._status[name] = {v: st for v, st in status.items() if v not in gone}
 
+    def reconfigure(self, configs: Sequence[ModelConfig]) -> List[str]:
+        """Serves `configs` from now on: models no longer listed are unloaded (their versions stay in
+        GetModelStatus as END), new models and changed policies or labels take effect, and what they ask for is
+        loaded before this returns.  Returns the new models that have no AVAILABLE version after loading."""
+        configs = {c.name: c for c in configs}
+        with self._poll_lock:
+            added = [name for name in configs if name not in self._configs]
+            removed = [name for name in self._configs if name not in configs]
+            with self._lock:
+                for name in removed:
+                    for version in self._serving.pop(name):
+                        self._status[name][version].state = State.END
+                        logger.info("model %s version %d is unloaded (the model left the config)", name, version)
+                for name in added:
+                    self._serving[name] = {}
+                    self._status.setdefault(name, {})
+                self._configs = configs
+                self._labels = {c.name: dict(c.version_labels) for c in configs.values()}
+            if removed:
+                self.changes += 1
+        self.poll()
+        return [name for name in added if not self.is_available(name)]
+
+    def failed_models(self) -> List[str]:
+        """Models with no AVAILABLE version and a version that gave up loading (every attempt failed)."""
+        failed = []
+        for name in self.model_names:
+            statuses = list(self._status.get(name, {}).values())
+            if not self.is_available(name) and any(
+                    st.state == State.END and st.error_code != grpc.StatusCode.OK for st in statuses):
+                failed.append(name)
+        return failed
+
     def _load(self, name: str, version: int, path: str, st: VersionStatus) -> Optional[LoadedVersion]:
+        """Loads a version: one attempt, or (with load_retry_seconds) every attempt left, that far apart."""
+        loaded = self._load_once(name, version, path, st)
+        while loaded is None and self._retry_seconds is not None and st.attempts < self._max_attempts:
+            if self._stop.wait(self._retry_seconds):
+                break
+            loaded = self._load_once(name, version, path, st)
+        return loaded
+
+    def _load_once(self, name: str, version: int, path: str, st: VersionStatus) -> Optional[LoadedVersion]:
         st.state = State.LOADING
         st.attempts += 1
         logger.info("loading model %s version %d from %s", name, version, path)
@@ -218,7 +273,7 @@ class ModelRegistry:
             loaded = LoadedVersion(name, version, path, model, saved_models.signature_defs(path))
             start = time.perf_counter()
             try:
-                warmed = replay_warmup(loaded, self._max_batch)
+                warmed = replay_warmup(loaded, self._max_batch) if self._warmup else 0
             except Exception as err:
                 code = err.code if isinstance(err, ServingError) else grpc.StatusCode.UNKNOWN
                 self._metrics.warmup(path, code, time.perf_counter() - start, 0)
@@ -229,11 +284,11 @@ class ModelRegistry:
             return loaded
         except Exception as err:  # any load failure is reported through GetModelStatus
             logger.warning("model %s version %d failed to load (attempt %d/%d): %s",
-                           name, version, st.attempts, MAX_LOAD_ATTEMPTS, err)
+                           name, version, st.attempts, self._max_attempts, err)
             code = err.code if isinstance(err, ServingError) else grpc.StatusCode.UNKNOWN
-            st.state = State.END if st.attempts >= MAX_LOAD_ATTEMPTS else State.START
+            st.state = State.END if st.attempts >= self._max_attempts else State.START
             st.error_code, st.error_message = code, f"failed to load: {err}"
-            if st.attempts >= MAX_LOAD_ATTEMPTS:
+            if st.attempts >= self._max_attempts:
                 st.failed_files = folder_files(path)
             return None
 
@@ -274,9 +329,8 @@ class ModelRegistry:
         with self._lock:
             versions = self._serving[name]
         if version is None:
-            if not versions:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Servable not found for request: Latest({name}) (no version is available)")
+            if not versions:  # TF Serving's exact words: readiness probes written for it match on them
+                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
             return versions[max(versions)]
         if version not in versions:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
@@ -289,7 +343,7 @@ class ModelRegistry:
         NOT_FOUND for an unknown model or version."""
         if label is not None:
             version = self.version_for_label(name, label)
-        if name not in self._configs:
+        if name not in self._status:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
         statuses = dict(self._status[name])
         if version is not None:

@@ -2,6 +2,8 @@
 
     POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict   {"signature_name": ..., "instances": [...]}
                                                                 or {"inputs": ...}
+    POST /v1/models/<name>[/versions/<v>|/labels/<l>]:classify  {"signature_name": ..., "context": {...},
+    POST /v1/models/<name>[/versions/<v>|/labels/<l>]:regress    "examples": [{...}, ...]} -> {"results": ...}
     GET  /v1/models/<name>[/versions/<v>|/labels/<l>]           model version status
     GET  /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata  signature defs
     GET  /monitoring/prometheus/metrics             TF Serving's metrics (serving.monitoring; serving/metrics.py)
@@ -50,6 +52,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from clicklens import servables
 from serving.catalog_images import ROUTE_PREFIX as IMAGES_PREFIX, CatalogImages, ImageRequestError
+from serving import inference
 from serving.grpc_service import SIGNATURE_DEF_FIELD, metadata_response, status_response
 from serving.health import READY_PATH, Health
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
@@ -66,8 +69,13 @@ MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[
 REST_ENTRYPOINT = "REST"
 INT64_MAX = 2 ** 63 - 1  # TF Serving reads the version in the URL as an int64
 LINGER_SECONDS = 1.0  # the longest a closing connection discards what the client still sends
-HTTP_STATUS = {
+HTTP_STATUS = {  # tensorflow_model_server's mapping (a code not listed is 500)
     grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -433,8 +441,8 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
 
     def _model_post(self, match: re.Match) -> Any:
         raw = self._read_body(self._content_length())
-        if match["verb"] != ":predict":
-            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{match['verb'][1:]} is not implemented")
+        if match["verb"] not in (":predict", ":classify", ":regress"):
+            raise invalid(f"Malformed request: POST {_shortened(self.path, 200)}")  # TF Serving's words
         try:
             body = json.loads(raw.decode("utf-8"))
         except RecursionError:
@@ -449,6 +457,13 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(signature_name, str):
             raise invalid("'signature_name' key must be a string value.")
         loaded = self.registry.get(match["name"], *self._version(match))
+        if match["verb"] != ":predict":
+            request_input = inference.input_from_json(body)
+            if match["verb"] == ":classify":
+                return inference.classification_json(
+                    inference.classify(loaded, signature_name, request_input, self.max_batch, self.runner))
+            return inference.regression_json(
+                inference.regress(loaded, signature_name, request_input, self.max_batch, self.runner))
         specs = input_specs(signature_function(loaded.model, signature_name))
         arrays, row_format = request_arrays(body, specs)
         outputs = self.runner.run(loaded, prepare(loaded.model, signature_name, arrays, self.max_batch))

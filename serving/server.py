@@ -6,6 +6,12 @@ same SavedModels with the same protos and status codes, so clients written
 against it work unchanged against a real TF Serving.  Batching
 (serving.batching), Prometheus metrics (serving.monitoring), gRPC health and
 /ready, and models.config's version_labels behave as TF Serving's do.
+
+`clicklens serve` also takes tensorflow_model_server's flags, as does the
+`clicklens-model-server` console script (serving/model_server_main.py); see
+serving/model_server_flags.py.  HandleReloadConfigRequest replaces the models
+served (ModelServer.reload_config), as does a change to --model_config_file
+when --model_config_file_poll_wait_seconds is set.
 """
 
 from __future__ import annotations
@@ -14,19 +20,25 @@ import gc
 import logging
 import signal
 import threading
-from typing import Optional
+from typing import Optional, Sequence
+
+import grpc
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 
 from clicklens import models_config
+from clicklens.errors import ClicklensError
 from serving import batching_options, metrics as metrics_module
 from serving.batcher import Batcher
 from serving.catalog_images import CatalogImages
+from serving.config_poller import ConfigPoller
 from serving.grpc_service import Handlers, build_grpc_server
 from serving.health import Health
 from serving.model_registry import ModelRegistry
+from serving.predict import ServingError
 from serving.rest import build_rest_server
 from serving.runner import Runner
+from serving.server_options import ServerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +48,29 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 class ModelServer:
     """The registry plus both front ends; `start()` binds and loads, `stop()` drains and closes."""
 
-    def __init__(self, serving_config, models_config_path: str, catalog_path: Optional[str] = None,
-                 allow_outside_uris: bool = False):
+    def __init__(self, serving_config, models_config_path: Optional[str] = None, catalog_path: Optional[str] = None,
+                 allow_outside_uris: bool = False, models: Optional[Sequence] = None,
+                 options: Optional[ServerOptions] = None):
+        """Serves `models` (ModelConfig entries) or, without them, those of the models.config at
+        `models_config_path` (each served from the folder beside the file when there is one)."""
         self.config = serving_config
+        self.options = options or ServerOptions()
         # Parameter files are read (and refused, naming the field) before anything loads.
         self.metrics = metrics_module.from_config(serving_config.monitoring)
         options = batching_options.from_config(serving_config.batching)
         self.batcher = Batcher(options, self.metrics) if options else None
         self.runner = Runner(self.batcher, self.metrics, serving_config.image_call_slots)
-        models = models_config.served_beside(models_config.read(models_config_path), models_config_path)
+        if models is None:
+            models = models_config.served_beside(models_config.read(models_config_path), models_config_path)
+        o = self.options
         self.registry = ModelRegistry(models,
                                       poll_seconds=serving_config.poll_seconds,
-                                      max_batch=serving_config.max_batch, metrics=self.metrics)
+                                      max_batch=serving_config.max_batch, metrics=self.metrics,
+                                      max_load_attempts=o.max_load_attempts, load_retry_seconds=o.load_retry_seconds,
+                                      warmup=o.enable_model_warmup)
+        self.config_poller = (ConfigPoller(o.model_config_file, o.model_config_poll_seconds, self.reconfigure,
+                                           list(models))
+                              if o.model_config_file and o.model_config_poll_seconds > 0 else None)
         self.health = Health(self.registry)
         self.registry.add_listener(self.health.update)
         self._frozen_at = -1
@@ -57,6 +80,7 @@ class ModelServer:
         self._grpc = None
         self._http = None
         self._http_thread: Optional[threading.Thread] = None
+        self._reload_lock = threading.Lock()
         # GET /images/<id> on the HTTP port: the catalog's images, for the search page.
         self.images = CatalogImages(catalog_path, allow_outside_uris) if catalog_path else None
 
@@ -73,26 +97,65 @@ class ModelServer:
 
     def start(self) -> None:
         """Binds both ports, loads the models, checks the version labels, then takes traffic."""
-        c = self.config
-        handlers = Handlers(self.registry, c.max_request_bytes, c.max_batch, self.runner, self.metrics)
+        c, o = self.config, self.options
+        handlers = Handlers(self.registry, c.max_request_bytes, c.max_batch, self.runner, self.metrics,
+                            reload_config=self.reload_config)
         self._grpc, self.grpc_port = build_grpc_server(handlers, c.host, c.grpc_port, c.workers,
-                                                       self.health.servicer)
-        self._http = build_rest_server(self.registry, c, images=self.images, runner=self.runner,
-                                       metrics=self.metrics, health=self.health)
-        self.http_port = self._http.server_port
+                                                       self.health.servicer, socket_path=o.grpc_socket_path,
+                                                       channel_arguments=o.grpc_channel_arguments)
+        if o.rest_enabled:
+            self._http = build_rest_server(self.registry, c, images=self.images, runner=self.runner,
+                                           metrics=self.metrics, health=self.health)
+            self.http_port = self._http.server_port
         self.registry.start()  # loads what is on disk before the ports take traffic
         try:
             self.registry.check_version_labels(c.allow_version_labels_for_unavailable_models)
+            failed = self.registry.failed_models() if o.fail_when_models_fail_to_load else []
+            if failed:  # tensorflow_model_server does not start when a model cannot be loaded
+                raise ClicklensError(self._unavailable(failed))
         except Exception:
             self.registry.stop()
-            self._http.server_close()
+            if self._http is not None:
+                self._http.server_close()
             self._grpc.stop(0)
             raise
         if self.batcher is not None:
             self.batcher.start()
         self._grpc.start()
-        self._http_thread = threading.Thread(target=self._http.serve_forever, name="rest", daemon=True)
-        self._http_thread.start()
+        if self._http is not None:
+            self._http_thread = threading.Thread(target=self._http.serve_forever, name="rest", daemon=True)
+            self._http_thread.start()
+        if self.config_poller is not None:
+            self.config_poller.start()
+
+    def reconfigure(self, models: Sequence) -> None:
+        """Serves `models` (ModelConfig entries) from now on: models that left are unloaded, new ones loaded
+        before this returns; ServingError with TF Serving's code when it cannot be done."""
+        with self._reload_lock:
+            unavailable = self.registry.reconfigure(models)
+            failed = [name for name in unavailable if name in self.registry.failed_models()]
+            try:
+                self.registry.check_version_labels(self.config.allow_version_labels_for_unavailable_models)
+            except ClicklensError as err:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+            if failed:
+                raise ServingError(grpc.StatusCode.UNKNOWN, self._unavailable(failed))
+
+    def _unavailable(self, names: Sequence[str]) -> str:
+        """tensorflow_model_server's message for models that failed to load, with each one's error."""
+        details = []
+        for name in names:
+            errors = [st.error_message for _, st in self.registry.status(name) if st.error_message]
+            details.append(f"{name} due to error: {errors[0]}" if errors else name)
+        return "Some models did not become available: {" + ", ".join(details) + "}"
+
+    def reload_config(self, config) -> None:
+        """HandleReloadConfigRequest: a ModelServerConfig replaces the models served."""
+        try:
+            models = models_config.entries(config, "ReloadConfigRequest")
+        except ClicklensError as err:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        self.reconfigure(models)
 
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Reports NOT_SERVING, stops taking requests, lets in-flight ones finish (up to `grace` seconds),
@@ -101,6 +164,8 @@ class ModelServer:
         gRPC and REST drain at the same time, each for up to `grace` seconds: gRPC's stop() returns at once
         and drains in the background while the REST server drains here (serving/rest.py, RestServer.drain)."""
         self.health.shutdown()
+        if self.config_poller is not None:
+            self.config_poller.stop()
         grpc_stopped = self._grpc.stop(grace) if self._grpc is not None else None
         if self._http is not None:
             self._http.drain(grace)
@@ -113,21 +178,22 @@ class ModelServer:
         self.registry.stop()
 
 
-def run(config, workdir, args) -> int:
-    """Serves every model in W/export/models.config until SIGTERM or Ctrl-C."""
-    server = ModelServer(config.serving, workdir.models_config, catalog_path=workdir.catalog,
-                         allow_outside_uris=config.pipeline.allow_outside_uris)
+def serve_until_signal(server: ModelServer) -> int:
+    """Starts `server`, logs where it listens, serves until SIGTERM or Ctrl-C, then drains and stops it."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     server.start()
-    host = config.serving.host
+    host = server.config.host
+    rest = f"http://{host}:{server.http_port}" if server.http_port is not None else "off"
     # Tests and scripts read this line for the bound ports (port 0 picks free ones).
-    logger.info("serving %s: gRPC on %s:%d, REST on http://%s:%d",
-                ", ".join(server.registry.model_names), host, server.grpc_port, host, server.http_port)
+    logger.info("serving %s: gRPC on %s:%d, REST on %s", ", ".join(server.registry.model_names), host,
+                server.grpc_port, rest)
+    if server.options.grpc_socket_path:
+        logger.info("gRPC also on unix:%s", server.options.grpc_socket_path)
     if server.batcher is not None:
         logger.info("batching on: %s", server.batcher.options)
-    if server.metrics.enabled:
+    if server.metrics.enabled and server.http_port is not None:
         logger.info("metrics on http://%s:%d%s", host, server.http_port, server.metrics.path)
     while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
         pass
@@ -135,3 +201,15 @@ def run(config, workdir, args) -> int:
     server.stop()
     logger.info("server stopped")
     return 0
+
+
+def run(config, workdir, args) -> int:
+    """Serves every model in W/export/models.config (or the models tensorflow_model_server's flags name, with
+    the other flags applied too) until SIGTERM or Ctrl-C."""
+    from serving import model_server_flags
+
+    found = model_server_flags.settings(getattr(args, "extra_args", []) or [], config.serving, standalone=False)
+    server = ModelServer(found.serving, workdir.models_config, catalog_path=workdir.catalog,
+                         allow_outside_uris=config.pipeline.allow_outside_uris, models=found.models,
+                         options=found.options)
+    return serve_until_signal(server)
