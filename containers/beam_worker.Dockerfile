@@ -22,7 +22,7 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 # The pipeline stage and the core it imports (tests/test_import_contract.py keeps it that way).
-COPY setup.py README.md ./
+COPY setup.py README.md requirements-test.txt ./
 COPY clicklens/ clicklens/
 COPY beam_pipelines/ beam_pipelines/
 COPY configs/ configs/

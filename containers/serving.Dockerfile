@@ -35,7 +35,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The clicklens variant installs the pinned stack, the core and the serving stage, and puts
 # an entrypoint at the stock image's path that runs clicklens-model-server with the stock
 # entrypoint's flags; the stock variant leaves the image as it is.
-COPY requirements.txt setup.py README.md containers/tf_serving_entrypoint.sh /opt/clicklens/
+COPY requirements.txt requirements-test.txt setup.py README.md containers/tf_serving_entrypoint.sh /opt/clicklens/
 COPY clicklens/ /opt/clicklens/clicklens/
 COPY serving/ /opt/clicklens/serving/
 COPY configs/ /opt/clicklens/configs/

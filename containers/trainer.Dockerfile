@@ -42,7 +42,7 @@ RUN TF_VERSION="$(python -c 'import importlib.metadata as m; print(m.version("te
 
 # The trainer stage and the core it imports (tests/test_import_contract.py keeps it that way);
 # setup.py installs whichever of the packages are present.
-COPY setup.py README.md ./
+COPY setup.py README.md requirements-test.txt ./
 COPY clicklens/ clicklens/
 COPY trainer/ trainer/
 COPY configs/ configs/

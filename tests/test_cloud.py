@@ -427,6 +427,52 @@ def test_copy_sources_exist_and_are_in_the_build_context(name):
                 assert (REPO / source).exists(), source
 
 
+def _copied_tree(name: str, root: pathlib.Path) -> pathlib.Path:
+    """The files a Dockerfile's COPY lines put in an image, laid out under `root` (the image's /); returns
+    the folder its `pip install --no-deps <folder>` installs from."""
+    instructions = _dockerfile(name)
+    defaults = _arg_defaults(instructions)
+    workdir, install_from = pathlib.PurePosixPath("/"), None
+    for op, arguments in instructions:
+        if op == "WORKDIR":
+            workdir = workdir / arguments
+        elif op == "COPY":
+            *sources, dest = arguments.split()
+            target = root / str(workdir / dest).lstrip("/")
+            for source in sources:
+                if source.startswith("${") or source.startswith("build/"):
+                    continue  # the exported model
+                path = REPO / source.rstrip("/")
+                if path.is_dir():
+                    shutil.copytree(path, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(path, target / path.name)
+        elif op == "RUN":
+            for words in (shlex.split(m) for m in re.findall(r"pip install ([^;&|]*)", arguments)):
+                if "--no-deps" in words:
+                    install_from = workdir / words[-1]
+    assert install_from is not None, f"{name} installs no clicklens package"
+    return root / str(install_from).lstrip("/")
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_each_image_can_build_the_clicklens_package_from_what_it_copies(name, tmp_path):
+    """What `pip install --no-deps .` sees in the image: setup.py must find every file it reads."""
+    source = _copied_tree(name, tmp_path / "image")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("clicklens-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "clicklens/config.py" in names and "clicklens/default_config.yaml" in names
+    stage = {"serving.Dockerfile": "serving", "trainer.Dockerfile": "trainer",
+             "beam_worker.Dockerfile": "beam_pipelines"}[name]
+    assert any(n.startswith(stage + "/") for n in names)
+
+
 def test_trainer_image_runs_trainer_task_from_a_dir_with_configs():
     instructions = _dockerfile("trainer.Dockerfile")
     assert ("WORKDIR", "/app") in instructions
