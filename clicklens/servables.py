@@ -53,6 +53,11 @@ IMAGE_IDS = "image_ids"
 SCORES = "scores"
 
 # Files inside a version folder (TF Serving's names).
+# retrieval_scann's index is the retrieval module's `top_k` object; its saved `searcher_handle()` returns the
+# ScaNN searcher's resource handle, which a server destroys when it retires the version.
+INDEX_ATTRIBUTE = "top_k"
+SEARCHER_HANDLE_FUNCTION = "searcher_handle"
+
 SAVED_MODEL_PB = "saved_model.pb"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import grpc
@@ -280,6 +281,10 @@ class ModelRegistry:
                 raise
             self._metrics.warmup(path, grpc.StatusCode.OK, time.perf_counter() - start, warmed)
             logger.info("model %s version %d: replayed %d warmup requests", name, version, warmed)
+            # A ScaNN searcher is not freed with the model's Python objects: it is destroyed when the last
+            # reference to this version goes, i.e. once it is retired and its last request has finished.
+            weakref.finalize(loaded, saved_models.destroy_resources,
+                             saved_models.searcher_handles(model)).atexit = False
             st.error_code, st.error_message = grpc.StatusCode.OK, ""
             return loaded
         except Exception as err:  # any load failure is reported through GetModelStatus

@@ -10,13 +10,13 @@ would.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Set
+from typing import Dict, List, Set
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from clicklens.servables import SAVED_MODEL_PB
+from clicklens.servables import INDEX_ATTRIBUTE, SAVED_MODEL_PB, SEARCHER_HANDLE_FUNCTION
 from clicklens.workdir import join
 
 logger = logging.getLogger(__name__)
@@ -78,3 +78,18 @@ def load(path: str):
         logger.info("%s uses ScaNN ops: loading the scann op library", path)
         ensure_scann_ops()
     return tf.saved_model.load(path, tags=[SERVING_TAG])
+
+
+def searcher_handles(model) -> List[tf.Tensor]:
+    """The resource handles of the ScaNN searchers a loaded model holds (none for other models, or for a
+    retrieval_scann exported before the handle was saved with it); the searchers are built if not yet."""
+    index = getattr(model, INDEX_ATTRIBUTE, None)
+    handle = getattr(index, SEARCHER_HANDLE_FUNCTION, None)
+    return [handle()] if callable(handle) else []
+
+
+def destroy_resources(handles: List[tf.Tensor]) -> None:
+    """Frees resources by handle: a retired version's ScaNN searcher outlives the Python objects of its model
+    (it sits in TensorFlow's resource manager under its shared name) until destroyed here."""
+    for handle in handles:
+        tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)

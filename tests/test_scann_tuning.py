@@ -259,6 +259,43 @@ print("RESULT" + json.dumps({{"ids": [[x.decode() for x in row] for row in ids],
     assert got["unregistered"] == ["Scann>ScannSearchBatched", "Scann>TensorsToScann"]
 
 
+def test_a_retired_scann_version_frees_its_searcher(tmp_path):
+    import gc
+    import shutil
+
+    from clicklens import models_config
+    from serving import saved_models
+    from serving.model_registry import ModelRegistry
+
+    rng = np.random.default_rng(8)
+    corpus, queries = clustered(rng, 3000), clustered(rng, 3)
+    params = ScannParams(30, 5, "ah", 2, 40)
+    searcher = scann_index.build_searcher(corpus, 10, params)
+    module = sigs.Retrieval(None, scann_index.ScannIndex(searcher, ids_for(3000), 10, params), 10)
+    scann_index.release(searcher)
+    signature = tf.function(module.search_embeddings).get_concrete_function(
+        tf.TensorSpec([None, 16], tf.float32, name="embedding"))
+    base = tmp_path / "retrieval_scann"
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": signature},
+                        options=export.SCANN_SAVE_OPTIONS)
+    config = tmp_path / "models.config"
+    models_config.write(str(config), models_config.build({"retrieval_scann": str(base)}))
+    registry = ModelRegistry(models_config.read(str(config)), max_batch=8)
+    registry.poll()
+    (old_handle,) = saved_models.searcher_handles(registry.get("retrieval_scann").model)
+    shutil.copytree(base / "1", base / "2")
+    registry.poll()  # version 2 takes over; nothing holds version 1 any more
+    gc.collect()
+    with pytest.raises(tf.errors.NotFoundError):  # already destroyed by the registry
+        tf.raw_ops.DestroyResourceOp(resource=old_handle, ignore_lookup_error=False)
+    served = registry.get("retrieval_scann")
+    assert served.version == 2
+    found = served.model.signatures["serving_default"](embedding=tf.constant(queries))["image_ids"].numpy()
+    np.testing.assert_array_equal(found, module.search_embeddings(tf.constant(queries))["image_ids"].numpy())
+    (new_handle,) = saved_models.searcher_handles(served.model)
+    tf.raw_ops.DestroyResourceOp(resource=new_handle, ignore_lookup_error=False)  # still there: no error
+
+
 def test_bruteforce_index_blocks_give_the_exact_top_k():
     rng = np.random.default_rng(8)
     corpus, queries = clustered(rng, 1000), clustered(rng, 9)

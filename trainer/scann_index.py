@@ -183,15 +183,26 @@ class ScannIndex(tf.Module):
         # that load (TF's function_deserialization), so two loaded versions never share either.
         self._shared_name = f"scann-{uuid.uuid4().hex}"
 
+    def _handle(self) -> tf.Tensor:
+        """The searcher: built from the state on a loaded model's first call; afterwards returned at once."""
+        s = self.state
+        return scann_ops.tensors_to_scann(s.dataset, s.scann_config, s.serialized_partitioner,
+                                          s.datapoint_to_token, s.ah_codebook, s.hashed_dataset,
+                                          s.int8_dataset, s.int8_multipliers, s.dp_norms,
+                                          shared_name=self._shared_name)
+
+    @tf.function(input_signature=[])
+    def searcher_handle(self) -> tf.Tensor:
+        """The searcher's resource handle, saved with the model (servables.SEARCHER_HANDLE_FUNCTION).
+
+        The searcher lives in TensorFlow's resource manager under its shared name, not in the model's
+        Python objects, so dropping a loaded model does not free it (a whole index per retired version);
+        a server destroys it with this handle (serving/saved_models.py, `searcher_handles`)."""
+        return self._handle()
+
     def __call__(self, queries: tf.Tensor, k: Optional[int] = None) -> Tuple[tf.Tensor, tf.Tensor]:
         k = self.k if k is None else k
-        s = self.state
-        # Builds the searcher from the state on a loaded model's first call; afterwards returns it at once.
-        handle = scann_ops.tensors_to_scann(s.dataset, s.scann_config, s.serialized_partitioner,
-                                            s.datapoint_to_token, s.ah_codebook, s.hashed_dataset,
-                                            s.int8_dataset, s.int8_multipliers, s.dp_norms,
-                                            shared_name=self._shared_name)
-        result = scann_ops.scann_search_batched(handle, queries, k, self._reorder, self._leaves, True)
+        result = scann_ops.scann_search_batched(self._handle(), queries, k, self._reorder, self._leaves, True)
         scores, ids = result.distances, tf.gather(self.identifiers, result.indices)
         if self._fewest_searched >= k:
             return scores, ids
