@@ -227,17 +227,24 @@ def test_a_short_result_gets_empty_ids_not_another_image():
     assert all(len(set(row[row != b""])) == (row != b"").sum() for row in ids)  # no image twice
 
 
+def save_scann_retrieval(corpus, path) -> sigs.Retrieval:
+    """A ScaNN retrieval module over `corpus` (AH, 30 leaves), saved at `path` with a search-by-embedding
+    signature; returns the module."""
+    params = ScannParams(30, 5, "ah", 2, 40)
+    searcher = scann_index.build_searcher(corpus, 10, params)
+    module = sigs.Retrieval(None, scann_index.ScannIndex(searcher, ids_for(len(corpus)), 10, params), 10)
+    scann_index.release(searcher)
+    spec = tf.TensorSpec([None, corpus.shape[1]], tf.float32, name="embedding")
+    signature = tf.function(module.search_embeddings).get_concrete_function(spec)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": signature},
+                        options=export.SCANN_SAVE_OPTIONS)
+    return module
+
+
 def test_saved_scann_index_serves_the_same_top_k_after_a_fresh_load_with_scann_ops_only(tmp_path):
     rng = np.random.default_rng(7)
     corpus, queries = clustered(rng, 3000), clustered(rng, 6)
-    params = ScannParams(30, 5, "ah", 2, 40)
-    searcher = scann_index.build_searcher(corpus, 10, params)
-    module = sigs.Retrieval(None, scann_index.ScannIndex(searcher, ids_for(3000), 10, params), 10)
-    scann_index.release(searcher)
-    spec = tf.TensorSpec([None, 16], tf.float32, name="embedding")
-    signature = tf.function(module.search_embeddings).get_concrete_function(spec)
-    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": signature},
-                        options=export.SCANN_SAVE_OPTIONS)
+    module = save_scann_retrieval(corpus, tmp_path / "m")
     expected = module.search_embeddings(tf.constant(queries))[servables.IMAGE_IDS].numpy()
     code = f"""
 import json
@@ -269,15 +276,8 @@ def test_a_retired_scann_version_frees_its_searcher(tmp_path):
 
     rng = np.random.default_rng(8)
     corpus, queries = clustered(rng, 3000), clustered(rng, 3)
-    params = ScannParams(30, 5, "ah", 2, 40)
-    searcher = scann_index.build_searcher(corpus, 10, params)
-    module = sigs.Retrieval(None, scann_index.ScannIndex(searcher, ids_for(3000), 10, params), 10)
-    scann_index.release(searcher)
-    signature = tf.function(module.search_embeddings).get_concrete_function(
-        tf.TensorSpec([None, 16], tf.float32, name="embedding"))
     base = tmp_path / "retrieval_scann"
-    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": signature},
-                        options=export.SCANN_SAVE_OPTIONS)
+    module = save_scann_retrieval(corpus, base / "1")
     config = tmp_path / "models.config"
     models_config.write(str(config), models_config.build({"retrieval_scann": str(base)}))
     registry = ModelRegistry(models_config.read(str(config)), max_batch=8)
