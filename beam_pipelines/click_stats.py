@@ -4,6 +4,12 @@ All of it is one CombinePerKey by query over one element per text-query event
 (`QueryClickStats`): Beam lifts the combiner, so each worker sums its events per
 query before anything is shuffled, and the selection rules (selection.py) get
 each query's statistics in one piece, with no join.
+
+With pipeline.position_bias=pbm (or pipeline.min_dwell_ms > 0) the same
+combiner also keeps, per image, its impressions, clicks and dwell-weighted
+clicks per slot (position, or (segment, position)): `PositionQueryStatsFn`,
+the input of the position-bias fit and of the debiased figures
+(position_bias.py).  Otherwise nothing changes.
 """
 
 
@@ -11,6 +17,7 @@ from typing import Dict, Iterable, NamedTuple, Tuple
 
 import apache_beam as beam
 
+from beam_pipelines.position_bias import as_slot, dwell_weight
 from clicklens.log_schema import LogRecord
 
 
@@ -20,6 +27,9 @@ class PairStats(NamedTuple):
     impressions: int = 0
     clicks: int = 0
     position_sum: int = 0
+    # PositionQueryStatsFn only, flat (one tuple of numbers decodes far faster than nested ones): slot key,
+    # impressions, clicks, dwell-weighted clicks, for each slot (position_bias.slot_rows reads it).
+    by_slot: Tuple = ()
 
     @property
     def mean_position(self) -> float:
@@ -107,10 +117,114 @@ class QueryStatsFn(beam.CombineFn):
         return QueryStats(category, acc[0], {image_id: PairStats(*counts) for image_id, counts in acc[2].items()})
 
 
+# A text-query event with slots: (category, segment, ((image_id, clicked, position, click weight), ...)).
+SlotEvent = Tuple[str, str, Tuple[Tuple[str, int, int, float], ...]]
+
+
+def slot_event(record: LogRecord, min_dwell_ms: float, by: str) -> Iterable[Tuple[str, SlotEvent]]:
+    """(query, SlotEvent) for a text-query record; the segment is its locale or category under `by`, else ""."""
+    if record.query is not None:
+        segment = record.locale if by == "locale" else record.category if by == "category" else ""
+        if min_dwell_ms:
+            impressions = tuple((imp.image_id, int(imp.clicked), imp.position,
+                                 dwell_weight(imp.dwell_ms, min_dwell_ms) if imp.clicked else 0.0)
+                                for imp in record.impressions)
+        else:  # every click counts 1
+            impressions = tuple((imp.image_id, int(imp.clicked), imp.position, int(imp.clicked))
+                                for imp in record.impressions)
+        yield record.query, (record.category, segment, impressions)
+
+
+class PositionQueryStatsFn(QueryStatsFn):
+    """SlotEvents of one query -> QueryStats whose PairStats have by_slot.
+
+    Accumulator: [events, {category: events}, {image_id: {slot key: [impressions, clicks, weighted clicks]}}]
+    (slot keys: position_bias.slot_key); an image's impressions, clicks and position sum are its slots' sums.
+    """
+
+    def add_input(self, acc, event: SlotEvent):
+        category, segment, impressions = event
+        acc[0] += 1
+        categories = acc[1]
+        categories[category] = categories.get(category, 0) + 1
+        images = acc[2]
+        for image_id, clicked, position, weight in impressions:
+            slots = images.get(image_id)
+            if slots is None:
+                slots = images[image_id] = {}
+            key = (segment, position) if segment else position
+            counts = slots.get(key)
+            if counts is None:
+                slots[key] = [1, clicked, weight]
+            else:
+                counts[0] += 1
+                counts[1] += clicked
+                counts[2] += weight
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        merged = None
+        for acc in accumulators:
+            if merged is None:
+                merged = acc
+                continue
+            merged[0] += acc[0]
+            for category, n in acc[1].items():
+                merged[1][category] = merged[1].get(category, 0) + n
+            images = merged[2]
+            for image_id, slots in acc[2].items():
+                into = images.get(image_id)
+                if into is None:
+                    images[image_id] = slots
+                    continue
+                for key, (n, c, w) in slots.items():
+                    counts = into.get(key)
+                    if counts is None:
+                        into[key] = [n, c, w]
+                    else:
+                        counts[0] += n
+                        counts[1] += c
+                        counts[2] += w
+        return merged if merged is not None else self.create_accumulator()
+
+    def extract_output(self, acc) -> QueryStats:
+        category = max(acc[1].items(), key=lambda cn: category_rank(*cn))[0] if acc[1] else ""
+        return QueryStats(category, acc[0], {image_id: pair_stats(slots) for image_id, slots in acc[2].items()})
+
+
+def pair_stats(slots: Dict) -> PairStats:
+    """{slot key: [n, clicks, weighted clicks]} -> PairStats with the flat by_slot (in slot order)."""
+    impressions = clicks = position_sum = 0
+    flat = []
+    try:
+        keys = sorted(slots)
+    except TypeError:  # positions and (segment, position) keys together (a record without a segment)
+        keys = sorted(slots, key=as_slot)
+    for key in keys:
+        n, c, w = slots[key]
+        impressions += n
+        clicks += c
+        position_sum += n * (key if isinstance(key, int) else key[1])
+        flat += (key, n, c, w)
+    return PairStats(impressions, clicks, position_sum, tuple(flat))
+
+
 class QueryClickStats(beam.PTransform):
-    """LogRecords -> (query, QueryStats) for every text query."""
+    """LogRecords -> (query, QueryStats) for every text query (with per-slot counts when `by_slot`)."""
+
+    def __init__(self, by_slot: bool = False, min_dwell_ms: float = 0.0, segment_by: str = "none"):
+        super().__init__()
+        self._by_slot = by_slot
+        self._min_dwell_ms = min_dwell_ms
+        self._segment_by = segment_by
 
     def expand(self, records):
+        if self._by_slot:
+            return (
+                records
+                | "QueryEvents" >> beam.FlatMap(slot_event, self._min_dwell_ms, self._segment_by)
+                | "SumPerQuery" >> beam.CombinePerKey(PositionQueryStatsFn())
+            )
         return (
             records
             | "QueryEvents" >> beam.FlatMap(query_event)

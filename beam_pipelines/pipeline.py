@@ -24,6 +24,12 @@ processes.  The stages, each a named composite PTransform in the module of its s
     WriteExamples (outputs: split by query hash) --------------> train-*, eval-*, corpus-*
     WriteDeadLetters (outputs) --------------------------------> dead_letter-*
     PipelineReport (report: every figure) ---------------------> report.json
+    WritePropensityPlot (propensity_plot; position_bias=pbm) --> position_bias.png
+
+Under pipeline.position_bias=pbm, SelectTrainingPairs fits examination
+propensities by EM on the click statistics (position_bias.py) and selects and
+weights pairs by debiased clicks and CTR; report.json gets a `position_bias`
+object (the fit, and how raw and debiased selection differ).
 
 A catalog image the logs never showed ("cold", a new upload) is in no click
 edge; its content neighbours make it a graph node, so it gets an image-only
@@ -46,8 +52,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 
-from beam_pipelines import (cold_images, content_graph, graph, images, neighbors, outputs, parse, report,
-                            selection, sessions, vocab)
+from beam_pipelines import (cold_images, content_graph, graph, images, neighbors, outputs, parse, position_bias,
+                            propensity_plot, report, selection, sessions, vocab)
 from beam_pipelines.dead_letters import DEAD_LETTER
 from clicklens import servables
 from clicklens.config import Config
@@ -60,6 +66,8 @@ logger = logging.getLogger(__name__)
 LOGGED_IMAGES = "logged_images"
 # The sharded outputs of a run.
 OUTPUT_PREFIXES = ("train", "eval", "corpus", "dead_letter", LOGGED_IMAGES)
+# W/examples/position_bias.png: the propensity plot of a pipeline.position_bias=pbm run.
+PROPENSITY_PLOT = "position_bias.png"
 
 
 def input_paths(config: Config, workdir: Workdir) -> Dict[str, str]:
@@ -133,7 +141,8 @@ def previous_outputs(workdir: Workdir) -> List[str]:
     """The files a run writes under workdir.examples (shards of every output, vocab.txt, report.json)."""
     patterns = [join(workdir.examples, f"{prefix}-*") for prefix in OUTPUT_PREFIXES]
     found: List[str] = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    return found + [p for p in (workdir.vocab, workdir.report) if FileSystems.exists(p)]
+    whole = (workdir.vocab, workdir.report, join(workdir.examples, PROPENSITY_PLOT))
+    return found + [p for p in whole if FileSystems.exists(p)]
 
 
 def staging(workdir: Workdir) -> Workdir:
@@ -177,8 +186,9 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
     capped = logs[parse.RECORDS] | "CapSessionClicks" >> sessions.CapSessionClicks(
         cfg.max_clicks_per_session, cfg.max_clicks_per_session_query)
     records = capped[sessions.RECORDS]
+    rules = selection.SelectionRules.from_config(cfg)
     pairs = records | "SelectTrainingPairs" >> selection.SelectTrainingPairs(
-        selection.SelectionRules.from_config(cfg))
+        rules, position_bias.PbmSettings.from_config(cfg))
     click_edges = records | "ClickGraph" >> graph.ClickEdges(
         cfg.coclick_weight, cfg.similar_click_weight, cfg.min_edge_weight)
     logged = records | "LoggedImages" >> cold_images.LoggedImages()
@@ -214,8 +224,17 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
         "bad_image_ids": catalog[images.BAD_IMAGE_IDS], "examples": joined[neighbors.EXAMPLES],
         "dropped": joined[neighbors.DROPPED], "vocabulary": vocabulary, **by_split,
     }
+    bias_settings = None
+    if rules.debiased:
+        figures["selection_comparison"] = pairs[selection.COMPARISON]
+        bias_settings = {"model": cfg.position_bias, "by": cfg.position_bias_by,
+                         "propensity_clip": cfg.propensity_clip, "min_dwell_ms": cfg.min_dwell_ms}
+    if selection.PROPENSITIES in pairs:
+        figures["position_bias"] = pairs[selection.PROPENSITIES]
+        pairs[selection.PROPENSITIES] | "WritePropensityPlot" >> propensity_plot.WritePropensityPlot(
+            join(workdir.examples, PROPENSITY_PLOT))
     (figures
-     | "PipelineReport" >> report.PipelineReport(cfg.max_neighbors, cfg.hard_negatives)
+     | "PipelineReport" >> report.PipelineReport(cfg.max_neighbors, cfg.hard_negatives, bias_settings)
      | "WriteReport" >> outputs.WriteSingleFile(workdir.report))
 
 
@@ -259,6 +278,9 @@ def run_pipeline(config: Config, workdir: Workdir, extra_args: Sequence[str] = (
         if unreadable:
             raise ClicklensError(f"pipeline: {unreadable.group(0)}; the previous outputs are kept (set "
                                  "pipeline.skip_corrupt_files=true to dead-letter such shards and go on)") from None
+        not_converged = re.search(f"{position_bias.NOT_CONVERGED}[^\n]*", str(err))
+        if not_converged:
+            raise ClicklensError(f"pipeline: {not_converged.group(0)}; the previous outputs are kept") from None
         raise
     publish(staged, workdir)
     return result

@@ -13,6 +13,7 @@ from typing import Dict
 import apache_beam as beam
 
 from beam_pipelines.graph import SOURCES
+from beam_pipelines.selection import SelectionComparison
 from beam_pipelines.split import SPLITS
 
 
@@ -126,13 +127,17 @@ class PipelineReport(beam.PTransform):
     whose embedding was zero or not finite), "cold_images" and "cold_reached"
     (ids), "catalog_entries", "images" (good images), "bad_image_ids",
     "examples" (finished records), one per split name ("train", "eval"),
-    "dropped" (selected pairs dropped per bad image) and "vocabulary".
+    "dropped" (selected pairs dropped per bad image) and "vocabulary".  Under debiased selection
+    (pipeline.position_bias=pbm or min_dwell_ms > 0) also "selection_comparison" (SelectionComparison per
+    query), and with pbm "position_bias" (the fit); they make the report's `position_bias` object, which
+    is absent otherwise.
     """
 
-    def __init__(self, max_neighbors: int, hard_negatives: int):
+    def __init__(self, max_neighbors: int, hard_negatives: int, position_bias_settings=None):
         super().__init__()
         self._max_neighbors = max_neighbors
         self._hard_negatives = hard_negatives
+        self._position_bias = position_bias_settings
 
     def expand(self, pcolls):
         examples = pcolls["examples"]
@@ -180,4 +185,19 @@ class PipelineReport(beam.PTransform):
                 examples
                 | "NegativeCounts" >> beam.Map(lambda r, m: min(len(r["negatives"]), m), self._hard_negatives)
                 | "NegativeHistogram" >> Histogram())
+        if self._position_bias is not None:
+            figures.update(self._position_bias_figures(pcolls))
         return figures | "BuildReport" >> BuildReport()
+
+    def _position_bias_figures(self, pcolls):
+        """position_bias.settings, .selection (raw vs debiased, summed over queries) and .fit (pbm)."""
+        names = SelectionComparison._fields
+        figures = {
+            "position_bias.settings": pcolls["lines"].pipeline | "PositionBiasSettings" >> beam.Create(
+                [dict(self._position_bias)]),
+            "position_bias.selection": pcolls["selection_comparison"] | "SelectionComparison" >> SumFields(
+                {name: (lambda c, i=i: c[i]) for i, name in enumerate(names)}),
+        }
+        if "position_bias" in pcolls:
+            figures["position_bias.fit"] = pcolls["position_bias"]
+        return figures

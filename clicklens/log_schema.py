@@ -11,7 +11,11 @@ A record looks like::
                      {"image_id": "img_01203", "position": 2, "clicked": false}]}
 
 A query-by-image event has `query_image_id` instead of `query`.  `category`,
-`locale` and `dwell_ms` are optional.  Positions start at 1.
+`locale` and `dwell_ms` are optional.  Positions start at 1, are at most
+MAX_IMPRESSIONS and are distinct within a record: a missing or non-positive
+position is a `bad_impression`, one beyond MAX_IMPRESSIONS a
+`position_out_of_range`, one shown twice in a list a `duplicate_position`
+(the position-bias fit, beam_pipelines/position_bias.py, counts on them).
 
 `parse_log_line` turns raw bytes into a `LogRecord` or raises `BadRecord`
 with a short machine-readable reason (used as the dead-letter reason and the
@@ -175,6 +179,13 @@ def parse_log_line(line: bytes | str) -> LogRecord:
     if len(raw_impressions) > MAX_IMPRESSIONS:
         raise BadRecord("too_many_impressions", str(len(raw_impressions)))
     impressions = tuple(_parse_impression(raw, i) for i, raw in enumerate(raw_impressions))
+    seen = set()
+    for i, imp in enumerate(impressions):
+        if imp.position > MAX_IMPRESSIONS:
+            raise BadRecord("position_out_of_range", f"impressions[{i}].position={imp.position} > {MAX_IMPRESSIONS}")
+        if imp.position in seen:
+            raise BadRecord("duplicate_position", f"impressions[{i}].position={imp.position} is shown twice")
+        seen.add(imp.position)
 
     return LogRecord(
         session_id=session_id,

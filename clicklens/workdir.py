@@ -6,6 +6,8 @@ The layout is part of the command-line contract (docs/ARCHITECTURE.md):
     W/examples/train-*.tfrecord.gz, eval-*, corpus-*, vocab.txt, dead_letter-*.jsonl, report.json,
                logged_images-*.txt (every image id the logs showed; catalog images not in it are "cold")
     W/model/checkpoints/, W/model/tensorboard/, W/model/metrics.json
+    W/pretrain/checkpoints/, W/pretrain/tensorboard/, W/pretrain/image_tower/ (the pretrained tower's weights),
+              W/pretrain/image_encoder/<version>/, W/pretrain/report.json (`clicklens pretrain`)
     W/export/<model name>/<version>/, W/export/models.config, W/export/report.json
     W/export/corpus_embeddings/<version>/ (the rows retrieval <version> was built over, for `clicklens reindex`),
              W/export/reindex_report.json; reindex's dead letters: W/examples/dead_letter-reindex-<version>.jsonl
@@ -86,6 +88,11 @@ class Workdir:
     def ground_truth(self) -> str:
         return join(self.raw, "ground_truth.jsonl")
 
+    @property
+    def similar_images(self) -> str:
+        """The demo world's image -> similar images truth (same shape and colour), for evaluation only."""
+        return join(self.raw, "similar_images.jsonl")
+
     # Pipeline outputs.
     @property
     def examples(self) -> str:
@@ -124,6 +131,16 @@ class Workdir:
     @property
     def metrics(self) -> str:
         return join(self.model, "metrics.json")
+
+    # Pretraining outputs (trainer/pretrain.py).
+    @property
+    def pretrain(self) -> str:
+        return join(self.root, "pretrain")
+
+    @property
+    def pretrained_tower(self) -> str:
+        """The pretrained image tower's weights (a save_weights prefix) that model.image_init=pretrained loads."""
+        return join(self.pretrain, "image_tower", "weights")
 
     # Export outputs.
     @property

@@ -34,7 +34,7 @@ from clicklens.errors import ClicklensError
 from clicklens.ground_truth import read_ground_truth
 from trainer import cold_start
 from trainer.corpus import Corpus, embed_corpus, embed_queries
-from trainer.model import build_model, restore_model
+from trainer.model import build_model, restore_model, with_image_init_path
 from trainer.ranking import RECALL_AT, click_relevance, exact_top_k, ranking_metrics
 from trainer.tokenizer import QueryTokenizer
 
@@ -132,5 +132,6 @@ def evaluate_and_write(config, workdir, trained_model) -> Dict[str, object]:
 
 def run(config, workdir, args) -> int:
     """The `clicklens evaluate` verb."""
-    evaluate_and_write(config, workdir, restore_model(config, workdir))
+    # The untrained baseline starts as training did: from the pretrained tower with model.image_init=pretrained.
+    evaluate_and_write(with_image_init_path(config, workdir), workdir, restore_model(config, workdir))
     return 0

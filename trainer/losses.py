@@ -13,6 +13,8 @@ the single-device gradient of the whole batch.
   s(q, pos)) / T))` over (query, clicked, unclicked) triples.
 - `graph_loss`: the Neural Graph Machines term `sum_i w_i D(h(x), h(nbr_i))`
   with D from neural_structured_learning.
+- `nt_xent_loss`: SimCLR's contrastive loss between two views of each image
+  (`clicklens pretrain`, trainer/pretrain.py); one value per local view.
 """
 
 from __future__ import annotations
@@ -113,3 +115,28 @@ def graph_loss(embeddings, neighbor_embeddings, neighbor_weights, distance: str)
                                                  distance_config=config)
     # l2 keeps the feature axis ([B, K, D]); cosine reduces it ([B, K, 1]).
     return tf.reduce_sum(tf.reshape(weighted, [tf.shape(weighted)[0], -1]), axis=1)
+
+
+def nt_xent_loss(views_a: tf.Tensor, views_b: tf.Tensor, temperature: float) -> tf.Tensor:
+    """[2B] SimCLR's NT-Xent: each view's softmax cross-entropy of finding its image's other view among all views.
+
+    views_a[i] and views_b[i] are projections of two random views of image i;
+    every other view of the GLOBAL batch (all replicas, both views) is a
+    negative, the view itself is not a candidate.  Computed in float32 on
+    L2-normalised projections, scores divided by `temperature`.
+    """
+    a = tf.math.l2_normalize(tf.cast(views_a, tf.float32), axis=-1)
+    b = tf.math.l2_normalize(tf.cast(views_b, tf.float32), axis=-1)
+    local = tf.shape(a)[0]
+    # This replica's rows come first in both gathers, so local row i is global row i.
+    candidates = tf.concat([gather_across_replicas(a), gather_across_replicas(b)], axis=0)  # [2N, D]
+    n = tf.shape(candidates)[0] // 2
+    rows = tf.range(local)
+
+    def side(anchors, own_offset, other_offset):
+        logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature
+        itself = tf.one_hot(rows + own_offset, 2 * n, on_value=True, off_value=False)
+        logits = tf.where(itself, -1e9, logits)
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=rows + other_offset, logits=logits)
+
+    return tf.concat([side(a, 0, n), side(b, n, 0)], axis=0)

@@ -9,6 +9,7 @@ precision policy and dot products are cosine similarities.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Dict
@@ -172,7 +173,57 @@ def build_image_tower(config) -> tf.keras.Model:
             x = tf.keras.layers.MaxPool2D(name=f"pool_{i}")(x) if x.shape[1] > 1 else x
         x = tf.keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
         x = tf.keras.layers.Dense(2 * m.embedding_dim, activation="relu", name="cnn_hidden")(x)
-    return tf.keras.Model(inputs, _embedding_head(x, config, "image"), name="image_tower")
+    tower = tf.keras.Model(inputs, _embedding_head(x, config, "image"), name="image_tower")
+    if m.image_init == "pretrained":
+        load_pretrained_tower(tower, config)
+    return tower
+
+
+# ---------------------------------------------------------------------------
+# The pretrained image tower (trainer/pretrain.py writes it).
+
+# The model and pipeline keys that decide the image tower's variables; a pretrained tower fits when they agree.
+TOWER_KEYS = ("model.image_tower", "model.backbone", "model.cnn_filters", "model.embedding_dim",
+              "model.dropout", "pipeline.image_size", "pipeline.feature_dim")
+
+
+def tower_description(config) -> Dict[str, object]:
+    """{key: value} of TOWER_KEYS, stored next to pretrained weights."""
+    return {key: getattr(getattr(config, key.split(".")[0]), key.split(".")[1]) for key in TOWER_KEYS}
+
+
+def with_image_init_path(config, workdir):
+    """`config` with model.image_init_path defaulted to W/pretrain/image_tower/weights (image_init=pretrained)."""
+    m = config.model
+    if m.image_init != "pretrained" or m.image_init_path:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(m, image_init_path=workdir.pretrained_tower))
+
+
+def load_pretrained_tower(tower: tf.keras.Model, config) -> None:
+    """Loads model.image_init_path into `tower`: every variable, from a tower of the same shape, or ClicklensError."""
+    path = config.model.image_init_path
+    if not path:
+        raise ClicklensError("model.image_init=pretrained: model.image_init_path is not set (`clicklens train` "
+                             "defaults it to <workdir>/pretrain/image_tower/weights)")
+    if not tf.io.gfile.exists(path + ".index"):
+        raise ClicklensError(f"model.image_init=pretrained: no pretrained image tower at {path} (run `clicklens "
+                             f"pretrain` first, set model.image_init_path, or use model.image_init=random)")
+    described = path + ".json"
+    if tf.io.gfile.exists(described):
+        with tf.io.gfile.GFile(described) as f:
+            saved = json.load(f)
+        ours = tower_description(config)
+        differ = [f"{key} {saved[key]!r} there, {ours[key]!r} here" for key in TOWER_KEYS
+                  if key in saved and saved[key] != ours[key]]
+        if differ:
+            raise ClicklensError(f"model.image_init=pretrained: the tower at {path} was pretrained with another "
+                                 f"shape: {'; '.join(differ)} (pretrain again or change these keys)")
+    try:
+        tower.load_weights(path).assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        raise ClicklensError(f"model.image_init=pretrained: {path} does not fit this image tower: {e}") from e
+    logger.info("image tower starts from the pretrained weights %s", path)
 
 
 # ---------------------------------------------------------------------------
@@ -373,9 +424,10 @@ def restore_model(config, workdir) -> TwoTowerModel:
     latest = tf.train.latest_checkpoint(directory)
     if latest is None:
         raise ClicklensError(f"no checkpoint under {directory} (run `clicklens train` first)")
-    # The checkpoint holds every weight, so the backbone's starting weights file is neither
-    # needed nor read: export and evaluate work on machines that do not have it.
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights=""))
+    # The checkpoint holds every weight, so the starting weights (backbone file, pretrained tower) are neither
+    # needed nor read: export and evaluate work on machines that do not have them.
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
+                                                                   image_init="random"))
     model = build_model(config, len(load_vocab(workdir.vocab)))
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     logger.info("restored %s", latest)

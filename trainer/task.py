@@ -31,7 +31,7 @@ from trainer import input as model_input
 from trainer import strategy as strategies
 from trainer.callbacks import CheckpointEverySteps, RetrievalEarlyStopping, TrainingProgress, optimizer_step
 from trainer.evaluate import eval_retrieval_measure, evaluate_and_write
-from trainer.model import TwoTowerModel, build_model, checkpoint_dir
+from trainer.model import TwoTowerModel, build_model, checkpoint_dir, with_image_init_path
 from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def _fit(model, dataset, callbacks, first_epoch: int, epochs: int, steps: int, s
 
 def train(config, workdir) -> TwoTowerModel:
     """Trains (or resumes training) and returns the model with its final weights."""
+    config = with_image_init_path(config, workdir)
     t = config.training
     tf.keras.utils.set_random_seed(t.seed)
     strategies.set_precision(t)
@@ -241,6 +242,7 @@ def _copy_to_model_dir(model, workdir) -> None:
 
 def run(config, workdir, args) -> int:
     """The `clicklens train` verb: train, then evaluate into W/model/metrics.json."""
+    config = with_image_init_path(config, workdir)
     model = train(config, workdir)
     if not strategies.is_chief(model.distribute_strategy):
         return 0  # the chief evaluates and writes the outputs

@@ -4,7 +4,10 @@ The ranker orders images by true relevance plus a query-independent quality
 bias plus noise, so result lists mix relevant and irrelevant images.  Users
 examine position p with probability p ** -EXAMINATION_DECAY and click an
 examined image with a probability that rises with its true relevance; the
-two are independent, which is what makes the model position-based.
+two are independent, which is what makes the model position-based.  The
+generator writes the examination probabilities to manifest.json
+(`examination_propensities`), the truth a position-bias fit is measured
+against; demo_data.ranker_quality_weight sets `quality_weight`.
 Everything works on a batch of sessions at once.
 """
 

@@ -7,7 +7,8 @@ Writes (all byte-identical for the same demo_data config):
     raw/logs/part-K-of-N.jsonl.gz search sessions (LogRecord lines) and known malformed lines
     raw/ground_truth.jsonl        per distinct normalized text query: the relevant image ids
     raw/similar_images.jsonl      per image: the images that look like it (query-by-image truth)
-    raw/manifest.json             seed, counts, malformed lines by reason, broken and cold images, files
+    raw/manifest.json             seed, counts, malformed lines by reason, broken and cold images, files,
+                                  and the click model's true examination propensity per position
 
 Ground truth lists only images whose file is good: a broken image can be shown
 and clicked in the logs but can never be retrieved.  A `cold_fraction` share of
@@ -185,11 +186,23 @@ def choose_cold(good: np.ndarray, fraction: float, rng: np.random.Generator) -> 
     return cold
 
 
+def click_model_of(cfg: DemoDataConfig) -> click_model.ClickModel:
+    """The ranker and user model of the demo world (demo_data.ranker_quality_weight, the rest fixed)."""
+    return click_model.ClickModel(quality_weight=cfg.ranker_quality_weight)
+
+
+def true_propensities(cfg: DemoDataConfig) -> Dict[str, float]:
+    """{position: P(examined)} of the demo users at positions 1..max_impressions (1.0 at position 1)."""
+    positions = np.arange(1, cfg.max_impressions + 1)
+    return {str(p): round(float(e), 6)
+            for p, e in zip(positions, click_model.examination_probability(positions, click_model_of(cfg)))}
+
+
 def generate_sessions(cfg: DemoDataConfig, catalog: world.Catalog, good: np.ndarray, cold: np.ndarray,
                       world_rng: np.random.Generator, rng: np.random.Generator) -> Tuple[Sessions, List[world.Intent], np.ndarray]:
     """Draws cfg.num_sessions search sessions, none showing a `cold` image; returns them, the intents and
     their match fractions."""
-    model = click_model.ClickModel()
+    model = click_model_of(cfg)
     num_images = len(catalog.image_ids)
     intents = world.all_intents()
     match = np.stack([intent.match_fraction(catalog) for intent in intents])  # [I, N]
@@ -400,6 +413,8 @@ def generate(cfg: DemoDataConfig, workdir: Workdir) -> Dict[str, Any]:
             "corrupt": [catalog.image_ids[i] for i in broken.corrupt],
         },
         "cold_images": [catalog.image_ids[i] for i in np.flatnonzero(cold)],
+        # The truth a position-bias fit (pipeline.position_bias=pbm) is measured against.
+        "examination_propensities": true_propensities(cfg),
         "log_files": [f"logs/{name}" for name in names],
         "num_log_lines": sum(len(lines) for lines in shards),
         "files": {"catalog": "catalog.jsonl", "images": "images", "ground_truth": "ground_truth.jsonl",
