@@ -217,9 +217,7 @@ def pretrain(config, workdir) -> tf.keras.Model:
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        # A barrier, as in `train`: no worker leaves before all have finished.
-        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+    strategies.wait_for_all_workers(strategy)
     if saver.diverged_at is not None:
         raise TrainingDiverged(f"pretraining loss became NaN/inf at step {saver.diverged_at}; stopped (lower "
                                f"pretrain.learning_rate or use float32)")

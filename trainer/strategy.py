@@ -111,3 +111,10 @@ def set_precision(training) -> None:
     if policy == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
         logger.warning("training.precision=mixed_float16 without a GPU: correct but slow on CPU")
     tf.keras.mixed_precision.set_global_policy(policy)
+
+
+def wait_for_all_workers(strategy: tf.distribute.Strategy) -> None:
+    """A barrier under MultiWorkerMirroredStrategy (no worker leaves, and the chief's evaluation or export does
+    not start, until all have finished); nothing under any other strategy."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)

@@ -208,9 +208,7 @@ def train(config, workdir) -> TwoTowerModel:
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        # A barrier: no worker leaves (and the chief's evaluation starts) until all have finished.
-        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+    strategies.wait_for_all_workers(strategy)
     if saver.diverged_at is not None:
         kept = tf.train.latest_checkpoint(checkpoint_dir(workdir))
         raise TrainingDiverged(
