@@ -10,23 +10,33 @@ combiner also keeps, per image, its impressions, clicks and dwell-weighted
 clicks per slot (position, or (segment, position)): `PositionQueryStatsFn`,
 the input of the position-bias fit and of the debiased figures
 (position_bias.py).  Otherwise nothing changes.
+
+With pipeline.half_life_days (a window ending on pipeline.as_of, window.py)
+each event carries its record's weight, 0.5 ** (age in days / half-life): the
+event adds that weight to each image's impressions, clicked * weight to its
+clicks and position * weight to its position sum (and the same to the slot
+counts), so every figure selection.py and position_bias.py read is a decayed
+one.  The events and category counts of a query stay whole (one per event:
+they rank categories and weigh the vocabulary's words).  Without decay the
+weight is the int 1 and every count an int, exactly as before.
 """
 
 
-from typing import Dict, Iterable, NamedTuple, Tuple
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
 from beam_pipelines.position_bias import as_slot, dwell_weight
+from beam_pipelines.window import LogWindow
 from clicklens.log_schema import LogRecord
 
 
 class PairStats(NamedTuple):
-    """Impressions, clicks and summed positions of one image for one query."""
+    """Impressions, clicks and summed positions of one image for one query (floats when decayed)."""
 
-    impressions: int = 0
-    clicks: int = 0
-    position_sum: int = 0
+    impressions: float = 0
+    clicks: float = 0
+    position_sum: float = 0
     # PositionQueryStatsFn only, flat (one tuple of numbers decodes far faster than nested ones): slot key,
     # impressions, clicks, dwell-weighted clicks, for each slot (position_bias.slot_rows reads it).
     by_slot: Tuple = ()
@@ -51,15 +61,20 @@ class QueryStats(NamedTuple):
     images: Dict[str, PairStats]       # per image shown for it
 
 
-# One text-query event as QueryClickStats takes it: (category, ((image_id, clicked, position), ...)).
-QueryEvent = Tuple[str, Tuple[Tuple[str, int, int], ...]]
+# One text-query event as QueryClickStats takes it: (category, ((image_id, clicked, position), ...), weight).
+QueryEvent = Tuple[str, Tuple[Tuple[str, int, int], ...], float]
 
 
-def query_event(record: LogRecord) -> Iterable[Tuple[str, QueryEvent]]:
+def record_weight(record: LogRecord, decay: Optional[LogWindow]):
+    """How much a record's impressions and clicks count: its time decay (LogWindow.weight), the int 1 without."""
+    return 1 if decay is None else decay.weight(record.time)
+
+
+def query_event(record: LogRecord, decay: Optional[LogWindow] = None) -> Iterable[Tuple[str, QueryEvent]]:
     """(query, QueryEvent) for a text-query record; nothing for a query-by-image record."""
     if record.query is not None:
         yield record.query, (record.category, tuple((imp.image_id, int(imp.clicked), imp.position)
-                                                    for imp in record.impressions))
+                                                    for imp in record.impressions), record_weight(record, decay))
 
 
 def category_rank(category: str, n: int):
@@ -70,14 +85,15 @@ def category_rank(category: str, n: int):
 class QueryStatsFn(beam.CombineFn):
     """QueryEvents of one query -> QueryStats.
 
-    Accumulator: [events, {category: events}, {image_id: [impressions, clicks, position_sum]}].
+    Accumulator: [events, {category: events}, {image_id: [impressions, clicks, position_sum]}], each
+    impression counting the event's weight.
     """
 
     def create_accumulator(self):
         return [0, {}, {}]
 
     def add_input(self, acc, event: QueryEvent):
-        category, impressions = event
+        category, impressions, w = event
         acc[0] += 1
         categories = acc[1]
         categories[category] = categories.get(category, 0) + 1
@@ -85,11 +101,11 @@ class QueryStatsFn(beam.CombineFn):
         for image_id, clicked, position in impressions:
             counts = images.get(image_id)
             if counts is None:
-                images[image_id] = [1, clicked, position]
+                images[image_id] = [w, clicked * w, position * w]
             else:
-                counts[0] += 1
-                counts[1] += clicked
-                counts[2] += position
+                counts[0] += w
+                counts[1] += clicked * w
+                counts[2] += position * w
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -117,11 +133,13 @@ class QueryStatsFn(beam.CombineFn):
         return QueryStats(category, acc[0], {image_id: PairStats(*counts) for image_id, counts in acc[2].items()})
 
 
-# A text-query event with slots: (category, segment, ((image_id, clicked, position, click weight), ...)).
-SlotEvent = Tuple[str, str, Tuple[Tuple[str, int, int, float], ...]]
+# A text-query event with slots: (category, segment, ((image_id, clicked, position, click weight), ...), weight);
+# the click weight is the dwell's, the last weight the record's time decay.
+SlotEvent = Tuple[str, str, Tuple[Tuple[str, int, int, float], ...], float]
 
 
-def slot_event(record: LogRecord, min_dwell_ms: float, by: str) -> Iterable[Tuple[str, SlotEvent]]:
+def slot_event(record: LogRecord, min_dwell_ms: float, by: str,
+               decay: Optional[LogWindow] = None) -> Iterable[Tuple[str, SlotEvent]]:
     """(query, SlotEvent) for a text-query record; the segment is its locale or category under `by`, else ""."""
     if record.query is not None:
         segment = record.locale if by == "locale" else record.category if by == "category" else ""
@@ -132,18 +150,19 @@ def slot_event(record: LogRecord, min_dwell_ms: float, by: str) -> Iterable[Tupl
         else:  # every click counts 1
             impressions = tuple((imp.image_id, int(imp.clicked), imp.position, int(imp.clicked))
                                 for imp in record.impressions)
-        yield record.query, (record.category, segment, impressions)
+        yield record.query, (record.category, segment, impressions, record_weight(record, decay))
 
 
 class PositionQueryStatsFn(QueryStatsFn):
     """SlotEvents of one query -> QueryStats whose PairStats have by_slot.
 
     Accumulator: [events, {category: events}, {image_id: {slot key: [impressions, clicks, weighted clicks]}}]
-    (slot keys: position_bias.slot_key); an image's impressions, clicks and position sum are its slots' sums.
+    (slot keys: position_bias.slot_key; each count times the event's weight); an image's impressions, clicks
+    and position sum are its slots' sums.
     """
 
     def add_input(self, acc, event: SlotEvent):
-        category, segment, impressions = event
+        category, segment, impressions, w = event
         acc[0] += 1
         categories = acc[1]
         categories[category] = categories.get(category, 0) + 1
@@ -155,11 +174,11 @@ class PositionQueryStatsFn(QueryStatsFn):
             key = (segment, position) if segment else position
             counts = slots.get(key)
             if counts is None:
-                slots[key] = [1, clicked, weight]
+                slots[key] = [w, clicked * w, weight * w]
             else:
-                counts[0] += 1
-                counts[1] += clicked
-                counts[2] += weight
+                counts[0] += w
+                counts[1] += clicked * w
+                counts[2] += weight * w
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -210,23 +229,28 @@ def pair_stats(slots: Dict) -> PairStats:
 
 
 class QueryClickStats(beam.PTransform):
-    """LogRecords -> (query, QueryStats) for every text query (with per-slot counts when `by_slot`)."""
+    """LogRecords -> (query, QueryStats) for every text query (with per-slot counts when `by_slot`).
 
-    def __init__(self, by_slot: bool = False, min_dwell_ms: float = 0.0, segment_by: str = "none"):
+    `decay`: the window whose half-life weighs each record (LogWindow.weight); None or no half-life: weight 1.
+    """
+
+    def __init__(self, by_slot: bool = False, min_dwell_ms: float = 0.0, segment_by: str = "none",
+                 decay: Optional[LogWindow] = None):
         super().__init__()
         self._by_slot = by_slot
         self._min_dwell_ms = min_dwell_ms
         self._segment_by = segment_by
+        self._decay = decay if decay is not None and decay.half_life_days else None
 
     def expand(self, records):
         if self._by_slot:
             return (
                 records
-                | "QueryEvents" >> beam.FlatMap(slot_event, self._min_dwell_ms, self._segment_by)
+                | "QueryEvents" >> beam.FlatMap(slot_event, self._min_dwell_ms, self._segment_by, self._decay)
                 | "SumPerQuery" >> beam.CombinePerKey(PositionQueryStatsFn())
             )
         return (
             records
-            | "QueryEvents" >> beam.FlatMap(query_event)
+            | "QueryEvents" >> beam.FlatMap(query_event, self._decay)
             | "SumPerQuery" >> beam.CombinePerKey(QueryStatsFn())
         )

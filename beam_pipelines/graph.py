@@ -24,6 +24,11 @@ impression sends the smaller of its two ids the other one.  Per image, one pass
 finds the co-click partners and the similar-image counts, a second counts the
 lists that showed a with each partner.  No side input; a worker holds one
 image's evidence at a time (the grouped values are re-iterated, not listed).
+
+The click graph is not time-decayed: under pipeline.half_life_days (window.py)
+only the click statistics of the training pairs are, and the graph counts every
+record of the window once (the rates are ratios, and which images look alike
+to users drifts far more slowly than what a query means).
 """
 
 

@@ -11,6 +11,12 @@ stops the run naming the file, unless `pipeline.skip_corrupt_files`: then the
 file becomes one dead letter `{"source": "log_file", "reason": "corrupt_file",
 "raw": path, "file": path, "lines_read": n, "detail": ...}` and the run goes on
 (see ReadGzipLinesFn for what happens to the n lines read before the fault).
+
+With pipeline.as_of set, `ReadLogs` reads a window of the logs (window.py):
+files in dt=YYYY-MM-DD partitions outside it are dropped from the matched files
+before they are opened, and the records are kept by the UTC day of their time;
+those outside the window are counted, not dead-lettered.  With as_of empty it
+reads every log, as before.
 """
 
 
@@ -26,6 +32,8 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
 from beam_pipelines.progress import LogProgress
+from beam_pipelines.window import MATCHED, OUTSIDE, READ, FilterWindowRecords, LogWindow, RequireRecords, \
+    SelectWindowFiles
 from clicklens.errors import BadRecord
 from clicklens.log_schema import LogRecord, parse_log_line
 
@@ -38,6 +46,9 @@ LOG_FILE_SOURCE = "log_file"
 CORRUPT_FILE = "corrupt_file"
 # ReadLogs' output of the corrupt files' dead letters alone.
 CORRUPT_FILES = "corrupt_files"
+# ReadLogs' outputs with a window (pipeline.as_of): every file matched, and the good records outside the window.
+WINDOW_FILES = "window_files"
+OUTSIDE_WINDOW = "outside_window"
 
 
 def parse_or_dead_letter(line: bytes) -> Tuple[Optional[LogRecord], Optional[Dict[str, Any]]]:
@@ -119,22 +130,19 @@ class ReadGzipLinesFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, bad)
 
 
-class ReadLinesAndCorruptFiles(beam.PTransform):
-    """Reads every line of the files matching a glob as bytes (gzip by the .gz extension).
+class ReadMatchedLines(beam.PTransform):
+    """Matched FileMetadata -> {LINES: bytes lines, DEAD_LETTER: one dead letter per corrupt .gz file skipped}.
 
-    -> {LINES: bytes lines, DEAD_LETTER: one dead letter per corrupt .gz file skipped}.
     .gz files go through ReadGzipLinesFn (read whole, checked to their end; a
     corrupt one fails the run unless `skip_corrupt_files`); the others through
     Beam's ReadAllFromText, which splits large files.
     """
 
-    def __init__(self, file_pattern: str, skip_corrupt_files: bool = False):
+    def __init__(self, skip_corrupt_files: bool = False):
         super().__init__()
-        self._pattern = file_pattern
         self._skip = skip_corrupt_files
 
-    def expand(self, pbegin):
-        files = pbegin | "Match" >> fileio.MatchFiles(self._pattern)
+    def expand(self, files):
         gzipped, other = files | "ByCompression" >> beam.Partition(
             lambda match, _: 0 if match.path.endswith(".gz") else 1, 2)
         gzip_read = (gzipped
@@ -147,6 +155,22 @@ class ReadLinesAndCorruptFiles(beam.PTransform):
                                                                compression_type=CompressionTypes.AUTO))
         lines = (gzip_read[LINES], other_lines) | "Lines" >> beam.Flatten()
         return {LINES: lines, DEAD_LETTER: gzip_read[DEAD_LETTER]}
+
+
+class ReadLinesAndCorruptFiles(beam.PTransform):
+    """Reads every line of the files matching a glob as bytes (gzip by the .gz extension).
+
+    -> {LINES: bytes lines, DEAD_LETTER: one dead letter per corrupt .gz file skipped} (ReadMatchedLines).
+    """
+
+    def __init__(self, file_pattern: str, skip_corrupt_files: bool = False):
+        super().__init__()
+        self._pattern = file_pattern
+        self._skip = skip_corrupt_files
+
+    def expand(self, pbegin):
+        files = pbegin | "Match" >> fileio.MatchFiles(self._pattern)
+        return files | "ReadFiles" >> ReadMatchedLines(self._skip)
 
 
 class ReadLines(beam.PTransform):
@@ -176,17 +200,38 @@ class ReadLogs(beam.PTransform):
 
     DEAD_LETTER holds the bad lines' dead letters and the corrupt files' (CORRUPT_FILES is those alone,
     for the report); a corrupt .gz shard fails the run unless `skip_corrupt_files`.
+
+    With an active `window` (window.LogWindow, pipeline.as_of) only the files the window reads are opened,
+    RECORDS are the records in the window (and the run fails when there is none: window.RequireRecords),
+    and there are two more outputs: WINDOW_FILES, (path, read?) per file matched, and OUTSIDE_WINDOW, one
+    int per good record outside the window (1 when dated after as_of).
     """
 
-    def __init__(self, file_pattern: str, skip_corrupt_files: bool = False):
+    def __init__(self, file_pattern: str, skip_corrupt_files: bool = False, window: Optional[LogWindow] = None):
         super().__init__()
         self._pattern = file_pattern
         self._skip = skip_corrupt_files
+        self._window = window if window is not None and window.active else None
 
     def expand(self, pbegin):
-        read = pbegin | "ReadLines" >> ReadLinesAndCorruptFiles(self._pattern, self._skip)
+        window_outputs = {}
+        if self._window is None:
+            read = pbegin | "ReadLines" >> ReadLinesAndCorruptFiles(self._pattern, self._skip)
+        else:
+            files = (pbegin
+                     | "Match" >> fileio.MatchFiles(self._pattern)
+                     | "WindowFiles" >> SelectWindowFiles(self._window))
+            window_outputs[WINDOW_FILES] = files[MATCHED]
+            read = files[READ] | "ReadLines" >> ReadMatchedLines(self._skip)
         lines = read[LINES]
         parsed = lines | "ParseLogs" >> ParseLogs()
-        records = parsed[RECORDS] | "LogRecords" >> LogProgress("ParseLogs", "log records")
+        records = parsed[RECORDS]
+        if self._window is not None:
+            kept = records | "WindowRecords" >> FilterWindowRecords(self._window)
+            window_outputs[OUTSIDE_WINDOW] = kept[OUTSIDE]
+            records = kept[RECORDS] | "RequireRecords" >> RequireRecords(self._window)
+        what = "log records" if self._window is None else "log records in the window"
+        records = records | "LogRecords" >> LogProgress("ParseLogs", what)
         dead = (parsed[DEAD_LETTER], read[DEAD_LETTER]) | "LogDeadLetters" >> beam.Flatten()
-        return {LINES: lines, RECORDS: records, DEAD_LETTER: dead, CORRUPT_FILES: read[DEAD_LETTER]}
+        return {LINES: lines, RECORDS: records, DEAD_LETTER: dead, CORRUPT_FILES: read[DEAD_LETTER],
+                **window_outputs}

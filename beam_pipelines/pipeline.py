@@ -9,11 +9,15 @@ Options the clicklens command line does not know are Beam pipeline options, so
 processes.  The stages, each a named composite PTransform in the module of its stage:
 
     ReadLogs (parse; corrupt .gz shards too, under skip_corrupt_files) -> dead letters
+      (with pipeline.as_of, window: dt= partitions outside the window never opened,
+       records kept by the UTC day of their time, the others counted; an empty window fails)
     CapSessionClicks (sessions: robot sessions over a click cap dropped whole) -> dead letters
-      |-- SelectTrainingPairs (selection: click stats, query category, selection rules)
-      |-- ClickGraph (graph: co-click + similar-image-click edges)
+      |-- SelectTrainingPairs (selection: click stats, time-decayed under half_life_days,
+      |                        query category, selection rules)
+      |-- ClickGraph (graph: co-click + similar-image-click edges; not decayed)
       |-- LoggedImages (cold_images: every image id the logs show) -> logged_images-*
-      `-- LearnAndWriteVocabulary (vocab: training queries only, from the click stats) -> vocab.txt
+      `-- LearnAndWriteVocabulary (vocab: training queries only, from the click stats;
+                                   appended to pipeline.base_vocab when set) -> vocab.txt
     ReadCatalogImages (images: catalog, image loading) --------> dead letters
       `-- ContentGraph (content_graph: content embedding per good image, LSH top-k
                         neighbours by cosine; source pixels / features / model / none)
@@ -31,6 +35,14 @@ propensities by EM on the click statistics (position_bias.py) and selects and
 weights pairs by debiased clicks and CTR; report.json gets a `position_bias`
 object (the fit, and how raw and debiased selection differ).
 
+The daily loop (clicklens update) sets pipeline.as_of, window_days and
+half_life_days: the run reads the window of dated logs ending on as_of, and
+weighs each record's impressions and clicks by 0.5 ** (age / half-life) in the
+click statistics (window.py); pipeline.base_vocab keeps the token ids of an
+earlier run's vocab.txt and appends the new tokens (vocab.py).  report.json
+then gets a `window` and a `base_vocab` object.  Without these settings every
+output is what it was before them, byte for byte.
+
 A catalog image the logs never showed ("cold", a new upload) is in no click
 edge; its content neighbours make it a graph node, so it gets an image-only
 training example (query "") and the graph term pulls it towards images that look alike.
@@ -44,7 +56,7 @@ import dataclasses
 import json
 import logging
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
@@ -53,11 +65,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import (cold_images, content_graph, graph, images, neighbors, outputs, parse, position_bias,
-                            propensity_plot, report, selection, sessions, vocab)
+                            propensity_plot, report, selection, sessions, vocab, window)
 from beam_pipelines.dead_letters import DEAD_LETTER
 from clicklens import servables
 from clicklens.config import Config
 from clicklens.errors import ClicklensError
+from clicklens.vocabulary import load_vocab
 from clicklens.workdir import Workdir, join
 
 logger = logging.getLogger(__name__)
@@ -113,11 +126,41 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(runner=local_runner(options), options=options)
 
 
+def window_files(config: Config, workdir: Workdir) -> Tuple[List[str], List[str]]:
+    """(log files the run reads, log files it skips: in dt= partitions outside the pipeline.as_of window)."""
+    matched = [m.path for m in FileSystems.match([input_paths(config, workdir)["logs"]])[0].metadata_list]
+    return window.split_files(window.LogWindow.from_config(config.pipeline), matched)
+
+
+def base_vocabulary(config: Config) -> Optional[vocab.BaseVocabulary]:
+    """pipeline.base_vocab read and checked (clicklens.vocabulary.load_vocab); None when it is not set."""
+    cfg = config.pipeline
+    if not cfg.base_vocab:
+        return None
+    try:
+        tokens = load_vocab(cfg.base_vocab)
+    except ClicklensError as err:
+        raise ClicklensError(f"pipeline.base_vocab: {err}") from None
+    except Exception as err:  # noqa: BLE001  (an unreadable file: TensorFlow's own errors)
+        raise ClicklensError(f"pipeline.base_vocab: {cfg.base_vocab}: cannot read it: {err}") from None
+    return vocab.BaseVocabulary(cfg.base_vocab, tuple(tokens), cfg.vocab_capacity or 2 * cfg.vocab_size)
+
+
 def check_inputs(config: Config, workdir: Workdir) -> None:
     """Fails early, with a clear message, on inputs or settings the pipeline cannot use."""
     paths = input_paths(config, workdir)
-    if not FileSystems.match([paths["logs"]])[0].metadata_list:
+    for key in ("window_days", "half_life_days"):
+        if getattr(config.pipeline, key) and not config.pipeline.as_of:
+            raise ClicklensError(f"pipeline.{key}: needs pipeline.as_of, the day the window ends (`clicklens "
+                                 "update --as-of DAY` sets it)")
+    read, skipped = window_files(config, workdir)
+    if not read and not skipped:
         raise ClicklensError(f"pipeline: no log files match {paths['logs']} (run generate-demo-data, or set pipeline.logs)")
+    if not read:
+        described = window.LogWindow.from_config(config.pipeline).describe()
+        raise ClicklensError(f"pipeline: no log file in the window {described}: the {len(skipped)} log files "
+                             f"matching {paths['logs']} are all in dt= partitions outside it; set pipeline.as_of "
+                             "to a day the logs cover, or widen pipeline.window_days")
     if not FileSystems.exists(paths["catalog"]):
         raise ClicklensError(f"pipeline: image catalog {paths['catalog']} not found (set pipeline.catalog)")
     content = config.pipeline.content_graph
@@ -132,6 +175,7 @@ def check_inputs(config: Config, workdir: Workdir) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ClicklensError(f"pipeline.entity_patterns: {pattern!r} is not a valid regex: {err}") from None
+    base_vocabulary(config)  # raises, naming pipeline.base_vocab, on a missing or bad vocab.txt
 
 
 STAGING_FOLDER = "examples.next"
@@ -180,15 +224,16 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
     """Adds every stage, from the raw inputs to the written outputs, to pipeline `p`."""
     cfg = config.pipeline
     paths = input_paths(config, workdir)
+    log_window = window.LogWindow.from_config(cfg)
 
-    logs = p | "ReadLogs" >> parse.ReadLogs(paths["logs"], cfg.skip_corrupt_files)
+    logs = p | "ReadLogs" >> parse.ReadLogs(paths["logs"], cfg.skip_corrupt_files, log_window)
     # Every stage that reads the logs reads them after the session click cap.
     capped = logs[parse.RECORDS] | "CapSessionClicks" >> sessions.CapSessionClicks(
         cfg.max_clicks_per_session, cfg.max_clicks_per_session_query)
     records = capped[sessions.RECORDS]
     rules = selection.SelectionRules.from_config(cfg)
     pairs = records | "SelectTrainingPairs" >> selection.SelectTrainingPairs(
-        rules, position_bias.PbmSettings.from_config(cfg))
+        rules, position_bias.PbmSettings.from_config(cfg), log_window)
     click_edges = records | "ClickGraph" >> graph.ClickEdges(
         cfg.coclick_weight, cfg.similar_click_weight, cfg.min_edge_weight)
     logged = records | "LoggedImages" >> cold_images.LoggedImages()
@@ -208,8 +253,9 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
         "JoinTrainingExamples" >> neighbors.JoinTrainingExamples(cfg.eval_fraction, cfg.hard_negatives))
     by_split = {"examples": joined[neighbors.EXAMPLES], "images": catalog[images.IMAGES]} | (
         "WriteExamples" >> outputs.WriteExamples(config, workdir.examples))
-    vocabulary = pairs[selection.QUERY_STATS] | "LearnAndWriteVocabulary" >> vocab.LearnAndWriteVocabulary(
-        cfg.vocab_size, cfg.eval_fraction, workdir.vocab)
+    learned = pairs[selection.QUERY_STATS] | "LearnAndWriteVocabulary" >> vocab.LearnAndWriteVocabulary(
+        cfg.vocab_size, cfg.eval_fraction, workdir.vocab, base_vocabulary(config))
+    vocabulary = learned[vocab.TOKENS]
     dead_letters = (logs[DEAD_LETTER], capped[DEAD_LETTER], catalog[DEAD_LETTER], joined[DEAD_LETTER]) | (
         "WriteDeadLetters" >> outputs.WriteDeadLetters(join(workdir.examples, "dead_letter")))
 
@@ -224,6 +270,11 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
         "bad_image_ids": catalog[images.BAD_IMAGE_IDS], "examples": joined[neighbors.EXAMPLES],
         "dropped": joined[neighbors.DROPPED], "vocabulary": vocabulary, **by_split,
     }
+    if log_window.active:
+        figures["window_files"] = logs[parse.WINDOW_FILES]
+        figures["outside_window"] = logs[parse.OUTSIDE_WINDOW]
+    if vocab.MERGE in learned:
+        figures["base_vocab"] = learned[vocab.MERGE]
     bias_settings = None
     if rules.debiased:
         figures["selection_comparison"] = pairs[selection.COMPARISON]
@@ -234,7 +285,7 @@ def build_pipeline(p: beam.Pipeline, config: Config, workdir: Workdir) -> None:
         pairs[selection.PROPENSITIES] | "WritePropensityPlot" >> propensity_plot.WritePropensityPlot(
             join(workdir.examples, PROPENSITY_PLOT))
     (figures
-     | "PipelineReport" >> report.PipelineReport(cfg.max_neighbors, cfg.hard_negatives, bias_settings)
+     | "PipelineReport" >> report.PipelineReport(cfg.max_neighbors, cfg.hard_negatives, bias_settings, log_window)
      | "WriteReport" >> outputs.WriteSingleFile(workdir.report))
 
 
@@ -267,6 +318,13 @@ def run_pipeline(config: Config, workdir: Workdir, extra_args: Sequence[str] = (
     options = pipeline_options(extra_args)
     paths = input_paths(config, workdir)
     logger.info("pipeline: logs %s, catalog %s -> %s", paths["logs"], paths["catalog"], workdir.examples)
+    log_window = window.LogWindow.from_config(config.pipeline)
+    if log_window.active:
+        read, skipped = window_files(config, workdir)
+        logger.info("pipeline: window %s, half-life %s: %d log files matched, %d to read, %d skipped "
+                    "(dt= partitions outside the window)", log_window.describe(),
+                    f"{log_window.half_life_days:g} days" if log_window.half_life_days else "none",
+                    len(read) + len(skipped), len(read), len(skipped))
     staged = staging(workdir)
     p = make_pipeline(options)
     build_pipeline(p, config, staged)
@@ -274,6 +332,9 @@ def run_pipeline(config: Config, workdir: Workdir, extra_args: Sequence[str] = (
         result = p.run()
         result.wait_until_finish()
     except Exception as err:  # noqa: BLE001  (the runner wraps a worker's error in its own)
+        empty = re.search(f"{window.EMPTY_WINDOW}[^\n]*", str(err))
+        if empty:
+            raise ClicklensError(f"pipeline: {empty.group(0)}; the previous outputs are kept") from None
         unreadable = re.search(f"{parse.UNREADABLE_FILE} [^\n]*", str(err))
         if unreadable:
             raise ClicklensError(f"pipeline: {unreadable.group(0)}; the previous outputs are kept (set "
@@ -303,11 +364,29 @@ def run(config: Config, workdir: Workdir, args) -> int:
         logger.warning("pipeline: %d corrupt log file(s) skipped (pipeline.skip_corrupt_files), %d lines read from "
                        "them before the fault kept; their dead letters (reason corrupt_file) name them",
                        corrupt["corrupt"], corrupt["corrupt_lines_kept"])
+    log_window_figures(summary)
     if cap["sessions_dropped"]:
         logger.warning("pipeline: %d session(s) over the click cap dropped as robots: %d records, %d clicks, "
                        "%d impressions (dead letters with reason session_click_cap)", cap["sessions_dropped"],
                        cap["records_dropped"], cap["clicks_dropped"], cap["impressions_dropped"])
     return 0
+
+
+def log_window_figures(summary: dict) -> None:
+    """One line each for the report's `window` and `base_vocab` objects, when the run had them."""
+    w = summary.get("window")
+    if w:
+        logger.info("pipeline: window as_of %s, window_days %d, half-life %s: %d of %d log files read (%d "
+                    "skipped), %d records in the window (days %s .. %s), %d outside it (%d after as_of)",
+                    w["as_of"], w["window_days"], f"{w['half_life_days']:g} days" if w["half_life_days"] else "none",
+                    w["files_read"], w["files_matched"],
+                    w["files_skipped"], w["records_in_window"], w["first_record_day"], w["last_record_day"],
+                    w["records_outside"], w["records_after_as_of"])
+    base = summary.get("base_vocab")
+    if base:
+        logger.info("pipeline: vocabulary: the %d tokens of %s keep their ids, %d new tokens added, %d left out "
+                    "(capacity %d)", base["base_tokens"], base["path"], base["new_tokens_added"],
+                    base["new_tokens_left_out"], base["capacity"])
 
 
 def read_report(workdir: Workdir) -> dict:

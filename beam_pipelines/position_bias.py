@@ -53,6 +53,11 @@ clipped below at pipeline.propensity_clip and each click weighted by its dwell
     clicks     = sum of weighted clicks
     ips_clicks = sum over slots of weighted clicks / max(theta, clip)
     ctr        = (clicks + prior * n0) / (sum over slots of n * max(theta, clip) + n0)
+
+With pipeline.half_life_days the slot counts are time-decayed (click_stats.py):
+the EM then fits a weighted likelihood (recent days count more), a pair is
+informative when its decayed impressions reach min_impressions, and the
+report's impression figures are decayed sums (rounded to 3 decimals).
 """
 
 
@@ -265,7 +270,7 @@ def fit_report(data: PbmData, slots: Sequence[Slot], theta: np.ndarray, relative
                                     if reference[i] == i}, segmented),
         "ctr_by_position": _by_segment({s: round(c / count, 6) for s, (count, c) in data.totals.items() if count},
                                        segmented),
-        "impressions_by_position": _by_segment({s: count for s, (count, _) in data.totals.items() if count},
+        "impressions_by_position": _by_segment({s: _count(count) for s, (count, _) in data.totals.items() if count},
                                                segmented),
         "positions_without_propensity": _listed(never, segmented),
         "positions_not_fitted": _listed({s: None for s in shown - fitted}, segmented),
@@ -274,10 +279,15 @@ def fit_report(data: PbmData, slots: Sequence[Slot], theta: np.ndarray, relative
         "tolerance": tolerance,
         "pairs_fitted": len(data.pairs),
         "rows_fitted": len(n),
-        "impressions_fitted": int(n.sum()),
+        "impressions_fitted": _count(sum(count for pair in data.pairs for _, count, _ in pair)),
         # Debiasing takes these as examined (propensity 1): shown at a position with no fitted propensity.
-        "impressions_not_reweighted": sum(data.totals[s][0] for s in shown - fitted),
+        "impressions_not_reweighted": _count(sum(data.totals[s][0] for s in shown - fitted)),
     }
+
+
+def _count(n):
+    """An impression count for the report: an int as it is, a decayed (float) sum rounded to 3 decimals."""
+    return n if isinstance(n, int) else round(float(n), 3)
 
 
 def _listed(slots: Dict[Slot, Any], segmented: bool):

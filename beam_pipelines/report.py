@@ -4,6 +4,11 @@ Each figure is a small global aggregate of one PCollection (a count, a sum or
 a per-reason count), combined into one JSON document by a Map over side
 inputs, so the report is the same on every runner and matches the files.
 `PipelineReport` names every figure.
+
+Objects present only with their setting: `position_bias` (pipeline.position_bias=pbm
+or min_dwell_ms > 0), `window` (pipeline.as_of: window.window_report) and
+`base_vocab` (pipeline.base_vocab: vocab.merge_figures); without those settings the
+report is exactly what it was before them.
 """
 
 
@@ -15,6 +20,7 @@ import apache_beam as beam
 from beam_pipelines.graph import SOURCES
 from beam_pipelines.selection import SelectionComparison
 from beam_pipelines.split import SPLITS
+from beam_pipelines.window import LogWindow, WindowFigures
 
 
 class Count(beam.PTransform):
@@ -131,19 +137,26 @@ class PipelineReport(beam.PTransform):
     (pipeline.position_bias=pbm or min_dwell_ms > 0) also "selection_comparison" (SelectionComparison per
     query), and with pbm "position_bias" (the fit); they make the report's `position_bias` object, which
     is absent otherwise.
+
+    With an active `window` (pipeline.as_of) "records" are the records in the window, and "window_files"
+    ((path, read?) per log file matched) and "outside_window" (parse.ReadLogs' OUTSIDE_WINDOW) make the
+    `window` object; log_records.ok then counts the good records in and outside the window.  With
+    pipeline.base_vocab, "base_vocab" (vocab.LearnAndWriteVocabulary's MERGE) is the `base_vocab` object.
     """
 
-    def __init__(self, max_neighbors: int, hard_negatives: int, position_bias_settings=None):
+    def __init__(self, max_neighbors: int, hard_negatives: int, position_bias_settings=None,
+                 window: LogWindow = None):
         super().__init__()
         self._max_neighbors = max_neighbors
         self._hard_negatives = hard_negatives
         self._position_bias = position_bias_settings
+        self._window = window if window is not None and window.active else None
 
     def expand(self, pcolls):
         examples = pcolls["examples"]
         figures = {
             "log_records.read": pcolls["lines"] | "CountLines" >> Count(),
-            "log_records.ok": pcolls["records"] | "CountRecords" >> Count(),
+            "log_records.ok": self._good_records(pcolls),
             "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
             "dead_letter_records": pcolls["dead_letters"] | "CountDeadLetters" >> Count(),
             # Corrupt .gz shards skipped under pipeline.skip_corrupt_files (the lines read before the
@@ -187,7 +200,26 @@ class PipelineReport(beam.PTransform):
                 | "NegativeHistogram" >> Histogram())
         if self._position_bias is not None:
             figures.update(self._position_bias_figures(pcolls))
+        if self._window is not None:
+            figures.update(self._window_figures(pcolls))
+        if "base_vocab" in pcolls:
+            figures["base_vocab"] = pcolls["base_vocab"]
         return figures | "BuildReport" >> BuildReport()
+
+    def _good_records(self, pcolls):
+        """log_records.ok: the records parsed, in the window and outside it when there is a window."""
+        if self._window is None:
+            return pcolls["records"] | "CountRecords" >> Count()
+        return ((pcolls["records"] | "CountRecords" >> Count(),
+                 pcolls["outside_window"] | "CountOutside" >> Count())
+                | "GoodCounts" >> beam.Flatten() | "SumGood" >> Sum())
+
+    def _window_figures(self, pcolls):
+        """window: window.window_report."""
+        window = ({"files": pcolls["window_files"], "outside": pcolls["outside_window"],
+                   "records": pcolls["records"]}
+                  | "Window" >> WindowFigures(self._window))
+        return {"window": window}
 
     def _position_bias_figures(self, pcolls):
         """position_bias.settings, .selection (raw vs debiased, summed over queries) and .fit (pbm)."""

@@ -17,6 +17,13 @@ and how the two differ goes to the report (COMPARISON).
 
 Hard negatives of a query are the images shown for it that were never clicked
 for it, most impressions first (the Sogou patent's "shown but not clicked").
+
+With pipeline.half_life_days every impression and click is time-decayed
+(click_stats.py), so min_clicks, the CTR, top-N and the click weight all read
+decayed figures (floats): a pair clicked on old days only weighs less than
+one clicked as often lately, and min_clicks compares the decayed sum (each
+click weighs a little under 1, even on as_of itself).  Hard negatives are still
+the pairs with no click at all.
 """
 
 
@@ -30,6 +37,7 @@ import apache_beam as beam
 from beam_pipelines import position_bias
 from beam_pipelines.click_stats import PairStats, QueryClickStats
 from beam_pipelines.progress import LogProgress
+from beam_pipelines.window import LogWindow
 
 # Outputs of SelectTrainingPairs.
 QUERY_STATS = "query_stats"
@@ -247,19 +255,21 @@ class SelectTrainingPairs(beam.PTransform):
     also {COMPARISON: SelectionComparison per query}, and with position_bias=pbm {PROPENSITIES: the fit}.
 
     Stages 2 and 3: each query's click statistics and category (one combiner), the position-bias fit on
-    them (pbm), then the selection rules.
+    them (pbm), then the selection rules.  `decay`: the window whose half-life weighs the records (None: 1).
     """
 
-    def __init__(self, rules: SelectionRules, pbm: Optional[position_bias.PbmSettings] = None):
+    def __init__(self, rules: SelectionRules, pbm: Optional[position_bias.PbmSettings] = None,
+                 decay: Optional[LogWindow] = None):
         super().__init__()
         self._rules = rules
         self._pbm = pbm or position_bias.PbmSettings()
+        self._decay = decay
 
     def expand(self, records):
         rules = self._rules
         query_stats = (
             records
-            | "ClickStats" >> QueryClickStats(rules.debiased, rules.min_dwell_ms, self._pbm.by)
+            | "ClickStats" >> QueryClickStats(rules.debiased, rules.min_dwell_ms, self._pbm.by, self._decay)
             | "LogQueryStats" >> LogProgress("ClickStats", "text queries")
         )
         if not rules.debiased:

@@ -61,6 +61,25 @@ def _reindex_arguments(parser: argparse.ArgumentParser) -> None:
                              "are those recorded with the kept embeddings")
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gate", action="store_true",
+                        help="publish only if the candidate's eval metric (export.gate_metric) is not worse than "
+                             "the served version's beyond export.gate_tolerance; the decision goes to the report")
+
+
+def _update_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", default="yesterday", metavar="YYYY-MM-DD",
+                        help="the last day of logs the pipeline reads (pipeline.as_of); also today or yesterday "
+                             "(UTC, the default: the last whole day)")
+    parser.add_argument("--stages", default="pipeline,train,export",
+                        help="which stages to run (default all: pipeline,train,export); the cloud build runs each "
+                             "as its own step")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train from random weights (and a fresh vocabulary) instead of the last finished run")
+    parser.add_argument("--no-gate", action="store_true", help="publish the new model without comparing it with "
+                                                               "the served one")
+
+
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="output file (default: under <workdir>/tools/)")
 
@@ -75,11 +94,16 @@ VERBS: List[Verb] = [
          "-> <workdir>/pretrain (model.image_init: pretrained starts `train` from it)"),
     Verb("train", "trainer.task:run", "train the two-tower model -> <workdir>/model"),
     Verb("evaluate", "trainer.evaluate:run", "evaluate the trained model -> <workdir>/model/metrics.json"),
-    Verb("export", "trainer.export:run", "export SavedModels for TF Serving -> <workdir>/export"),
+    Verb("export", "trainer.export:run", "export SavedModels for TF Serving -> <workdir>/export",
+         add_arguments=_export_arguments),
     Verb("reindex", "trainer.reindex:run",
          "the catalog changed: embed only new or changed images with the newest exported image_encoder and write "
          "the next version of both retrieval models -> <workdir>/export",
          add_arguments=_reindex_arguments),
+    Verb("update", "clicklens.update:run",
+         "the daily loop: pipeline over the window ending --as-of, warm-started train, gated export "
+         "-> <workdir>/export (a running server hot-loads it; other options go to Beam)",
+         add_arguments=_update_arguments, passes_unknown_args=True),
     Verb("serve", "serving.server:run", "serve <workdir>/export over TF Serving's gRPC and REST APIs",
          passes_unknown_args=True,  # tensorflow_model_server's flags (serving/model_server_flags.py)
          writes_workdir=False),

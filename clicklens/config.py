@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import math
 import os
+import re
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
 from clicklens.errors import ClicklensError
+from clicklens.vocabulary import RESERVED_TOKENS as _RESERVED_TOKENS
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 # The same file inside the installed package (a link to configs/demo.yaml in the repository; a copy in a wheel),
@@ -63,6 +66,17 @@ class DemoDataConfig:
     ranker_quality_weight: float = _field(0.3, min=0.0, max=10.0,
                                           help="How much the old ranker's query-independent quality bias counts "
                                                "against true relevance (what a position-blind learner inherits).")
+    # The daily loop (clicklens update): several days of logs, with tastes that drift.
+    days: int = _field(1, min=1, max=366, help="Days the sessions are spread over, evenly; more than 1 writes "
+                                               "raw/logs/dt=YYYY-MM-DD/ partitions and one ground truth per day "
+                                               "(raw/ground_truth/dt=YYYY-MM-DD.jsonl).")
+    drift_day: int = _field(0, min=0, max=366, help="From this day on (1 = the first), the queries naming a "
+                                                    "drifted word mean another intent: their clicks and ground "
+                                                    "truth move to that intent's images; 0 = no drift.")
+    drift_fraction: float = _field(0.15, min=0.0, max=1.0, help="Share of the attribute values (colours, shapes, "
+                                                                "...) whose words come to mean another value of "
+                                                                "the same kind on drift_day; every query naming "
+                                                                "one drifts.")
 
 
 @dataclasses.dataclass
@@ -102,6 +116,22 @@ class PipelineConfig:
                                                            "refused before decoding: pipeline, export, serving.")
     image_source: str = _field("pixels", choices=["pixels", "features"])
     feature_dim: int = _field(0, min=0, help="Length of catalog feature vectors when image_source=features.")
+    # The daily loop: a window of dated logs, recent days weighing more (clicklens update).
+    as_of: str = _field("", help="YYYY-MM-DD: the last (UTC) day of logs read; empty = all logs.  Partitions "
+                                 "logs/dt=YYYY-MM-DD/ outside the window are not read; other records count on "
+                                 "the UTC day of their `time`.")
+    window_days: int = _field(0, min=0, max=100_000, help="Days of logs read, as_of included; 0 = every day up to "
+                                                          "as_of.  The pipeline needs as_of with it (`clicklens "
+                                                          "update --as-of` sets it).")
+    half_life_days: float = _field(0.0, min=0.0, help="Each record's impressions and clicks weigh "
+                                                      "0.5^(age / half_life_days), age in whole days before as_of "
+                                                      "(0 on as_of); 0 = every record weighs 1.  The pipeline needs as_of "
+                                                      "with it.")
+    base_vocab: str = _field("", help="A vocab.txt (an earlier run's) whose tokens keep their ids: newly learned "
+                                      "tokens are appended after them, so a warm-started model keeps its trained "
+                                      "rows; empty = learn the vocabulary from scratch.")
+    vocab_capacity: int = _field(0, min=0, help="With base_vocab: tokens in all at most (new tokens past it are "
+                                                "left out); 0 = 2 x vocab_size.")
     # Click statistics and pair selection.
     ctr_prior_impressions: float = _field(10.0, min=0.0, help="Beta prior strength for smoothed CTR.")
     ctr_prior: float = _field(0.05, min=0.0, max=1.0, help="Prior mean CTR for smoothing.")
@@ -254,6 +284,13 @@ class TrainingConfig:
     early_stopping_metric: str = _field("recall@10", choices=["recall@10", "ndcg@10", "loss"],
                                         help="Watched on the eval split after each epoch: a retrieval metric over "
                                              "the whole corpus, or the eval loss.")
+    warm_start: str = _field("none", help="none: random initial weights; latest: a new run (after a finished "
+                                          "one in this work directory) starts from its final checkpoint; a path: "
+                                          "from that checkpoint (a prefix, a checkpoint folder or a work "
+                                          "directory).  Token rows are carried over by token, new tokens start "
+                                          "random; the optimizer starts fresh.")
+    warm_start_epochs: int = _field(0, min=0, help="Epochs of a warm-started run (it starts from trained weights, "
+                                                   "so fewer are needed); 0 = training.epochs.")
     checkpoint_every_steps: int = _field(200, min=1)
     log_every_steps: int = _field(50, min=1, help="A progress line (loss, examples/s, ETA) every this many steps.")
     seed: int = _field(7, min=0)
@@ -298,6 +335,11 @@ class ExportConfig:
                                 help="models.config asks the server to keep this many latest versions loaded.")
     min_recall: float = _field(0.95, min=0.0, max=1.0, help="Auto export.scann keys: the fastest setting whose "
                                                             "recall@k against exact search is at least this.")
+    gate_metric: str = _field("recall@10", choices=["recall@10", "ndcg@10"],
+                              help="`export --gate`: the eval metric the candidate and the served model are "
+                                   "compared on (same eval set, same code).")
+    gate_tolerance: float = _field(0.01, min=0.0, max=1.0, help="`export --gate` publishes when the candidate's "
+                                                                "gate_metric >= the served version's - this.")
     scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
 
 
@@ -443,6 +485,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             fail("a finite number")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-01-05 as a date
+            return value.isoformat()
         if not isinstance(value, str):
             fail("a string")
         return value
@@ -502,6 +546,30 @@ def _build(cls, data: Mapping[str, Any], prefix: str, source: str):
     return cls(**kwargs)
 
 
+def parse_day(text: str) -> datetime.date:
+    """A YYYY-MM-DD day (pipeline.as_of, `clicklens update --as-of`); ValueError otherwise."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise ValueError(f"expected a day as YYYY-MM-DD, got {text!r}")
+    return datetime.date.fromisoformat(text)
+
+
+def _daily_loop_checks(config: Config, source: str) -> None:
+    """pipeline.as_of / window_days / half_life_days, demo_data.drift_day and training.warm_start."""
+    p = config.pipeline
+    if p.as_of:
+        try:
+            parse_day(p.as_of)
+        except ValueError as err:
+            raise ConfigError(f"{source}: pipeline.as_of: {err}") from None
+    if p.vocab_capacity and p.vocab_capacity < len(_RESERVED_TOKENS):
+        raise ConfigError(f"{source}: pipeline.vocab_capacity: must be 0 or >= {len(_RESERVED_TOKENS)}")
+    d = config.demo_data
+    if d.drift_day > d.days:
+        raise ConfigError(f"{source}: demo_data.drift_day: must be <= demo_data.days ({d.drift_day} > {d.days})")
+    if not config.training.warm_start.strip():
+        raise ConfigError(f"{source}: training.warm_start: expected none, latest or a checkpoint path, got ''")
+
+
 def _cross_checks(config: Config, source: str) -> None:
     """Constraints that span several keys."""
     d = config.demo_data
@@ -531,6 +599,7 @@ def _cross_checks(config: Config, source: str) -> None:
     if s.num_reordering_candidates and s.num_reordering_candidates < config.export.k:
         raise ConfigError(f"{source}: export.scann.num_reordering_candidates: must be >= export.k "
                           f"({s.num_reordering_candidates} < {config.export.k}), or 0 for no re-scoring")
+    _daily_loop_checks(config, source)
     if config.model.query_tower == "transformer" and config.model.token_embedding_dim % config.model.transformer_heads:
         raise ConfigError(f"{source}: model.transformer_heads: must divide model.token_embedding_dim")
     _serving_checks(config.serving, source)

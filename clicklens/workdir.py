@@ -2,10 +2,13 @@
 
 The layout is part of the command-line contract (docs/ARCHITECTURE.md):
 
-    W/raw/catalog.jsonl, W/raw/images/, W/raw/logs/*.jsonl.gz, W/raw/ground_truth.jsonl
+    W/raw/catalog.jsonl, W/raw/images/, W/raw/logs/*.jsonl.gz (or dated: W/raw/logs/dt=YYYY-MM-DD/*.jsonl.gz),
+          W/raw/ground_truth.jsonl (the newest day's), W/raw/ground_truth/dt=YYYY-MM-DD.jsonl (each day's)
     W/examples/train-*.tfrecord.gz, eval-*, corpus-*, vocab.txt, dead_letter-*.jsonl, report.json,
                logged_images-*.txt (every image id the logs showed; catalog images not in it are "cold")
-    W/model/checkpoints/, W/model/tensorboard/, W/model/metrics.json
+    W/model/checkpoints/ (+ vocab.txt, finished.json), W/model/tensorboard/, W/model/metrics.json,
+            W/model/previous/ (the finished run a warm-started run started from)
+    W/updates/<day>.json (`clicklens update`)
     W/pretrain/checkpoints/, W/pretrain/tensorboard/, W/pretrain/image_tower/ (the pretrained tower's weights),
               W/pretrain/image_encoder/<version>/, W/pretrain/report.json (`clicklens pretrain`)
     W/export/<model name>/<version>/, W/export/models.config, W/export/report.json
@@ -82,11 +85,16 @@ class Workdir:
 
     @property
     def logs_glob(self) -> str:
-        return join(self.logs, "*.jsonl*")
+        """Every log file under W/raw/logs, flat or in dt=YYYY-MM-DD partitions (Beam's ** crosses folders)."""
+        return join(self.logs, "**.jsonl*")
 
     @property
     def ground_truth(self) -> str:
         return join(self.raw, "ground_truth.jsonl")
+
+    def daily_ground_truth(self, day: str) -> str:
+        """The demo world's ground truth as it stood on `day` (YYYY-MM-DD; tastes drift between days)."""
+        return join(self.raw, "ground_truth", f"dt={day}.jsonl")
 
     @property
     def similar_images(self) -> str:

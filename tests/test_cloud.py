@@ -544,3 +544,55 @@ def test_readme_versions_match_the_pins():
         assert versions, prefix
         for version in versions:
             assert reqs[package].specifier.contains(version), f"README {prefix}{version} vs requirements.txt {package}"
+
+
+# ---------------------------------------------------------------------------
+# cloudbuild_daily.yaml: the scheduled daily loop.
+
+CLOUDBUILD_DAILY = REPO / "cloudbuild_daily.yaml"
+
+
+def _daily_build() -> tuple:
+    raw = yaml.safe_load(CLOUDBUILD_DAILY.read_text(encoding="utf-8"))
+    values = {k: str(v) for k, v in raw["substitutions"].items()}
+    values.update(SAMPLE_BUILTINS, _BUCKET=SAMPLE_BUCKET)
+    return raw, _substitute({k: v for k, v in raw.items() if k != "substitutions"}, values)
+
+
+def test_daily_build_declares_and_uses_the_same_substitutions_and_the_main_builds_images():
+    raw, build = _daily_build()
+    declared = set(raw["substitutions"])
+    body = yaml.safe_dump({k: v for k, v in raw.items() if k != "substitutions"})
+    used = {m.group(1) or m.group(2) for m in SUBSTITUTION.finditer(body)}
+    assert used - BUILTINS - declared == set() and declared - used == set()
+    assert [s["id"] for s in build["steps"]] == ["pipeline", "train", "export"]
+    main = _build_for("tpu")
+    steps = _steps(build)
+    assert steps["pipeline"]["name"] == _image(main, "beam-worker")
+    assert steps["export"]["name"] == _image(main, "trainer-tpu")
+
+
+def test_daily_pipeline_step_is_the_update_pipeline_stage_on_dataflow():
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    from clicklens.update import parse_stages, resolve_day
+
+    step = _steps(_daily_build()[1])["pipeline"]
+    args, config = _parse_clicklens(step["args"])
+    assert args.verb == "update" and parse_stages(args.stages) == ["pipeline"]
+    assert resolve_day(args.as_of)  # `yesterday` resolves when the step runs
+    assert (config.pipeline.window_days, config.pipeline.half_life_days) == (28, 7.0)
+    options = PipelineOptions(args.extra_args)
+    assert set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()) == set()
+    assert options.view_as(StandardOptions).runner == "DataflowRunner"
+
+
+def test_daily_train_step_warm_starts_and_export_step_gates():
+    steps = _steps(_daily_build()[1])
+    command, task_args = _vertex_command(steps["train"])
+    assert command == ["python", "-m", "trainer.task"]
+    _, config = _parse_clicklens(["train", *task_args])
+    assert config.training.warm_start == "latest"
+    args, config = _parse_clicklens(steps["export"]["args"])
+    assert args.verb == "update" and args.stages == "export" and not args.no_gate
+    assert config.training.strategy == "cpu"

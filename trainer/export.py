@@ -243,17 +243,44 @@ def warmup_logs(name: str, servable: Servable, sample_image) -> List[prediction_
     return logs
 
 
-def save_version(servable: Servable, base_path: str, version: int,
-                 warmup: List[prediction_log_pb2.PredictionLog]) -> str:
-    """Writes <base_path>/<version>/ via a temporary directory renamed into place; returns the path."""
+def stage_version(servable: Servable, base_path: str, version: int,
+                  warmup: List[prediction_log_pb2.PredictionLog]) -> Tuple[str, str]:
+    """Writes version `version` of a model under a temporary name; (temporary folder, final folder)."""
     tmp, final = S.start_version(base_path, version)
     tf.saved_model.save(servable.module, tmp, signatures=servable.signatures, options=servable.options)
     tf.io.gfile.makedirs(join(tmp, "assets.extra"))
     with tf.io.TFRecordWriter(join(tmp, S.WARMUP_FILE)) as writer:
         for log in warmup:
             writer.write(log.SerializeToString())
+    return tmp, final
+
+
+def save_version(servable: Servable, base_path: str, version: int,
+                 warmup: List[prediction_log_pb2.PredictionLog]) -> str:
+    """Writes <base_path>/<version>/ via a temporary directory renamed into place; returns the path."""
+    tmp, final = stage_version(servable, base_path, version, warmup)
     tf.io.gfile.rename(tmp, final)
     return final
+
+
+def publish_together(servables: Dict[str, Servable], workdir: Workdir, version: int,
+                     sample_image) -> Dict[str, str]:
+    """Writes every model's version under a temporary name first, then renames them all into place back to
+    back, so a polling server finds the encoders and the retrieval models built from them within moments of
+    each other (and none of them when writing fails).  {name: final folder}."""
+    staged = {}
+    try:
+        for name, servable in servables.items():
+            staged[name] = stage_version(servable, workdir.export_model(name), version,
+                                         warmup_logs(name, servable, sample_image))
+    except BaseException:
+        for tmp, _ in staged.values():
+            tf.io.gfile.rmtree(tmp)
+        raise
+    for name, (tmp, final) in staged.items():
+        tf.io.gfile.rename(tmp, final)
+        logger.info("wrote %s", final)
+    return {name: final for name, (_, final) in staged.items()}
 
 
 def corpus_hashes(config, workdir: Workdir, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -291,11 +318,26 @@ def write_corpus_embeddings(workdir: Workdir, version: int, corpus: Corpus, hash
     return corpus_embeddings.write(workdir.corpus_embeddings, version, rows)
 
 
-def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]]:
+def export(config, workdir: Workdir, model=None, gate: bool = False) -> Tuple[Optional[int], Dict[str, object]]:
     """Exports all four SavedModels as one new version, writes models.config, the report and the corpus
-    embeddings (with the catalog's content hashes)."""
+    embeddings (with the catalog's content hashes).
+
+    With `gate`, the candidate is first compared with the version being served (trainer/gate.py); a
+    candidate that is worse beyond export.gate_tolerance is not published: (None, report).
+    """
     version = choose_version(workdir, config.export.version)
     encoders = build_encoders(config, workdir, model)
+    gate_report = None
+    if gate:
+        from trainer import gate as gates
+
+        gate_report = gates.gate(config, workdir, encoders)
+        if gate_report["decision"] == "reject":
+            report = {"version": None, "published": False, "gate": gate_report}
+            _write_report(workdir, report)
+            logger.warning("gate: the candidate is not published; version %s stays served",
+                           gate_report["served_version"])
+            return None, report
     corpus = embed_corpus(config, workdir, encoders.image_tower)
     check_corpus(corpus.ids, corpus.embeddings)
     eval_queries = eval_query_embeddings(encoders, config, workdir)
@@ -309,11 +351,9 @@ def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]
     report.update(measure_recall(config, corpus, query_embeddings, servables))
     logger.info("recall vs exact float retrieval: %s",
                 {k: round(v, 4) for k, v in report.items() if "recall_at" in k})
-    paths = {}
-    for name, servable in servables.items():
-        paths[name] = save_version(servable, workdir.export_model(name), version,
-                                   warmup_logs(name, servable, corpus.sample_image))
-        logger.info("wrote %s", paths[name])
+    if gate_report is not None:
+        report["gate"] = gate_report
+    paths = publish_together(servables, workdir, version, corpus.sample_image)
     base_paths = {name: _absolute(workdir.export_model(name)) for name in S.MODEL_NAMES}
     models_config.write(workdir.models_config, models_config.build(base_paths, config.export.keep_versions))
     report["models"] = paths
@@ -321,10 +361,16 @@ def export(config, workdir: Workdir, model=None) -> Tuple[int, Dict[str, object]
         workdir, version, corpus, *corpus_hashes(config, workdir, corpus.ids), version,
         config.pipeline.image_source, scann_report["params"], "export")
     logger.info("wrote %s", report["corpus_embeddings"])
-    with tf.io.gfile.GFile(join(workdir.export, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    report["published"] = True
+    _write_report(workdir, report)
     logger.info("wrote %s (version %d)", workdir.models_config, version)
     return version, report
+
+
+def _write_report(workdir: Workdir, report: Dict[str, object]) -> None:
+    tf.io.gfile.makedirs(workdir.export)
+    with tf.io.gfile.GFile(join(workdir.export, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
 
 
 def _absolute(path: str) -> str:
@@ -332,6 +378,6 @@ def _absolute(path: str) -> str:
 
 
 def run(config, workdir: Workdir, args) -> int:
-    """The `export` verb."""
-    export(config, workdir)
+    """The `export` verb (`--gate`: publish only a candidate not worse than the served version)."""
+    export(config, workdir, gate=getattr(args, "gate", False))
     return 0

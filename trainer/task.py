@@ -20,15 +20,18 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Optional
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from clicklens import cli
+from clicklens import cli, training_runs
 from clicklens.errors import ClicklensError
+from clicklens.vocabulary import load_vocab
 from clicklens.workdir import join
 from trainer import input as model_input
 from trainer import strategy as strategies
+from trainer import warm_start
 from trainer.callbacks import CheckpointEverySteps, RetrievalEarlyStopping, TrainingProgress, optimizer_step
 from trainer.evaluate import eval_retrieval_measure, evaluate_and_write
 from trainer.model import TwoTowerModel, build_model, checkpoint_dir, with_image_init_path
@@ -149,7 +152,9 @@ def train(config, workdir) -> TwoTowerModel:
     global_batch = strategies.global_batch_size(t, strategy)
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     steps = steps_per_epoch(config, workdir, global_batch)
-    total_steps = steps * t.epochs
+    source = warm_start.resolve(t.warm_start, checkpoint_dir(workdir))
+    epochs = run_epochs(t, checkpoint_dir(workdir), source)
+    total_steps = steps * epochs
     if t.early_stopping_patience and t.early_stopping_metric == "loss":
         _check_eval_batches(workdir, global_batch)
     log_graph_nodes(config, workdir, global_batch)
@@ -161,7 +166,7 @@ def train(config, workdir) -> TwoTowerModel:
         # Optimizer slots exist before restoring, so a checkpoint restores them immediately.
         model.optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    latest = tf.train.latest_checkpoint(checkpoint_dir(workdir))
+    latest = start_weights(config, workdir, model, strategy, source, epochs)
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     done = int(model.optimizer.iterations.numpy())
@@ -196,11 +201,11 @@ def train(config, workdir) -> TwoTowerModel:
     # Last, so it also records the val_* figures the callbacks above add to the epoch's logs.
     callbacks.append(tf.keras.callbacks.TensorBoard(scratch or tensorboard_dir(workdir),
                                                     update_freq=t.checkpoint_every_steps))
-    logger.info("training %d steps (%d epochs x %d) on global batches of %d", total_steps - done, t.epochs,
+    logger.info("training %d steps (%d epochs x %d) on global batches of %d", total_steps - done, epochs,
                 steps, global_batch)
     started = time.time()
     try:
-        _fit(model, dataset, callbacks, done // steps, t.epochs, steps, done % steps, verbose=0, **kwargs)
+        _fit(model, dataset, callbacks, done // steps, epochs, steps, done % steps, verbose=0, **kwargs)
         if isinstance(early_stopping, RetrievalEarlyStopping) and early_stopping.restore_best():
             logger.info("restored the weights of epoch %d (eval %s %.4f)", early_stopping.best_epoch + 1,
                         t.early_stopping_metric, early_stopping.best)
@@ -214,17 +219,48 @@ def train(config, workdir) -> TwoTowerModel:
         raise TrainingDiverged(
             f"training loss became NaN/inf at step {saver.diverged_at}; stopped. The last good checkpoint is kept: "
             f"{kept or 'none was written'} (lower training.learning_rate or use float32)")
-    if early_stopping is not None and early_stopping.stopped_epoch and early_stopping.stopped_epoch + 1 < t.epochs:
+    if early_stopping is not None and early_stopping.stopped_epoch and early_stopping.stopped_epoch + 1 < epochs:
         reason = f"eval {t.early_stopping_metric} has not improved for {t.early_stopping_patience} epochs"
         logger.info("early stopping: %s; stopped after epoch %d of %d", reason, early_stopping.stopped_epoch + 1,
-                    t.epochs)
+                    epochs)
         if strategies.is_chief(strategy):
             # A later `clicklens train` finds this and does not train past the stopping point.
             with tf.io.gfile.GFile(_early_stop_path(workdir), "w") as f:
                 json.dump({"step": optimizer_step(model), "stopped_after_epoch": early_stopping.stopped_epoch + 1,
                            "reason": reason}, f)
+    if strategies.is_chief(strategy):
+        # A later warm_start=latest run starts from here.
+        training_runs.mark_finished(checkpoint_dir(workdir), time.time() - started)
     logger.info("trained to step %d in %.1f s", int(model.optimizer.iterations.numpy()), time.time() - started)
     return model
+
+
+def run_epochs(training, checkpoints: str, source: Optional[warm_start.WarmStart]) -> int:
+    """training.warm_start_epochs for a warm-started run (also when it resumes: its plan says where it started),
+    training.epochs for a run from random weights."""
+    warm = source is not None or (tf.train.latest_checkpoint(checkpoints) is not None
+                                  and training_runs.read_run_plan(checkpoints).get("started_from"))
+    return (training.warm_start_epochs or training.epochs) if warm else training.epochs
+
+
+def start_weights(config, workdir, model, strategy, source: Optional[warm_start.WarmStart], epochs: int):
+    """The checkpoint this run resumes from, or None after starting `model` from an earlier run's weights
+    (`source`, warm_start.resolve's answer for training.warm_start) or leaving it freshly initialised.
+
+    The chief also records the vocabulary the run trains with next to its checkpoints.
+    """
+    directory = checkpoint_dir(workdir)
+    if source is not None:
+        with strategy.scope():
+            warm_start.restore_into(model, source, load_vocab(workdir.vocab), build_model, config)
+        strategies.wait_for_all_workers(strategy)  # every worker has read the weights before they move
+        if source.archive and strategies.is_chief(strategy):
+            training_runs.archive_finished_run(directory)
+    latest = None if source is not None else tf.train.latest_checkpoint(directory)
+    if strategies.is_chief(strategy) and latest is None:  # a new run
+        training_runs.record_run_vocab(directory, workdir.vocab)
+        training_runs.write_run_plan(directory, epochs, source.checkpoint if source is not None else "")
+    return latest
 
 
 def _copy_to_model_dir(model, workdir) -> None:

@@ -14,19 +14,38 @@ Ground truth lists only images whose file is good: a broken image can be shown
 and clicked in the logs but can never be retrieved.  A `cold_fraction` share of
 the good images are new uploads: never shown in any session (so never clicked),
 yet relevant in the ground truth like any other image.
+
+With `days` > 1 the sessions are spread evenly over that many UTC days from
+2026-01-01 (day 1), each day's inside its day, and the logs are dated:
+
+    raw/logs/dt=YYYY-MM-DD/part-K-of-N.jsonl.gz   that day's sessions (N shards per day), malformed lines mixed in
+    raw/ground_truth/dt=YYYY-MM-DD.jsonl          the ground truth as it stood that day
+    raw/ground_truth.jsonl                        the last day's (what "today" is evaluated against)
+
+(with `days` = 1 the sessions span LOG_SPAN_SECONDS and the layout is the flat
+one above, byte for byte as before days existed).  Tastes drift: from
+`drift_day` on, a `drift_fraction` share of the attribute values' words mean
+another value of the same kind ("red" comes to mean, say, orange), so every
+query naming one means another intent of the same category ("red circle" comes
+to mean "orange circle").
+The words people type stay those of the original intent, but the old ranker
+ranks, and users click, by the new meaning, and that day's ground truth lists
+the new meaning's images (with "drifted": true).  The manifest names the
+drifted intents and queries.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import gzip
 import io
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -40,8 +59,9 @@ from clicklens.workdir import Workdir, join
 
 logger = logging.getLogger(__name__)
 
-START_TIME = 1767225600.0  # 2026-01-01T00:00:00Z
-LOG_SPAN_SECONDS = 14 * 86400.0
+START_TIME = 1767225600.0  # 2026-01-01T00:00:00Z, the start of day 1
+SECONDS_PER_DAY = 86400.0
+LOG_SPAN_SECONDS = 14 * SECONDS_PER_DAY  # what a days=1 world's sessions span
 QUERY_ZIPF_EXPONENT = 1.0
 QUERY_IMAGE_ZIPF_EXPONENT = 0.8
 SESSION_BATCH = 1024
@@ -87,9 +107,22 @@ def _remove_if_exists(path: str) -> None:
 
 
 def _list_dir(path: str) -> List[str]:
+    """Names in a folder (sub-folders without a trailing "/"); [] when it does not exist."""
     if _is_remote(path):
-        return _gfile().listdir(path) if _gfile().exists(path) else []
+        return [name.rstrip("/") for name in _gfile().listdir(path)] if _gfile().exists(path) else []
     return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _is_dir(path: str) -> bool:
+    return _gfile().isdir(path) if _is_remote(path) else os.path.isdir(path)
+
+
+def _remove_dir_if_empty(path: str) -> None:
+    if _is_dir(path) and not _list_dir(path):
+        if _is_remote(path):
+            _gfile().rmtree(path)
+        else:
+            os.rmdir(path)
 
 
 def _jsonl(rows: Sequence[str]) -> bytes:
@@ -154,6 +187,124 @@ def catalog_lines(catalog: world.Catalog) -> List[str]:
 
 
 # ---------------------------------------------------------------------------
+# Days and drift.
+
+
+def day_dates(days: int) -> List[str]:
+    """The UTC dates (YYYY-MM-DD) of days 1..days; day 1 is START_TIME's."""
+    return [datetime.datetime.fromtimestamp(START_TIME + d * SECONDS_PER_DAY, datetime.timezone.utc)
+            .strftime("%Y-%m-%d") for d in range(days)]
+
+
+def session_days(num_sessions: int, days: int) -> np.ndarray:
+    """int [num_sessions]: each session's day, 0-based and ascending; an even split, the first
+    num_sessions % days days one session more."""
+    per_day = np.full(days, num_sessions // days)
+    per_day[: num_sessions % days] += 1
+    return np.repeat(np.arange(days), per_day)
+
+
+def session_times(day_of: np.ndarray, days: int, rng: np.random.Generator) -> np.ndarray:
+    """float [sessions], ascending, rounded to ms: a Poisson-like stream of session start times.
+
+    One day: cumulative exponential gaps averaging LOG_SPAN_SECONDS in all (as
+    the demo world always had).  Several: each day's sessions get their own
+    gaps, one more than sessions, scaled so the gaps fill exactly that UTC day,
+    so every time falls inside its day.
+    """
+    n = len(day_of)
+    if days == 1:
+        return np.round(START_TIME + np.cumsum(rng.exponential(LOG_SPAN_SECONDS / n, size=n)), 3)
+    gaps = rng.exponential(1.0, size=n + days)
+    times = np.empty(n)
+    counts = np.bincount(day_of, minlength=days)
+    first_session = np.concatenate([[0], np.cumsum(counts)])
+    for d in range(days):
+        day_gaps = gaps[first_session[d] + d: first_session[d + 1] + d + 1]
+        start = START_TIME + d * SECONDS_PER_DAY
+        offsets = SECONDS_PER_DAY * np.cumsum(day_gaps)[:-1] / day_gaps.sum()
+        # Rounding may reach the next midnight; the last millisecond of the day stays inside it.
+        times[first_session[d]:first_session[d + 1]] = np.minimum(np.round(start + offsets, 3),
+                                                                  start + SECONDS_PER_DAY - 0.001)
+    return times
+
+
+def answerable_intents(catalog: world.Catalog, good: np.ndarray) -> Tuple[List[world.Intent], np.ndarray]:
+    """The text intents some good image fully matches, and their match fractions float32 [I, N]."""
+    intents = world.all_intents()
+    match = np.stack([intent.match_fraction(catalog) for intent in intents])  # [I, N]
+    answerable = ((match >= 1.0) & good[None, :]).any(axis=1)
+    return [intent for intent, ok in zip(intents, answerable) if ok], match[answerable]
+
+
+@dataclasses.dataclass(frozen=True)
+class Drift:
+    """From `day` on (1-based; 0 = never), text intent i means intent `partner[i]`.
+
+    partner[i] == i for an intent that keeps its meaning.
+    """
+
+    day: int
+    partner: np.ndarray  # int [I]
+
+    @property
+    def drifted_intents(self) -> np.ndarray:
+        """Indices of the intents that change meaning, ascending."""
+        return np.flatnonzero(self.partner != np.arange(len(self.partner)))
+
+    def is_drifted_on(self, day: int) -> bool:
+        """Whether 1-based `day` is on or after the drift day."""
+        return self.day > 0 and day >= self.day
+
+    def meaning(self, intent_of: np.ndarray, day_of: np.ndarray) -> np.ndarray:
+        """int [sessions]: the intent each session's query means on its (0-based) day."""
+        if self.day == 0:
+            return intent_of
+        return np.where(day_of + 1 >= self.day, self.partner[intent_of], intent_of)
+
+
+def choose_drift(intents: List[world.Intent], match: np.ndarray, shown: np.ndarray, fraction: float,
+                 drift_day: int, rng: np.random.Generator) -> Drift:
+    """Picks round(fraction x attribute values) values (at least one when fraction > 0) whose words come to
+    mean another value of the same kind ("red" comes to mean orange), and so a new meaning for every intent
+    that names one of them.
+
+    Drift is by word, not by whole query, so it stays something a model of
+    words can learn: every query with "red" moves the same way, and "orange"
+    keeps its meaning.  An intent's new meaning is the intent with the drifted
+    values replaced; it must have a relevant image that sessions can show
+    (`shown`: bool [N], good and not cold), or no click could ever follow the
+    drift, and otherwise the intent keeps its meaning.
+    """
+    partner = np.arange(len(intents))
+    if drift_day == 0:
+        return Drift(day=0, partner=partner)
+    all_values = [(kind, value) for kind in world.KINDS for value in world.values(kind)]
+    count = int(round(fraction * len(all_values)))
+    if fraction > 0:
+        count = max(count, 1)
+    chosen = sorted(int(i) for i in rng.choice(len(all_values), size=min(count, len(all_values)), replace=False))
+    new_value = {}
+    for i in chosen:
+        kind, value = all_values[i]
+        others = [v for v in world.values(kind) if v != value]
+        new_value[(kind, value)] = others[int(rng.integers(len(others)))]
+    visible = ((match >= 1.0) & shown[None, :]).any(axis=1)
+    index = {intent.attributes: i for i, intent in enumerate(intents)}
+    for i, intent in enumerate(intents):
+        moved = tuple((kind, new_value.get((kind, value), value)) for kind, value in intent.attributes)
+        j = index.get(moved)
+        if moved != intent.attributes and j is not None and visible[j]:
+            partner[i] = j
+    return Drift(day=drift_day, partner=partner)
+
+
+def intent_json(intent: world.Intent) -> Dict[str, Any]:
+    """{"category": ..., "attributes": {kind: value}} of an intent, as the manifest names it."""
+    return {"category": intent.category, "attributes": dict(intent.attributes)}
+
+
+# ---------------------------------------------------------------------------
 # Sessions.
 
 
@@ -168,9 +319,10 @@ def _zipf_weights(n: int, exponent: float, order: np.ndarray) -> np.ndarray:
 class Sessions:
     """Generated sessions as JSON lines, plus what evaluation and the summary need."""
 
-    lines: List[str]
+    lines: List[str]  # in time order
+    day_of: np.ndarray  # int [sessions]: each line's 0-based day
     text_records: List[Dict[str, Any]]  # a sample of records (text queries when there are any) to break
-    query_intents: Dict[str, int]  # normalized query -> intent index
+    query_intents: Dict[str, int]  # normalized query -> the intent index its words name (before any drift)
     clicks_by_position: np.ndarray
     impressions_by_position: np.ndarray
     num_image_sessions: int
@@ -198,18 +350,16 @@ def true_propensities(cfg: DemoDataConfig) -> Dict[str, float]:
             for p, e in zip(positions, click_model.examination_probability(positions, click_model_of(cfg)))}
 
 
-def generate_sessions(cfg: DemoDataConfig, catalog: world.Catalog, good: np.ndarray, cold: np.ndarray,
-                      world_rng: np.random.Generator, rng: np.random.Generator) -> Tuple[Sessions, List[world.Intent], np.ndarray]:
-    """Draws cfg.num_sessions search sessions, none showing a `cold` image; returns them, the intents and
-    their match fractions."""
+def generate_sessions(cfg: DemoDataConfig, catalog: world.Catalog, intents: List[world.Intent], match: np.ndarray,
+                      good: np.ndarray, cold: np.ndarray, drift: Drift, world_rng: np.random.Generator,
+                      rng: np.random.Generator) -> Sessions:
+    """Draws cfg.num_sessions search sessions over cfg.days days, none showing a `cold` image.
+
+    intents, match: answerable_intents(catalog, good).  A text query is typed
+    from its intent's words; it is ranked and clicked by what it means that day.
+    """
     model = click_model_of(cfg)
     num_images = len(catalog.image_ids)
-    intents = world.all_intents()
-    match = np.stack([intent.match_fraction(catalog) for intent in intents])  # [I, N]
-    answerable = ((match >= 1.0) & good[None, :]).any(axis=1)
-    intents = [intent for intent, ok in zip(intents, answerable) if ok]
-    match = match[answerable]
-
     # Popularity: short queries tend to be head queries, long ones the tail.
     popularity_key = np.array([len(i.attributes) for i in intents]) + world_rng.uniform(0, 2.5, len(intents))
     intent_p = _zipf_weights(len(intents), QUERY_ZIPF_EXPONENT, np.argsort(popularity_key, kind="stable"))
@@ -225,7 +375,9 @@ def generate_sessions(cfg: DemoDataConfig, catalog: world.Catalog, good: np.ndar
     query_image_of = good_ids[rng.choice(len(good_ids), size=n, p=query_image_p)]
     depth = min(cfg.max_impressions, int((~cold).sum()) - 1)
     lengths = np.minimum(rng.integers(cfg.min_impressions, cfg.max_impressions + 1, size=n), depth)
-    times = np.round(START_TIME + np.cumsum(rng.exponential(LOG_SPAN_SECONDS / n, size=n)), 3)
+    day_of = session_days(n, cfg.days)
+    times = session_times(day_of, cfg.days, rng)
+    meaning_of = drift.meaning(intent_of, day_of)
 
     width = max(7, len(str(n - 1)))
     lines: List[str] = []
@@ -237,7 +389,7 @@ def generate_sessions(cfg: DemoDataConfig, catalog: world.Catalog, good: np.ndar
     for start in range(0, n, SESSION_BATCH):
         rows = np.arange(start, min(start + SESSION_BATCH, n))
         image_rows = is_image[rows]
-        relevance = match[intent_of[rows]]
+        relevance = match[meaning_of[rows]]
         if image_rows.any():
             q = query_image_of[rows[image_rows]]
             similarity = catalog.similarity_to(q)
@@ -282,11 +434,10 @@ def generate_sessions(cfg: DemoDataConfig, catalog: world.Catalog, good: np.ndar
         if (rows[-1] + 1) % 10240 < SESSION_BATCH or rows[-1] + 1 == n:
             logger.info("sessions: %d / %d", rows[-1] + 1, n)
 
-    sessions = Sessions(lines=lines, text_records=text_records, query_intents=query_intents,
-                        clicks_by_position=clicks_by_position, impressions_by_position=impressions_by_position,
-                        num_image_sessions=int(is_image.sum()), num_zh_sessions=int(is_zh.sum()),
-                        multi_click_sessions=multi_click)
-    return sessions, intents, match
+    return Sessions(lines=lines, day_of=day_of, text_records=text_records, query_intents=query_intents,
+                    clicks_by_position=clicks_by_position, impressions_by_position=impressions_by_position,
+                    num_image_sessions=int(is_image.sum()), num_zh_sessions=int(is_zh.sum()),
+                    multi_click_sessions=multi_click)
 
 
 def shard_lines(valid: List[bytes], bad: List[Tuple[str, bytes]], num_shards: int,
@@ -316,21 +467,75 @@ def shard_lines(valid: List[bytes], bad: List[Tuple[str, bytes]], num_shards: in
     return shards, by_reason
 
 
+@dataclasses.dataclass
+class LogFile:
+    """One log file: its path below raw/logs, its lines, and its malformed lines by reason."""
+
+    name: str
+    lines: List[bytes]
+    malformed_by_reason: Dict[str, int]
+
+
+def log_files(sessions: Sessions, bad: List[Tuple[str, bytes]], dates: List[str], num_shards: int,
+              rng: np.random.Generator) -> List[LogFile]:
+    """The log, cut into files: part-K-of-N.jsonl.gz for one day, else dt=YYYY-MM-DD/part-K-of-N.jsonl.gz.
+
+    Each day gets its own sessions and an even, contiguous share of the
+    malformed lines, mixed in by shard_lines (so one day is what it always was).
+    """
+    valid = [line.encode("utf-8") for line in sessions.lines]
+    session_bounds = np.concatenate([[0], np.cumsum(np.bincount(sessions.day_of, minlength=len(dates)))])
+    bad_bounds = np.linspace(0, len(bad), len(dates) + 1).round().astype(int)
+    files = []
+    for d, date in enumerate(dates):
+        shards, by_reason = shard_lines(valid[session_bounds[d]:session_bounds[d + 1]],
+                                        bad[bad_bounds[d]:bad_bounds[d + 1]], num_shards, rng)
+        folder = f"dt={date}/" if len(dates) > 1 else ""
+        files += [LogFile(f"{folder}part-{k:05d}-of-{num_shards:05d}.jsonl.gz", lines, counts)
+                  for k, (lines, counts) in enumerate(zip(shards, by_reason))]
+    return files
+
+
+def remove_stale_files(folder: str, keep: Set[str]) -> None:
+    """Removes the .jsonl* files in `folder` and its dt=* partitions that are not in `keep` (paths below
+    `folder`), and partitions left empty: an earlier generation's files would match the pipeline's globs."""
+    for name in sorted(_list_dir(folder)):
+        path = join(folder, name)
+        if name.startswith("dt=") and _is_dir(path):
+            remove_stale_files(path, {k[len(name) + 1:] for k in keep if k.startswith(name + "/")})
+            _remove_dir_if_empty(path)
+        elif ".jsonl" in name and name not in keep:
+            logger.warning("removing stale file %s", path)
+            _remove_if_exists(path)
+
+
 # ---------------------------------------------------------------------------
 # Ground truth.
 
 
-def ground_truth_lines(sessions: Sessions, intents: List[world.Intent], match: np.ndarray,
-                       catalog: world.Catalog, good: np.ndarray) -> List[str]:
-    """Per distinct normalized text query: the good images with every attribute it names."""
+def ground_truth_lines(query_intents: Mapping[str, int], intents: List[world.Intent], match: np.ndarray,
+                       catalog: world.Catalog, good: np.ndarray, drift: Optional[Drift] = None) -> List[str]:
+    """Per distinct normalized text query: the good images with every attribute it names.
+
+    Given a drift (in effect on the day written), a drifted query lists its new
+    meaning's images instead, with "drifted": true and the new meaning under "means";
+    "category" and "attributes" stay what its words name.
+    """
     lines = []
-    for query in sorted(sessions.query_intents):
-        index = sessions.query_intents[query]
-        relevant = np.flatnonzero((match[index] >= 1.0) & good)
+    for query in sorted(query_intents):
+        index = query_intents[query]
+        meant = index if drift is None else int(drift.partner[index])
+        relevant = np.flatnonzero((match[meant] >= 1.0) & good)
+        extra: Dict[str, Any] = {"drifted": True, "means": intent_json(intents[meant])} if meant != index else {}
         lines.append(ground_truth_line(query, [catalog.image_ids[i] for i in relevant],
                                        category=intents[index].category,
-                                       attributes=dict(intents[index].attributes)))
+                                       attributes=dict(intents[index].attributes), **extra))
     return lines
+
+
+def drifted_queries(query_intents: Mapping[str, int], drift: Drift) -> List[str]:
+    """The normalized text queries whose meaning drifts, sorted."""
+    return sorted(q for q, i in query_intents.items() if drift.partner[i] != i)
 
 
 def similar_image_lines(catalog: world.Catalog, good: np.ndarray) -> List[str]:
@@ -356,8 +561,8 @@ def generate(cfg: DemoDataConfig, workdir: Workdir) -> Dict[str, Any]:
     """Writes the whole demo world under workdir.raw; returns the manifest."""
     started = time.perf_counter()
     # Spawned children are independent of how many are spawned: a fifth stream (cold images)
-    # leaves the first four, and so every earlier world, unchanged.
-    world_seed, image_seed, log_seed, bad_seed, cold_seed = np.random.SeedSequence(cfg.seed).spawn(5)
+    # left the first four, and a sixth (drift) the first five, and so every earlier world, unchanged.
+    world_seed, image_seed, log_seed, bad_seed, cold_seed, drift_seed = np.random.SeedSequence(cfg.seed).spawn(6)
     world_rng = np.random.default_rng(world_seed)
 
     total_images = cfg.num_images + cfg.broken_images
@@ -372,23 +577,37 @@ def generate(cfg: DemoDataConfig, workdir: Workdir) -> Dict[str, Any]:
     write_images(catalog, broken, cfg.image_size, workdir.images, np.random.default_rng(image_seed))
     _write_bytes(workdir.catalog, _jsonl(catalog_lines(catalog)))
 
-    logger.info("drawing %d search sessions", cfg.num_sessions)
-    sessions, intents, match = generate_sessions(cfg, catalog, good, cold, world_rng, np.random.default_rng(log_seed))
+    intents, match = answerable_intents(catalog, good)
+    drift = choose_drift(intents, match, good & ~cold, cfg.drift_fraction, cfg.drift_day,
+                         np.random.default_rng(drift_seed))
+    dates = day_dates(cfg.days)
+    logger.info("drawing %d search sessions over %d day(s)", cfg.num_sessions, cfg.days)
+    sessions = generate_sessions(cfg, catalog, intents, match, good, cold, drift, world_rng,
+                                 np.random.default_rng(log_seed))
     bad_rng = np.random.default_rng(bad_seed)
     bad = malformed.make_malformed_lines(cfg.malformed_lines, sessions.text_records, bad_rng)
-    shards, bad_by_shard = shard_lines([line.encode("utf-8") for line in sessions.lines], bad,
-                                       cfg.num_log_shards, bad_rng)
+    files = log_files(sessions, bad, dates, cfg.num_log_shards, bad_rng)
 
     _makedirs(workdir.logs)
-    names = [f"part-{k:05d}-of-{cfg.num_log_shards:05d}.jsonl.gz" for k in range(cfg.num_log_shards)]
-    for stale in sorted(set(_list_dir(workdir.logs)) - set(names)):
-        if ".jsonl" in stale:  # would match the pipeline's logs glob
-            logger.warning("removing stale log file %s", join(workdir.logs, stale))
-            _remove_if_exists(join(workdir.logs, stale))
-    for name, lines in zip(names, shards):
-        _write_bytes(join(workdir.logs, name), _gzip(b"".join(line + b"\n" for line in lines)))
+    remove_stale_files(workdir.logs, {f.name for f in files})
+    for f in files:
+        if "/" in f.name:
+            _makedirs(join(workdir.logs, f.name.rsplit("/", 1)[0]))
+        _write_bytes(join(workdir.logs, f.name), _gzip(b"".join(line + b"\n" for line in f.lines)))
 
-    gt = ground_truth_lines(sessions, intents, match, catalog, good)
+    # The truth as it stands before the drift and from the drift day on; each day gets one of the two.
+    truth_before = ground_truth_lines(sessions.query_intents, intents, match, catalog, good)
+    truth_after = ground_truth_lines(sessions.query_intents, intents, match, catalog, good, drift) if drift.day else []
+    truth_of_day = [truth_after if drift.is_drifted_on(d) else truth_before for d in range(1, cfg.days + 1)]
+    daily_truth = [workdir.daily_ground_truth(date) for date in dates] if cfg.days > 1 else []
+    truth_folder = workdir.daily_ground_truth(dates[0]).rsplit("/", 1)[0]
+    remove_stale_files(truth_folder, {path.rsplit("/", 1)[1] for path in daily_truth})
+    _remove_dir_if_empty(truth_folder)
+    if daily_truth:
+        _makedirs(truth_folder)
+    for path, lines in zip(daily_truth, truth_of_day):
+        _write_bytes(path, _jsonl(lines))
+    gt = truth_of_day[-1]
     _write_bytes(workdir.ground_truth, _jsonl(gt))
     _write_bytes(join(workdir.raw, "similar_images.jsonl"), _jsonl(similar_image_lines(catalog, good)))
 
@@ -407,7 +626,7 @@ def generate(cfg: DemoDataConfig, workdir: Workdir) -> Dict[str, Any]:
         "num_distinct_queries": len(gt),
         "malformed_lines": len(bad),
         "malformed_by_kind": dict(sorted(malformed_by_kind.items())),
-        "malformed_by_file": {f"logs/{name}": sum(c.values()) for name, c in zip(names, bad_by_shard)},
+        "malformed_by_file": {f"logs/{f.name}": sum(f.malformed_by_reason.values()) for f in files},
         "broken_images": {
             "missing": [catalog.image_ids[i] for i in broken.missing],
             "corrupt": [catalog.image_ids[i] for i in broken.corrupt],
@@ -415,8 +634,11 @@ def generate(cfg: DemoDataConfig, workdir: Workdir) -> Dict[str, Any]:
         "cold_images": [catalog.image_ids[i] for i in np.flatnonzero(cold)],
         # The truth a position-bias fit (pipeline.position_bias=pbm) is measured against.
         "examination_propensities": true_propensities(cfg),
-        "log_files": [f"logs/{name}" for name in names],
-        "num_log_lines": sum(len(lines) for lines in shards),
+        "log_files": [f"logs/{f.name}" for f in files],
+        "num_log_lines": sum(len(f.lines) for f in files),
+        # Only a dated or drifting world has these, so a days=1 manifest is what it always was.
+        **(calendar_manifest(dates, sessions, daily_truth, workdir) if cfg.days > 1 else {}),
+        **(drift_manifest(drift, intents, sessions) if cfg.days > 1 or drift.day else {}),
         "files": {"catalog": "catalog.jsonl", "images": "images", "ground_truth": "ground_truth.jsonl",
                   "similar_images": "similar_images.jsonl"},
         "config": dataclasses.asdict(cfg),
@@ -425,6 +647,28 @@ def generate(cfg: DemoDataConfig, workdir: Workdir) -> Dict[str, Any]:
                  (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
     _print_summary(manifest, sessions, time.perf_counter() - started, workdir)
     return manifest
+
+
+def calendar_manifest(dates: List[str], sessions: Sessions, daily_truth: List[str],
+                      workdir: Workdir) -> Dict[str, Any]:
+    """The manifest's days, dates, sessions per date and daily ground truth files (paths below raw/)."""
+    counts = np.bincount(sessions.day_of, minlength=len(dates))
+    return {
+        "days": len(dates),
+        "dates": dates,
+        "sessions_by_day": {date: int(c) for date, c in zip(dates, counts)},
+        "daily_ground_truth": [path[len(workdir.raw) + 1:] for path in daily_truth],
+    }
+
+
+def drift_manifest(drift: Drift, intents: List[world.Intent], sessions: Sessions) -> Dict[str, Any]:
+    """The manifest's drift day, drifted intents (from -> to) and the normalized queries that drift."""
+    return {
+        "drift_day": drift.day,
+        "drifted_intents": [{"from": intent_json(intents[i]), "to": intent_json(intents[drift.partner[i]])}
+                            for i in drift.drifted_intents],
+        "drifted_queries": drifted_queries(sessions.query_intents, drift),
+    }
 
 
 def _print_summary(manifest: Dict[str, Any], sessions: Sessions, seconds: float, workdir: Workdir) -> None:
@@ -441,6 +685,12 @@ def _print_summary(manifest: Dict[str, Any], sessions: Sessions, seconds: float,
           f"  CTR by position ({shown})\n"
           f"  logs:     {len(manifest['log_files'])} files, {manifest['num_log_lines']} lines,"
           f" {manifest['malformed_lines']} malformed")
+    if "dates" in manifest:
+        print(f"  days:     {manifest['days']} ({manifest['dates'][0]} .. {manifest['dates'][-1]}),"
+              f" logs/dt=YYYY-MM-DD/ and ground_truth/dt=YYYY-MM-DD.jsonl")
+    if manifest.get("drift_day"):
+        print(f"  drift:    from day {manifest['drift_day']}, {len(manifest['drifted_intents'])} intents"
+              f" ({len(manifest['drifted_queries'])} of the distinct queries) mean another intent")
 
 
 def run(config: Config, workdir: Workdir, args: Optional[argparse.Namespace] = None) -> int:

@@ -1,0 +1,205 @@
+"""The daily loop over simulated days with drift: warm-started updates vs daily retraining vs never updating.
+
+    nice -n 10 .venv/bin/python benchmarks/daily_loop.py --workdir /tmp/clicklens-daily
+
+1. One generated world (configs/demo.yaml's, smaller: --images images, --sessions-per-day sessions a day)
+   with --days days of dated logs; from --drift-day on, a share of the text queries mean another intent
+   (demo_data.drift_day / drift_fraction): their clicks and ground truth move to other images.
+2. Two work directories over the same raw data, each run one `clicklens update --as-of DAY` a day (a
+   child process, as a user or the scheduled cloud build runs it):
+   - warm:    training.warm_start=latest, training.warm_start_epochs=--warm-epochs, pipeline.base_vocab
+              kept (what `update` does by default);
+   - scratch: `update --from-scratch`: a fresh vocabulary and random weights, --epochs epochs.
+   Both read the same window (--window-days, --half-life) and pass the same gate (export --gate).
+   On day 1 there is nothing to start from, so both arms train from random weights, each its own run.
+3. (c) never updated: the warm arm's day-1 export (version 1), scored on every later day.
+4. After each update, the version each arm serves is scored on that day's ground truth
+   (W/raw/ground_truth/dt=DAY.jsonl: every distinct text query, and the drifted ones alone) with the same
+   code as the export gate (trainer/gate.py: each model's own exported encoders on the stored corpus
+   images, exact top 10): recall@10.
+5. A `clicklens serve` on the warm arm's export from the end of day 1, and client threads sending gRPC
+   Predicts until the last update is published: every failed request is counted.
+
+Prints one row per day (recall@10 of the three, the training time of both arms (the training steps, as
+`train` records them in finished.json: without start-up and the evaluation it ends with) and their ratio,
+the gate's decisions; the whole update's wall time goes to the JSON) and the server's request / failure count, and writes them to
+W/daily_loop.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.reindex import Clients, Server  # noqa: E402  (after the path is set)
+
+CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+K = 10
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def clicklens(verb: str, workdir: str, args: List[str], sets: List[str], log_path: str) -> float:
+    """Runs `clicklens VERB` as a child process; returns its wall time (raises on a non-zero exit)."""
+    command = [sys.executable, "-m", "clicklens", verb, "--config", CONFIG, "--workdir", workdir, *args]
+    for value in sets:
+        command += ["--set", value]
+    started = time.perf_counter()
+    with open(log_path, "a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        code = subprocess.call(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"clicklens {verb} exited {code}; see {log_path}")
+    return time.perf_counter() - started
+
+
+def world_sets(args) -> List[str]:
+    """The world, pipeline and training settings every run of this benchmark shares."""
+    return [f"demo_data.num_images={args.images}", f"demo_data.num_sessions={args.sessions_per_day * args.days}",
+            f"demo_data.days={args.days}", f"demo_data.drift_day={args.drift_day}",
+            f"demo_data.drift_fraction={args.drift_fraction}", "demo_data.malformed_lines=50",
+            f"pipeline.window_days={args.window_days}", f"pipeline.half_life_days={args.half_life}",
+            f"training.epochs={args.epochs}", f"training.warm_start_epochs={args.warm_epochs}",
+            "training.early_stopping_patience=0"]
+
+
+def make_world(args, root: str) -> Dict[str, object]:
+    world = os.path.join(root, "world")
+    manifest_path = os.path.join(world, "raw", "manifest.json")
+    if not os.path.exists(manifest_path):
+        clicklens("generate-demo-data", world, [], world_sets(args), os.path.join(root, "generate.log"))
+    manifest = json.load(open(manifest_path))
+    for arm in ("warm", "scratch"):
+        target = os.path.join(root, arm)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(world, "raw"), os.path.join(target, "raw"))
+    return manifest
+
+
+def use_day_truth(arm_dir: str, day: str) -> None:
+    """The evaluation inside train and the gate score against the day's ground truth."""
+    raw = os.path.join(arm_dir, "raw")
+    shutil.copyfile(os.path.join(raw, "ground_truth", f"dt={day}.jsonl"), os.path.join(raw, "ground_truth.jsonl"))
+
+
+def read_truth(path: str) -> Dict[str, Dict[str, float]]:
+    truth = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["relevant_image_ids"]:
+                truth[row["query"]] = {i: 1.0 for i in row["relevant_image_ids"]}
+    return truth
+
+
+def score_version(config, workdir, version: int, truth, drifted) -> Dict[str, float]:
+    """recall@10 of an exported version on all of the day's queries and on the drifted ones (trainer/gate.py)."""
+    from trainer import gate
+
+    ids, images = gate.corpus_images(config, workdir)
+    sources = {"all": truth, "drifted": {q: r for q, r in truth.items() if q in drifted}}
+    scores = gate.score(gate.load_served_encoders(workdir, version), ids, images, sources)
+    return {source: scores[source]["recall@10"] for source in sources}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="/tmp/clicklens-daily")
+    parser.add_argument("--days", type=int, default=5)
+    parser.add_argument("--drift-day", type=int, default=3)
+    parser.add_argument("--drift-fraction", type=float, default=0.15)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--sessions-per-day", type=int, default=8000)
+    parser.add_argument("--window-days", type=int, default=3)
+    parser.add_argument("--half-life", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of a run from scratch")
+    parser.add_argument("--warm-epochs", type=int, default=2, help="epochs of a warm-started run")
+    parser.add_argument("--client-interval", type=float, default=0.05)
+    args = parser.parse_args(argv)
+
+    from clicklens import compat  # noqa: F401
+    from clicklens import servables as S
+    from clicklens.config import load_config
+    from clicklens.workdir import Workdir
+
+    root = os.path.abspath(args.workdir)
+    os.makedirs(root, exist_ok=True)
+    manifest = make_world(args, root)
+    days: List[str] = manifest["dates"]
+    drifted = set(manifest["drifted_queries"])
+    config = load_config(CONFIG, world_sets(args))
+    arms = {arm: Workdir(os.path.join(root, arm)) for arm in ("warm", "scratch")}
+    log(f"world: {args.images} images, {args.sessions_per_day} sessions a day over {args.days} days, "
+        f"{len(drifted)} drifted query texts from day {args.drift_day}; window {args.window_days} days")
+
+    rows, server, clients = [], None, None
+    try:
+        for n, day in enumerate(days, start=1):
+            row: Dict[str, object] = {"day": day}
+            for arm, workdir in arms.items():
+                use_day_truth(workdir.root, day)
+                flags = ["--as-of", day] + (["--from-scratch"] if arm == "scratch" else [])
+                row[f"{arm}_update_s"] = round(clicklens("update", workdir.root, flags, world_sets(args),
+                                                         os.path.join(root, f"{arm}.log")), 1)
+                report = json.load(open(os.path.join(workdir.root, "updates", f"{day}.json")))
+                row[f"{arm}_train_stage_s"] = report["seconds"]["train"]
+                row[f"{arm}_train_s"] = report["fit_seconds"]  # the training steps alone
+                row[f"{arm}_gate"] = (report.get("gate_report") or {}).get("decision", "publish")
+            if server is None:
+                server = Server(arms["warm"].root, os.path.join(root, "server.log"))
+                probe = open(os.path.join(arms["warm"].images, sorted(os.listdir(arms["warm"].images))[0]),
+                             "rb").read()
+                clients = Clients(server.grpc_port, probe, args.client_interval)
+            truth = read_truth(os.path.join(arms["warm"].raw, "ground_truth", f"dt={day}.jsonl"))
+            for arm, workdir in arms.items():
+                version = max(S.version_dirs(workdir.export_model(S.QUERY_ENCODER)))
+                row[arm] = score_version(config, workdir, version, truth, drifted)
+            row["never"] = score_version(config, arms["warm"], 1, truth, drifted)
+            rows.append(row)
+            log(f"day {n} {day}: recall@10 all / drifted: warm {row['warm']['all']:.3f} / "
+                f"{row['warm']['drifted']:.3f}, scratch {row['scratch']['all']:.3f} / "
+                f"{row['scratch']['drifted']:.3f}, never updated {row['never']['all']:.3f} / "
+                f"{row['never']['drifted']:.3f}; train s warm {row['warm_train_s']} scratch "
+                f"{row['scratch_train_s']}; gate warm {row['warm_gate']} scratch {row['scratch_gate']}")
+        time.sleep(3 * config.serving.poll_seconds)  # the last version is picked up under load
+    finally:
+        if clients is not None:
+            clients.stop()
+        if server is not None:
+            server.stop()
+
+    print(f"\nDaily loop: {args.days} days, drift from day {args.drift_day} ({len(drifted)} query texts), "
+          f"window {args.window_days} days, half-life {args.half_life or 'none'}; scratch {args.epochs} epochs, "
+          f"warm {args.warm_epochs}")
+    print(f"{'day':<12}{'warm all':>9}{'scratch':>9}{'never':>9}{'warm drift':>11}{'scratch':>9}{'never':>9}"
+          f"{'warm train s':>14}{'scratch':>9}{'ratio':>7}  gate warm/scratch")
+    for row in rows:
+        ratio = row["warm_train_s"] / row["scratch_train_s"] if row["scratch_train_s"] else float("nan")
+        print(f"{row['day']:<12}{row['warm']['all']:>9.3f}{row['scratch']['all']:>9.3f}{row['never']['all']:>9.3f}"
+              f"{row['warm']['drifted']:>11.3f}{row['scratch']['drifted']:>9.3f}{row['never']['drifted']:>9.3f}"
+              f"{row['warm_train_s']:>14.1f}{row['scratch_train_s']:>9.1f}{ratio:>7.2f}  "
+              f"{row['warm_gate']}/{row['scratch_gate']}")
+    served = {"requests": clients.requests if clients else 0, "failed": len(clients.failures) if clients else 0,
+              "versions_seen": {m: sorted(v) for m, v in (clients.versions if clients else {}).items()},
+              "first_failures": clients.failures[:5] if clients else []}
+    print(f"server during days 2-{args.days}: {served['requests']} requests, {served['failed']} failed; "
+          f"versions answered: {served['versions_seen']}")
+    with open(os.path.join(root, "daily_loop.json"), "w") as f:
+        json.dump({"args": vars(args), "days": rows, "serving": served}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

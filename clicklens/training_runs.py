@@ -1,0 +1,127 @@
+"""A training run's folder: what a later run needs to know about it (the warm-start contract).
+
+Next to a run's checkpoints (W/model/checkpoints, or $AIP_CHECKPOINT_DIR) the
+chief keeps the vocabulary the run trains with (`RUN_VOCAB`) and, once the
+run has ended, `FINISHED` naming its last checkpoint.  A finished run that a
+new one starts from moves to W/model/previous/ (`archive_finished_run`).
+
+`clicklens train` writes these (trainer/task.py, trainer/warm_start.py);
+`clicklens update` reads them to choose the pipeline's base vocabulary and
+to start a from-scratch run.  TensorFlow is imported only inside the
+functions (gfile for gs:// paths), so the command line stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from clicklens.workdir import join
+
+logger = logging.getLogger(__name__)
+
+RUN_VOCAB = "vocab.txt"
+FINISHED = "finished.json"
+PREVIOUS_RUN = "previous"
+# The run's plan (its epochs and where it started from), so a resumed warm-started run keeps its length.
+RUN_PLAN = "run.json"
+
+
+def write_run_plan(checkpoints: str, epochs: int, started_from: str) -> None:
+    """Records a new run's number of epochs and the checkpoint it started from ("" = random weights)."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(checkpoints)
+    with tf.io.gfile.GFile(join(checkpoints, RUN_PLAN), "w") as f:
+        json.dump({"epochs": int(epochs), "started_from": started_from}, f)
+
+
+def read_run_plan(checkpoints: str) -> dict:
+    """The plan a run recorded when it started ({} when none did)."""
+    import tensorflow as tf
+
+    path = join(checkpoints, RUN_PLAN)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def record_run_vocab(checkpoints: str, vocab_path: str) -> None:
+    """Copies the vocabulary this run trains with next to its checkpoints (a later warm start maps rows by it)."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(checkpoints)
+    tf.io.gfile.copy(vocab_path, join(checkpoints, RUN_VOCAB), overwrite=True)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def mark_finished(checkpoints: str, fit_seconds: float = 0.0) -> None:
+    """Records that the run in `checkpoints` ended (trained all its steps or stopped early) at its newest
+    checkpoint, and how long its training steps took (this session's, without start-up or evaluation)."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(checkpoints)
+    if latest is None:
+        return
+    with tf.io.gfile.GFile(join(checkpoints, FINISHED), "w") as f:
+        json.dump({"checkpoint": _basename(latest), "fit_seconds": round(fit_seconds, 2)}, f)
+
+
+def read_finished(checkpoints: str) -> dict:
+    """What a finished run recorded ({} when the run in `checkpoints` has not finished)."""
+    import tensorflow as tf
+
+    path = join(checkpoints, FINISHED)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def is_finished(checkpoints: str) -> bool:
+    """Whether `checkpoints` holds a run that ended at its newest checkpoint."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(checkpoints)
+    path = join(checkpoints, FINISHED)
+    if latest is None or not tf.io.gfile.exists(path):
+        return False
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f).get("checkpoint") == _basename(latest)
+
+
+def previous_run_dir(checkpoints: str) -> str:
+    """W/model/previous/ for checkpoints in W/model/checkpoints (a sibling folder of the checkpoints)."""
+    return join(checkpoints.rstrip("/").rsplit("/", 1)[0], PREVIOUS_RUN)
+
+
+def _copy_folder(source: str, target: str) -> None:
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(target)
+    for name in tf.io.gfile.listdir(source):
+        if not tf.io.gfile.isdir(join(source, name)):
+            tf.io.gfile.copy(join(source, name), join(target, name), overwrite=True)
+
+
+def archive_finished_run(checkpoints: str) -> str:
+    """Moves a finished run's checkpoint folder to W/model/previous/ (replacing the one there); returns it.
+
+    Copy then delete, not rename: rename of folders is not atomic (or not
+    possible) on object stores.  A crash in between leaves both copies, and
+    the next attempt archives again.
+    """
+    import tensorflow as tf
+
+    previous = previous_run_dir(checkpoints)
+    if tf.io.gfile.exists(previous):
+        tf.io.gfile.rmtree(previous)
+    _copy_folder(checkpoints, previous)
+    tf.io.gfile.rmtree(checkpoints)
+    tf.io.gfile.makedirs(checkpoints)
+    logger.info("warm start: the finished run's checkpoints moved to %s", previous)
+    return previous

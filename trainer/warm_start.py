@@ -1,0 +1,149 @@
+"""Warm start: a new training run starts from an earlier run's final weights (training.warm_start).
+
+The daily loop (`clicklens update`) retrains every day on a window of logs;
+starting from yesterday's model instead of random weights reaches the same
+quality in a fraction of the steps.  Three things make that safe:
+
+- Every run copies the vocabulary it trains with next to its checkpoints, and
+  the chief marks a run that ended (clicklens/training_runs.py), so a later
+  run can tell a finished run (start a new one from it) from an interrupted one
+  (resume it, as without warm start).
+- `training.warm_start: latest` moves a finished run's checkpoints to
+  `W/model/previous/` (`archive_finished_run`) and starts the new run from its
+  newest checkpoint; a path names a checkpoint prefix, a checkpoint folder or
+  another work directory.
+- Token rows are carried over by token, not by id (`carry_over`): a token of
+  the old vocabulary keeps its trained row wherever it sits in the new one,
+  and a new token starts from the fresh model's random row.  The pipeline's
+  `pipeline.base_vocab` keeps old ids stable anyway, so rows do not even move.
+
+Every other variable of both towers is copied as is; a shape that differs
+(the model config changed) is an error that names the variable.  The
+optimizer starts fresh: its slots belong to the old run's schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, NamedTuple, Optional
+
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+
+from clicklens.errors import ClicklensError
+from clicklens.vocabulary import load_vocab
+from clicklens.training_runs import RUN_VOCAB, is_finished, previous_run_dir
+from clicklens.workdir import join
+
+logger = logging.getLogger(__name__)
+
+
+
+class WarmStart(NamedTuple):
+    """Where a run starts from: an earlier run's checkpoint and the vocabulary its token rows belong to."""
+
+    checkpoint: str
+    vocab: List[str]
+    # The checkpoint is a finished run's in this run's own folder: archive it once its weights are read.
+    archive: bool = False
+
+
+def _from_path(path: str, archive: bool = False) -> WarmStart:
+    """A checkpoint prefix, a checkpoint folder, or a work directory (its model/checkpoints)."""
+    if tf.io.gfile.exists(path + ".index"):
+        prefix, folder = path, path.rsplit("/", 1)[0]
+    else:
+        folder = path
+        if not tf.train.latest_checkpoint(folder) and tf.io.gfile.isdir(join(path, "model", "checkpoints")):
+            folder = join(path, "model", "checkpoints")
+        prefix = tf.train.latest_checkpoint(folder)
+        if prefix is None:
+            raise ClicklensError(f"training.warm_start: no checkpoint at {path} (give a checkpoint prefix, a "
+                                 "checkpoint folder or a work directory)")
+    vocab_path = join(folder, RUN_VOCAB)
+    if not tf.io.gfile.exists(vocab_path):
+        raise ClicklensError(f"training.warm_start: {vocab_path} not found: the vocabulary the checkpoint was "
+                             "trained with is needed to carry its token rows over (clicklens train writes it)")
+    return WarmStart(prefix, load_vocab(vocab_path), archive)
+
+
+def resolve(warm_start: str, checkpoints: str) -> Optional[WarmStart]:
+    """What a fresh run in `checkpoints` starts from under training.warm_start, or None for random weights.
+
+    Only a fresh run is warm-started: an interrupted run resumes from its own
+    checkpoint as always.  With `latest`, a finished run found in
+    `checkpoints` is the source (`archive` set: the caller moves it away once
+    its weights are read), else the one archived in W/model/previous/.
+    Nothing is changed on disk here.
+    """
+    if warm_start == "none":
+        return None
+    if warm_start != "latest":
+        if tf.train.latest_checkpoint(checkpoints):
+            return None  # this run's own checkpoints: resume
+        return _from_path(warm_start)
+    if tf.train.latest_checkpoint(checkpoints):
+        if not is_finished(checkpoints):
+            return None  # an interrupted run: resume it
+        return _from_path(checkpoints, archive=True)
+    previous = previous_run_dir(checkpoints)
+    if not tf.train.latest_checkpoint(previous):
+        logger.info("warm start: no earlier finished run under %s; starting from random weights", previous)
+        return None
+    return _from_path(previous)
+
+
+def _pairs(new_tower: tf.keras.Model, old_tower: tf.keras.Model):
+    new, old = new_tower.weights, old_tower.weights
+    if [v.name for v in new] != [v.name for v in old]:
+        raise ClicklensError(f"training.warm_start: the {new_tower.name} variables differ from the checkpoint's "
+                             "(the model config changed?)")
+    return zip(new, old)
+
+
+def carry_over(model, old_model, new_vocab: List[str], old_vocab: List[str]) -> dict:
+    """Copies the old model's tower weights into `model`: token rows by token, the rest as they are.
+
+    Returns counts for the log: tokens carried over, new tokens (random rows).
+    """
+    old_ids = {token: i for i, token in enumerate(old_vocab)}
+    carried = 0
+    for new_var, old_var in [*_pairs(model.query_tower, old_model.query_tower),
+                             *_pairs(model.image_tower, old_model.image_tower)]:
+        if "token_embedding" in new_var.name:
+            rows = new_var.numpy()
+            old_rows = old_var.numpy()
+            for new_id, token in enumerate(new_vocab):
+                old_id = old_ids.get(token)
+                if old_id is not None:
+                    rows[new_id] = old_rows[old_id]
+                    carried += 1
+            new_var.assign(rows)
+            continue
+        if new_var.shape != old_var.shape:
+            raise ClicklensError(f"training.warm_start: {new_var.name} has shape {new_var.shape} here and "
+                                 f"{old_var.shape} in the checkpoint (the model config changed)")
+        new_var.assign(old_var)
+    return {"tokens_carried": carried, "new_tokens": len(new_vocab) - carried,
+            "old_tokens_dropped": len(set(old_vocab) - set(new_vocab))}
+
+
+def restore_into(model, source: WarmStart, new_vocab: List[str], build_model, config) -> dict:
+    """Builds the old run's model for its vocabulary, restores `source.checkpoint` and carries it into `model`.
+
+    The old model is built without its starting weights (backbone file, pretrained tower): the checkpoint
+    holds every weight.
+    """
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
+                                                                   image_init="random"))
+    old_model = build_model(config, len(source.vocab))
+    try:
+        tf.train.Checkpoint(model=old_model).restore(source.checkpoint).expect_partial()
+    except ValueError as err:  # a variable of another shape
+        raise ClicklensError(f"training.warm_start: {source.checkpoint} does not fit this model (the model config "
+                             f"changed?): {err}") from None
+    counts = carry_over(model, old_model, new_vocab, source.vocab)
+    logger.info("warm start from %s: %d token rows carried over, %d new tokens start random, %d old tokens gone",
+                source.checkpoint, counts["tokens_carried"], counts["new_tokens"], counts["old_tokens_dropped"])
+    return counts
