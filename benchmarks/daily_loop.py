@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -40,29 +39,8 @@ from typing import Dict, List
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.reindex import Clients, Server  # noqa: E402  (after the path is set)
-
-CONFIG = os.path.join(REPO, "configs", "demo.yaml")
-K = 10
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def clicklens(verb: str, workdir: str, args: List[str], sets: List[str], log_path: str) -> float:
-    """Runs `clicklens VERB` as a child process; returns its wall time (raises on a non-zero exit)."""
-    command = [sys.executable, "-m", "clicklens", verb, "--config", CONFIG, "--workdir", workdir, *args]
-    for value in sets:
-        command += ["--set", value]
-    started = time.perf_counter()
-    with open(log_path, "a") as out:
-        out.write(f"\n$ {' '.join(command)}\n")
-        out.flush()
-        code = subprocess.call(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"clicklens {verb} exited {code}; see {log_path}")
-    return time.perf_counter() - started
+# The same child-process runner, config, server and gRPC clients as the reindex benchmark.
+from benchmarks.reindex import CONFIG, Clients, Server, clicklens, log  # noqa: E402  (after the path is set)
 
 
 def world_sets(args) -> List[str]:
@@ -79,7 +57,7 @@ def make_world(args, root: str) -> Dict[str, object]:
     world = os.path.join(root, "world")
     manifest_path = os.path.join(world, "raw", "manifest.json")
     if not os.path.exists(manifest_path):
-        clicklens("generate-demo-data", world, [], world_sets(args), os.path.join(root, "generate.log"))
+        clicklens("generate-demo-data", world, *world_sets(args), log_path=os.path.join(root, "generate.log"))
     manifest = json.load(open(manifest_path))
     for arm in ("warm", "scratch"):
         target = os.path.join(root, arm)
@@ -151,8 +129,8 @@ def main(argv=None) -> int:
             for arm, workdir in arms.items():
                 use_day_truth(workdir.root, day)
                 flags = ["--as-of", day] + (["--from-scratch"] if arm == "scratch" else [])
-                row[f"{arm}_update_s"] = round(clicklens("update", workdir.root, flags, world_sets(args),
-                                                         os.path.join(root, f"{arm}.log")), 1)
+                row[f"{arm}_update_s"] = round(clicklens("update", workdir.root, *world_sets(args), args=flags,
+                                                         log_path=os.path.join(root, f"{arm}.log")), 1)
                 report = json.load(open(os.path.join(workdir.root, "updates", f"{day}.json")))
                 row[f"{arm}_train_stage_s"] = report["seconds"]["train"]
                 row[f"{arm}_train_s"] = report["fit_seconds"]  # the training steps alone

@@ -57,9 +57,10 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def clicklens(verb: str, workdir: str, *sets: str, log_path: str) -> float:
-    """Runs `clicklens VERB` as a child process; returns its wall time (raises on a non-zero exit)."""
-    command = [sys.executable, "-m", "clicklens", verb, "--config", CONFIG, "--workdir", workdir]
+def clicklens(verb: str, workdir: str, *sets: str, log_path: str, args: Sequence[str] = ()) -> float:
+    """Runs `clicklens VERB [args] --set ...` as a child process; returns its wall time (raises on a non-zero
+    exit)."""
+    command = [sys.executable, "-m", "clicklens", verb, "--config", CONFIG, "--workdir", workdir, *args]
     for value in sets:
         command += ["--set", value]
     start = time.perf_counter()

@@ -27,24 +27,34 @@ PREVIOUS_RUN = "previous"
 RUN_PLAN = "run.json"
 
 
-def write_run_plan(checkpoints: str, epochs: int, started_from: str) -> None:
-    """Records a new run's number of epochs and the checkpoint it started from ("" = random weights)."""
+def read_record(checkpoints: str, name: str) -> dict:
+    """A JSON record a run keeps next to its checkpoints ({} when there is none)."""
     import tensorflow as tf
 
-    tf.io.gfile.makedirs(checkpoints)
-    with tf.io.gfile.GFile(join(checkpoints, RUN_PLAN), "w") as f:
-        json.dump({"epochs": int(epochs), "started_from": started_from}, f)
-
-
-def read_run_plan(checkpoints: str) -> dict:
-    """The plan a run recorded when it started ({} when none did)."""
-    import tensorflow as tf
-
-    path = join(checkpoints, RUN_PLAN)
+    path = join(checkpoints, name)
     if not tf.io.gfile.exists(path):
         return {}
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+def write_record(checkpoints: str, name: str, record: dict) -> None:
+    """Writes a JSON record next to a run's checkpoints (the folder is created when missing)."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(checkpoints)
+    with tf.io.gfile.GFile(join(checkpoints, name), "w") as f:
+        json.dump(record, f)
+
+
+def write_run_plan(checkpoints: str, epochs: int, started_from: str) -> None:
+    """Records a new run's number of epochs and the checkpoint it started from ("" = random weights)."""
+    write_record(checkpoints, RUN_PLAN, {"epochs": int(epochs), "started_from": started_from})
+
+
+def read_run_plan(checkpoints: str) -> dict:
+    """The plan a run recorded when it started ({} when none did)."""
+    return read_record(checkpoints, RUN_PLAN)
 
 
 def record_run_vocab(checkpoints: str, vocab_path: str) -> None:
@@ -65,21 +75,13 @@ def mark_finished(checkpoints: str, fit_seconds: float = 0.0) -> None:
     import tensorflow as tf
 
     latest = tf.train.latest_checkpoint(checkpoints)
-    if latest is None:
-        return
-    with tf.io.gfile.GFile(join(checkpoints, FINISHED), "w") as f:
-        json.dump({"checkpoint": _basename(latest), "fit_seconds": round(fit_seconds, 2)}, f)
+    if latest is not None:
+        write_record(checkpoints, FINISHED, {"checkpoint": _basename(latest), "fit_seconds": round(fit_seconds, 2)})
 
 
 def read_finished(checkpoints: str) -> dict:
     """What a finished run recorded ({} when the run in `checkpoints` has not finished)."""
-    import tensorflow as tf
-
-    path = join(checkpoints, FINISHED)
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return read_record(checkpoints, FINISHED)
 
 
 def is_finished(checkpoints: str) -> bool:
@@ -87,11 +89,7 @@ def is_finished(checkpoints: str) -> bool:
     import tensorflow as tf
 
     latest = tf.train.latest_checkpoint(checkpoints)
-    path = join(checkpoints, FINISHED)
-    if latest is None or not tf.io.gfile.exists(path):
-        return False
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f).get("checkpoint") == _basename(latest)
+    return latest is not None and read_finished(checkpoints).get("checkpoint") == _basename(latest)
 
 
 def previous_run_dir(checkpoints: str) -> str:

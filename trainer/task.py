@@ -95,17 +95,17 @@ def _check_eval_batches(workdir, global_batch: int) -> None:
                              f"training.early_stopping_metric=recall@10 or set training.early_stopping_patience=0)")
 
 
+# Next to the checkpoints: where a run that stopped early says so (training_runs.read_record / write_record).
+EARLY_STOPPING = "early_stopping.json"
+
+
 def _early_stop_path(workdir) -> str:
-    return join(checkpoint_dir(workdir), "early_stopping.json")
+    return join(checkpoint_dir(workdir), EARLY_STOPPING)
 
 
 def _early_stop_record(workdir) -> dict:
     """What an earlier run that stopped early recorded next to its checkpoints ({} when none did)."""
-    path = _early_stop_path(workdir)
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return training_runs.read_record(checkpoint_dir(workdir), EARLY_STOPPING)
 
 
 def log_graph_nodes(config, workdir, global_batch: int) -> None:
@@ -225,9 +225,9 @@ def train(config, workdir) -> TwoTowerModel:
                     epochs)
         if strategies.is_chief(strategy):
             # A later `clicklens train` finds this and does not train past the stopping point.
-            with tf.io.gfile.GFile(_early_stop_path(workdir), "w") as f:
-                json.dump({"step": optimizer_step(model), "stopped_after_epoch": early_stopping.stopped_epoch + 1,
-                           "reason": reason}, f)
+            training_runs.write_record(checkpoint_dir(workdir), EARLY_STOPPING, {
+                "step": optimizer_step(model), "stopped_after_epoch": early_stopping.stopped_epoch + 1,
+                "reason": reason})
     if strategies.is_chief(strategy):
         # A later warm_start=latest run starts from here.
         training_runs.mark_finished(checkpoint_dir(workdir), time.time() - started)

@@ -39,7 +39,6 @@ from clicklens.workdir import join
 logger = logging.getLogger(__name__)
 
 
-
 class WarmStart(NamedTuple):
     """Where a run starts from: an earlier run's checkpoint and the vocabulary its token rows belong to."""
 
