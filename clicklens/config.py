@@ -288,7 +288,12 @@ class TrainingConfig:
                                           "one in this work directory) starts from its final checkpoint; a path: "
                                           "from that checkpoint (a prefix, a checkpoint folder or a work "
                                           "directory).  Token rows are carried over by token, new tokens start "
-                                          "random; the optimizer starts fresh.")
+                                          "random; the optimizer starts fresh unless "
+                                          "training.warm_start_optimizer.")
+    warm_start_optimizer: bool = _field(False, help="A warm-started run also takes over the earlier run's optimizer "
+                                                    "slots (Adam's moments, Adagrad's accumulators; token rows by "
+                                                    "token, new tokens' rows zero).  The step counter is not "
+                                                    "taken over, so the learning-rate schedule starts again.")
     warm_start_epochs: int = _field(0, min=0, help="Epochs of a warm-started run (it starts from trained weights, "
                                                    "so fewer are needed); 0 = training.epochs.")
     checkpoint_every_steps: int = _field(200, min=1)

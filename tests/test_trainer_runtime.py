@@ -122,6 +122,17 @@ def test_early_stopping_on_eval_recall_stops_when_retrieval_stops_improving(tmp_
     assert int(again.optimizer.iterations.numpy()) == 2 and "training stopped early at step 2" in caplog.text
 
 
+def test_a_one_epoch_run_skips_the_early_stopping_evaluation(tmp_path, caplog):
+    # A warm-started daily update is often one epoch: there is nothing to choose between, so no corpus pass.
+    workdir = synth.write_workdir(tmp_path)
+    config = synth.trainer_config(["training.early_stopping_patience=1", "training.epochs=1",
+                                   "training.steps_per_epoch=1"])
+    with caplog.at_level(logging.INFO, logger="trainer.callbacks"):
+        model = task.train(config, workdir)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    assert "val_recall@10" not in model.history.history and "epoch 1: eval" not in caplog.text
+
+
 def test_retrieval_early_stopping_restores_the_best_epoch():
     # The callback's own logic on a scripted metric sequence: best at epoch 2, then two worse epochs.
     model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])

@@ -136,3 +136,38 @@ def test_a_warm_run_trains_warm_start_epochs_and_keeps_them_when_resumed(tmp_pat
     assert task.run_epochs(config, directory, None) == 2  # resumed: still a warm-started run
     training_runs.write_run_plan(directory, 6, "")
     assert task.run_epochs(config, directory, None) == 6  # a resumed run from random weights
+
+
+def _token_slots(optimizer):
+    """{slot name prefix ('m', 'v', ...): the token-embedding rows of that slot}."""
+    return {v.name.split("/")[0]: v.numpy() for v in optimizer.variables if "token_embedding" in v.name}
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_the_optimizer_slots_are_carried_over_by_token_only_when_asked(day_one, carry):
+    workdir, _, old_vocab = day_one
+    config = synth.trainer_config([f"training.warm_start_optimizer={str(carry).lower()}"])
+    shuffled = old_vocab[:2] + old_vocab[2:][::-1] + [NEW_WORD]
+    prefix = tf.train.latest_checkpoint(checkpoint_dir(workdir))
+    # Day 1's own slots, read the way train writes them (model and optimizer in one checkpoint).
+    old_model = build_model(config, len(old_vocab))
+    old_model.compile(optimizer=task.make_optimizer(config.training, 10))
+    old_model.optimizer.build(old_model.trainable_variables)
+    tf.train.Checkpoint(model=old_model, optimizer=old_model.optimizer).restore(prefix).expect_partial()
+    old_slots = _token_slots(old_model.optimizer)
+    assert old_slots and all(np.any(rows) for rows in old_slots.values())  # day 1 trained: the moments moved
+
+    model = build_model(config, len(shuffled))
+    model.compile(optimizer=task.make_optimizer(config.training, 10))
+    model.optimizer.build(model.trainable_variables)
+    counts = warm_start.restore_into(model, warm_start.WarmStart(prefix, old_vocab), shuffled, build_model, config)
+    new_slots = _token_slots(model.optimizer)
+    assert int(model.optimizer.iterations.numpy()) == 0  # the schedule starts again either way
+    if not carry:
+        assert "optimizer_slots" not in counts and not any(np.any(rows) for rows in new_slots.values())
+        return
+    assert counts["optimizer_slots"] == len(model.optimizer.variables) - 1
+    for name, rows in new_slots.items():
+        for new_id, token in enumerate(shuffled[:-1]):
+            np.testing.assert_array_equal(rows[new_id], old_slots[name][old_vocab.index(token)])
+        assert not np.any(rows[-1])  # the new word's moments start at zero

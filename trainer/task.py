@@ -189,12 +189,14 @@ def train(config, workdir) -> TwoTowerModel:
     callbacks = [saver, TrainingProgress(total_steps, global_batch, t.log_every_steps)]
     kwargs = {}
     early_stopping = None
-    if t.early_stopping_patience and t.early_stopping_metric == "loss":
+    # A one-epoch run has nothing to stop early or to choose between: no evaluation after its epoch.
+    watch_eval = t.early_stopping_patience and epochs > 1
+    if watch_eval and t.early_stopping_metric == "loss":
         kwargs["validation_data"] = model_input.make_dataset(config, workdir, "eval", global_batch,
                                                              training=False, tokenizer=tokenizer)
         early_stopping = tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience)
         callbacks.append(early_stopping)
-    elif t.early_stopping_patience:
+    elif watch_eval:
         early_stopping = RetrievalEarlyStopping(eval_retrieval_measure(config, workdir, tokenizer),
                                                 t.early_stopping_metric, t.early_stopping_patience)
         callbacks.append(early_stopping)

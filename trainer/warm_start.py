@@ -19,7 +19,10 @@ quality in a fraction of the steps.  Three things make that safe:
 
 Every other variable of both towers is copied as is; a shape that differs
 (the model config changed) is an error that names the variable.  The
-optimizer starts fresh: its slots belong to the old run's schedule.
+optimizer starts fresh unless `training.warm_start_optimizer` is set: then its
+slots (Adam's moments, Adagrad's accumulators) are carried over the same way
+(`carry_over_optimizer`), but not its step counter, so the learning-rate
+schedule (warmup, cosine) starts again for the new run.
 """
 
 from __future__ import annotations
@@ -101,6 +104,31 @@ def _pairs(new_tower: tf.keras.Model, old_tower: tf.keras.Model):
     return zip(new, old)
 
 
+def _carry_rows(new_var: tf.Variable, old_var: tf.Variable, new_vocab: List[str], old_ids: dict) -> int:
+    """Copies the rows of the tokens both vocabularies share from old_var into new_var; returns how many."""
+    rows = new_var.numpy()
+    old_rows = old_var.numpy()
+    carried = 0
+    for new_id, token in enumerate(new_vocab):
+        old_id = old_ids.get(token)
+        if old_id is not None:
+            rows[new_id] = old_rows[old_id]
+            carried += 1
+    new_var.assign(rows)
+    return carried
+
+
+def _copy(new_var: tf.Variable, old_var: tf.Variable, new_vocab: List[str], old_ids: dict) -> int:
+    """One variable (or optimizer slot) from the old run: token rows by token, anything else as it is."""
+    if "token_embedding" in new_var.name:
+        return _carry_rows(new_var, old_var, new_vocab, old_ids)
+    if new_var.shape != old_var.shape:
+        raise ClicklensError(f"training.warm_start: {new_var.name} has shape {new_var.shape} here and "
+                             f"{old_var.shape} in the checkpoint (the model config changed)")
+    new_var.assign(old_var)
+    return 0
+
+
 def carry_over(model, old_model, new_vocab: List[str], old_vocab: List[str]) -> dict:
     """Copies the old model's tower weights into `model`: token rows by token, the rest as they are.
 
@@ -110,26 +138,31 @@ def carry_over(model, old_model, new_vocab: List[str], old_vocab: List[str]) -> 
     carried = 0
     for new_var, old_var in [*_pairs(model.query_tower, old_model.query_tower),
                              *_pairs(model.image_tower, old_model.image_tower)]:
-        if "token_embedding" in new_var.name:
-            rows = new_var.numpy()
-            old_rows = old_var.numpy()
-            for new_id, token in enumerate(new_vocab):
-                old_id = old_ids.get(token)
-                if old_id is not None:
-                    rows[new_id] = old_rows[old_id]
-                    carried += 1
-            new_var.assign(rows)
-            continue
-        if new_var.shape != old_var.shape:
-            raise ClicklensError(f"training.warm_start: {new_var.name} has shape {new_var.shape} here and "
-                                 f"{old_var.shape} in the checkpoint (the model config changed)")
-        new_var.assign(old_var)
+        carried += _copy(new_var, old_var, new_vocab, old_ids)
     return {"tokens_carried": carried, "new_tokens": len(new_vocab) - carried,
             "old_tokens_dropped": len(set(old_vocab) - set(new_vocab))}
 
 
+def carry_over_optimizer(optimizer, old_optimizer, new_vocab: List[str], old_vocab: List[str]) -> int:
+    """Copies the old run's optimizer slots into `optimizer` (both built over their models' trainable variables):
+    token rows by token (a new token's slots stay zero), the rest as they are; not the step counter.
+
+    Returns how many slot variables were copied.
+    """
+    new_slots = [v for v in optimizer.variables if v is not optimizer.iterations]
+    old_slots = [v for v in old_optimizer.variables if v is not old_optimizer.iterations]
+    if [v.name for v in new_slots] != [v.name for v in old_slots]:
+        raise ClicklensError("training.warm_start_optimizer: the optimizer's slots differ from the checkpoint's "
+                             "(training.optimizer or the model config changed?)")
+    old_ids = {token: i for i, token in enumerate(old_vocab)}
+    for new_slot, old_slot in zip(new_slots, old_slots):
+        _copy(new_slot, old_slot, new_vocab, old_ids)
+    return len(new_slots)
+
+
 def restore_into(model, source: WarmStart, new_vocab: List[str], build_model, config) -> dict:
-    """Builds the old run's model for its vocabulary, restores `source.checkpoint` and carries it into `model`.
+    """Builds the old run's model for its vocabulary, restores `source.checkpoint` and carries it into `model`
+    (and, with training.warm_start_optimizer, its optimizer slots into `model.optimizer`, which must be built).
 
     The old model is built without its starting weights (backbone file, pretrained tower): the checkpoint
     holds every weight.
@@ -137,12 +170,25 @@ def restore_into(model, source: WarmStart, new_vocab: List[str], build_model, co
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
                                                                    image_init="random"))
     old_model = build_model(config, len(source.vocab))
+    parts = {"model": old_model}
+    if config.training.warm_start_optimizer:
+        # The same optimizer class and settings as this run's, built over the old model's variables.
+        parts["optimizer"] = model.optimizer.__class__.from_config(model.optimizer.get_config())
+        parts["optimizer"].build(old_model.trainable_variables)
     try:
-        tf.train.Checkpoint(model=old_model).restore(source.checkpoint).expect_partial()
-    except ValueError as err:  # a variable of another shape
+        status = tf.train.Checkpoint(**parts).restore(source.checkpoint)
+        if "optimizer" in parts:
+            status.assert_existing_objects_matched()  # a checkpoint without optimizer slots is an error here
+        status.expect_partial()
+    except (ValueError, AssertionError) as err:  # a variable of another shape, or no slots in the checkpoint
         raise ClicklensError(f"training.warm_start: {source.checkpoint} does not fit this model (the model config "
                              f"changed?): {err}") from None
     counts = carry_over(model, old_model, new_vocab, source.vocab)
-    logger.info("warm start from %s: %d token rows carried over, %d new tokens start random, %d old tokens gone",
-                source.checkpoint, counts["tokens_carried"], counts["new_tokens"], counts["old_tokens_dropped"])
+    if "optimizer" in parts:
+        counts["optimizer_slots"] = carry_over_optimizer(model.optimizer, parts["optimizer"], new_vocab,
+                                                         source.vocab)
+    logger.info("warm start from %s: %d token rows carried over, %d new tokens start random, %d old tokens gone%s",
+                source.checkpoint, counts["tokens_carried"], counts["new_tokens"], counts["old_tokens_dropped"],
+                f"; {counts['optimizer_slots']} optimizer slots carried over" if "optimizer" in parts else
+                "; the optimizer starts fresh")
     return counts
