@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from clicklens.workdir import join
 
@@ -25,6 +26,11 @@ FINISHED = "finished.json"
 PREVIOUS_RUN = "previous"
 # The run's plan (its epochs and where it started from), so a resumed warm-started run keeps its length.
 RUN_PLAN = "run.json"
+
+
+def checkpoint_dir(workdir) -> str:
+    """Where a run's checkpoints live: $AIP_CHECKPOINT_DIR on Vertex AI, else W/model/checkpoints."""
+    return os.environ.get("AIP_CHECKPOINT_DIR") or workdir.checkpoints
 
 
 def read_record(checkpoints: str, name: str) -> dict:

@@ -15,7 +15,8 @@ runs the day's pipeline on Dataflow (cloudbuild_daily.yaml runs the three
 stages as separate steps: Dataflow, Vertex AI, the Cloud Build machine).
 
 The pipeline's base vocabulary is the vocab.txt of the run the warm start
-will start from: the finished run in W/model/checkpoints (train moves it to
+will start from: the finished run in W/model/checkpoints or $AIP_CHECKPOINT_DIR
+(training_runs.checkpoint_dir; train moves it to
 W/model/previous/ when the new run starts, trainer/warm_start.py) or the one
 already in W/model/previous/.  `--from-scratch` learns a fresh vocabulary and
 trains from random weights; `--no-gate` publishes whatever comes out.
@@ -67,7 +68,7 @@ def base_vocab_for_warm_start(workdir: Workdir) -> str:
     """The vocab.txt of the run `training.warm_start: latest` will start from, or "" when there is none."""
     import tensorflow as tf
 
-    checkpoints = workdir.checkpoints
+    checkpoints = training_runs.checkpoint_dir(workdir)
     if training_runs.is_finished(checkpoints) and tf.io.gfile.exists(join(checkpoints, training_runs.RUN_VOCAB)):
         return join(checkpoints, training_runs.RUN_VOCAB)
     previous = join(training_runs.previous_run_dir(checkpoints), training_runs.RUN_VOCAB)
@@ -124,7 +125,7 @@ def update(config, workdir: Workdir, as_of: str, stages: Sequence[str] = STAGES,
               "base_vocab": config.pipeline.base_vocab, "warm_start": config.training.warm_start,
               "gate": gate, "seconds": seconds}
     if "train" in stages:  # the training steps alone, without start-up and the evaluation `train` ends with
-        report["fit_seconds"] = training_runs.read_finished(workdir.checkpoints).get("fit_seconds")
+        report["fit_seconds"] = training_runs.read_finished(training_runs.checkpoint_dir(workdir)).get("fit_seconds")
     if "export" in stages:
         with tf.io.gfile.GFile(join(workdir.export, "report.json")) as f:
             export_report = json.load(f)
@@ -143,8 +144,9 @@ def update(config, workdir: Workdir, as_of: str, stages: Sequence[str] = STAGES,
 
 def _archive_finished_run(workdir: Workdir) -> None:
     """--from-scratch: a finished run in the checkpoint folder moves aside, so `train` starts a new one."""
-    if training_runs.is_finished(workdir.checkpoints):
-        training_runs.archive_finished_run(workdir.checkpoints)
+    checkpoints = training_runs.checkpoint_dir(workdir)
+    if training_runs.is_finished(checkpoints):
+        training_runs.archive_finished_run(checkpoints)
 
 
 def run(config, workdir: Workdir, args) -> int:

@@ -15,7 +15,8 @@ from clicklens import cli
 from trainer import task
 from trainer.callbacks import RetrievalEarlyStopping
 from clicklens.errors import ClicklensError
-from trainer.model import build_image_tower, build_model, checkpoint_dir, restore_model
+from clicklens.training_runs import checkpoint_dir
+from trainer.model import build_image_tower, build_model, restore_model
 from clicklens.workdir import Workdir
 
 AIP_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR")

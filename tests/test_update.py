@@ -86,3 +86,18 @@ def test_explicit_settings_win_over_the_update_defaults(small_config):
     daily = daily_config(config, "2026-01-02", "W/model/checkpoints/vocab.txt", warm=True)
     assert daily.pipeline.base_vocab == "gs://b/v.txt" and daily.training.warm_start == "latest"
     assert daily_config(small_config, "2026-01-02", "", warm=False).training.warm_start == "none"
+
+
+def test_the_base_vocabulary_follows_the_vertex_checkpoint_folder(tmp_path, monkeypatch):
+    from clicklens.update import base_vocab_for_warm_start
+
+    workdir = Workdir(str(tmp_path / "w"))
+    import tensorflow as tf
+
+    vertex = str(tmp_path / "aip-checkpoints")  # where `train` on Vertex AI keeps its run
+    tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), vertex, 1).save(checkpoint_number=3)
+    (tmp_path / "aip-checkpoints" / training_runs.RUN_VOCAB).write_text("[PAD]\n[UNK]\nred\n")
+    training_runs.mark_finished(vertex)
+    assert base_vocab_for_warm_start(workdir) == ""  # W/model/checkpoints has no run
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", vertex)
+    assert base_vocab_for_warm_start(workdir) == f"{vertex}/{training_runs.RUN_VOCAB}"

@@ -10,11 +10,12 @@ import tensorflow as tf
 
 from clicklens import training_runs
 from clicklens.errors import ClicklensError
+from clicklens.training_runs import checkpoint_dir
 from clicklens.vocabulary import load_vocab
 from tests import trainer_synthetic as synth
 from trainer import strategy as strategies
 from trainer import task, warm_start
-from trainer.model import build_model, checkpoint_dir
+from trainer.model import build_model
 
 NEW_WORD = "teal"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Dict
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
@@ -21,6 +20,7 @@ import tensorflow_recommenders as tfrs
 from trainer import distinct_images, losses
 from trainer import input as model_input
 from clicklens.errors import ClicklensError
+from clicklens.training_runs import checkpoint_dir
 from clicklens.vocabulary import PAD_ID, load_vocab
 
 logger = logging.getLogger(__name__)
@@ -411,11 +411,6 @@ class TwoTowerModel(tfrs.Model):
 def build_model(config, vocab_size: int) -> TwoTowerModel:
     """A freshly initialised two-tower model for `config` and a vocabulary of `vocab_size` tokens."""
     return TwoTowerModel(config, build_query_tower(config, vocab_size), build_image_tower(config))
-
-
-def checkpoint_dir(workdir) -> str:
-    """Where checkpoints live: $AIP_CHECKPOINT_DIR on Vertex AI, else W/model/checkpoints."""
-    return os.environ.get("AIP_CHECKPOINT_DIR") or workdir.checkpoints
 
 
 def restore_model(config, workdir) -> TwoTowerModel:

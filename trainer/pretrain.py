@@ -44,6 +44,7 @@ import tensorflow as tf
 from clicklens import cli
 from clicklens import servables as S
 from clicklens.errors import ClicklensError
+from clicklens.training_runs import checkpoint_dir
 from clicklens.workdir import join
 from trainer import augment, losses, seeing
 from trainer import input as model_input
@@ -51,7 +52,7 @@ from trainer import strategy as strategies
 from trainer.callbacks import CheckpointEverySteps, TrainingProgress, optimizer_step
 from trainer.export_signatures import Encoders, ImageEncoder
 from trainer.image_table import to_pixels
-from trainer.model import build_image_tower, checkpoint_dir, restore_model, tower_description
+from trainer.model import build_image_tower, restore_model, tower_description
 from trainer.task import TrainingDiverged, make_optimizer
 
 logger = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from clicklens import cli, training_runs
 from clicklens.errors import ClicklensError
+from clicklens.training_runs import checkpoint_dir
 from clicklens.vocabulary import load_vocab
 from clicklens.workdir import join
 from trainer import input as model_input
@@ -34,7 +35,7 @@ from trainer import strategy as strategies
 from trainer import warm_start
 from trainer.callbacks import CheckpointEverySteps, RetrievalEarlyStopping, TrainingProgress, optimizer_step
 from trainer.evaluate import eval_retrieval_measure, evaluate_and_write
-from trainer.model import TwoTowerModel, build_model, checkpoint_dir, with_image_init_path
+from trainer.model import TwoTowerModel, build_model, with_image_init_path
 from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
