@@ -25,7 +25,6 @@ times each; the smallest CPU time of each counts) and prints
 import argparse
 import dataclasses
 import glob
-import gzip
 import json
 import math
 import os
@@ -93,9 +92,11 @@ def query_stats(workdir: Workdir, min_dwell_ms: float):
     """{query: QueryStats with by_slot} from the logs, as the pipeline's combiner makes them (no session cap)."""
     fn = PositionQueryStatsFn()
     accs = {}
-    for path in sorted(glob.glob(workdir.logs_glob)):
-        with gzip.open(path) as f:
-            for line in f:
+    # The pipeline's own log glob (dt= partitions included), read the way Beam reads it (.gz or plain).
+    paths = sorted(m.path for m in FileSystems.match([workdir.logs_glob])[0].metadata_list)
+    for path in paths:
+        with FileSystems.open(path) as f:
+            for line in f.read().splitlines():
                 try:
                     record = parse_log_line(line)
                 except BadRecord:
