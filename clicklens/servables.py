@@ -2,6 +2,7 @@
 
     W/export/<model name>/<version>/saved_model.pb         one folder per integer version
     W/export/<model name>/<version>/assets.extra/tf_serving_warmup_requests
+    W/export/{query,image}_encoder/<version>/assets.extra/vocab.txt   the query tower's vocabulary
 
     model                 signature          input           outputs
     query_encoder         serving_default    query           embedding
@@ -60,6 +61,10 @@ SEARCHER_HANDLE_FUNCTION = "searcher_handle"
 
 SAVED_MODEL_PB = "saved_model.pb"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+# The encoders' versions also keep the vocabulary their query tower's token rows belong to, so a later
+# training run can warm-start from an export (training.warm_start=W/export/query_encoder).  TF Serving
+# ignores assets.extra/ apart from the warmup file.
+EXPORT_VOCAB = "assets.extra/vocab.txt"
 
 # A REST request carries an upload base64-encoded (4 bytes per 3) inside a small JSON envelope.
 JSON_ENVELOPE_BYTES = 1024

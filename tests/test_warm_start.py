@@ -172,3 +172,35 @@ def test_the_optimizer_slots_are_carried_over_by_token_only_when_asked(day_one, 
         for new_id, token in enumerate(shuffled[:-1]):
             np.testing.assert_array_equal(rows[new_id], old_slots[name][old_vocab.index(token)])
         assert not np.any(rows[-1])  # the new word's moments start at zero
+
+
+def test_warm_start_from_an_exported_encoder(demo_exported, small_config, tmp_path):
+    """training.warm_start may name an export: the towers and the vocabulary kept beside them."""
+    import shutil
+
+    from clicklens import servables as S
+    from trainer.model import restore_model
+
+    workdir = demo_exported
+    trained = restore_model(small_config, workdir)  # the checkpoint that export wrote out
+    base_path = workdir.export_model(S.QUERY_ENCODER)
+    source = warm_start.resolve(base_path, str(tmp_path / "checkpoints"))  # the model folder: newest version
+    assert source.export and source.vocab == load_vocab(workdir.vocab)
+    model = build_model(small_config, len(source.vocab))
+    counts = warm_start.restore_into(model, source, source.vocab, build_model, small_config)
+    assert counts["tokens_carried"] == len(source.vocab)
+    for tower in ("query_tower", "image_tower"):
+        for got, want in zip(getattr(model, tower).weights, getattr(trained, tower).weights):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+    optimizer_config = synth.trainer_config(["training.warm_start_optimizer=true"])
+    with pytest.raises(ClicklensError, match="no optimizer slots"):
+        warm_start.restore_into(model, source, source.vocab, build_model,
+                                type(small_config)(**{**vars(small_config), "training": optimizer_config.training}))
+    # An export without its vocabulary (made before exports kept it) is named.
+    version = max(S.version_dirs(workdir.export_model(S.IMAGE_ENCODER)))
+    copy = tmp_path / "image_encoder" / str(version)
+    shutil.copytree(f"{workdir.export_model(S.IMAGE_ENCODER)}/{version}", copy)
+    (copy / S.EXPORT_VOCAB).unlink()
+    with pytest.raises(ClicklensError, match="vocab.txt not found"):
+        warm_start.resolve(str(copy), str(tmp_path / "checkpoints"))

@@ -244,14 +244,19 @@ def warmup_logs(name: str, servable: Servable, sample_image) -> List[prediction_
 
 
 def stage_version(servable: Servable, base_path: str, version: int,
-                  warmup: List[prediction_log_pb2.PredictionLog]) -> Tuple[str, str]:
-    """Writes version `version` of a model under a temporary name; (temporary folder, final folder)."""
+                  warmup: List[prediction_log_pb2.PredictionLog], vocab_path: str = "") -> Tuple[str, str]:
+    """Writes version `version` of a model under a temporary name; (temporary folder, final folder).
+
+    With `vocab_path`, the vocabulary the model's query tower was trained with goes along (S.EXPORT_VOCAB).
+    """
     tmp, final = S.start_version(base_path, version)
     tf.saved_model.save(servable.module, tmp, signatures=servable.signatures, options=servable.options)
     tf.io.gfile.makedirs(join(tmp, "assets.extra"))
     with tf.io.TFRecordWriter(join(tmp, S.WARMUP_FILE)) as writer:
         for log in warmup:
             writer.write(log.SerializeToString())
+    if vocab_path:
+        tf.io.gfile.copy(vocab_path, join(tmp, S.EXPORT_VOCAB))
     return tmp, final
 
 
@@ -271,8 +276,9 @@ def publish_together(servables: Dict[str, Servable], workdir: Workdir, version: 
     staged = {}
     try:
         for name, servable in servables.items():
+            vocab = workdir.vocab if name in (S.QUERY_ENCODER, S.IMAGE_ENCODER) else ""
             staged[name] = stage_version(servable, workdir.export_model(name), version,
-                                         warmup_logs(name, servable, sample_image))
+                                         warmup_logs(name, servable, sample_image), vocab)
     except BaseException:
         for tmp, _ in staged.values():
             tf.io.gfile.rmtree(tmp)

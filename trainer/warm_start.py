@@ -34,6 +34,7 @@ from typing import List, NamedTuple, Optional
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
+from clicklens import servables as S
 from clicklens.errors import ClicklensError
 from clicklens.vocabulary import load_vocab
 from clicklens.training_runs import RUN_VOCAB, is_finished, previous_run_dir
@@ -49,10 +50,35 @@ class WarmStart(NamedTuple):
     vocab: List[str]
     # The checkpoint is a finished run's in this run's own folder: archive it once its weights are read.
     archive: bool = False
+    # The checkpoint is an exported SavedModel's variables (towers only, no optimizer).
+    export: bool = False
+
+
+def _export_version(path: str) -> str:
+    """The SavedModel folder `path` names: a version folder, or a model's base path (its newest version);
+    "" when it names neither."""
+    if tf.io.gfile.exists(join(path, S.SAVED_MODEL_PB)):
+        return path
+    versions = S.version_dirs(path)
+    return versions[max(versions)] if versions else ""
+
+
+def _from_export(version_dir: str) -> WarmStart:
+    """An exported query_encoder / image_encoder version: its variables and the vocabulary kept beside them."""
+    vocab_path = join(version_dir, S.EXPORT_VOCAB)
+    if not tf.io.gfile.exists(vocab_path):
+        raise ClicklensError(f"training.warm_start: {vocab_path} not found: warm-start from an exported "
+                             f"{S.QUERY_ENCODER} or {S.IMAGE_ENCODER} (exports keep their vocabulary there), or "
+                             "from the run's checkpoints")
+    return WarmStart(join(version_dir, "variables", "variables"), load_vocab(vocab_path), export=True)
 
 
 def _from_path(path: str, archive: bool = False) -> WarmStart:
-    """A checkpoint prefix, a checkpoint folder, or a work directory (its model/checkpoints)."""
+    """A checkpoint prefix, a checkpoint folder, a work directory (its model/checkpoints), or an exported
+    encoder (a version folder or the model's folder: its newest version)."""
+    exported = _export_version(path)
+    if exported:
+        return _from_export(exported)
     if tf.io.gfile.exists(path + ".index"):
         prefix, folder = path, path.rsplit("/", 1)[0]
     else:
@@ -62,7 +88,7 @@ def _from_path(path: str, archive: bool = False) -> WarmStart:
         prefix = tf.train.latest_checkpoint(folder)
         if prefix is None:
             raise ClicklensError(f"training.warm_start: no checkpoint at {path} (give a checkpoint prefix, a "
-                                 "checkpoint folder or a work directory)")
+                                 "checkpoint folder, a work directory or an exported encoder)")
     vocab_path = join(folder, RUN_VOCAB)
     if not tf.io.gfile.exists(vocab_path):
         raise ClicklensError(f"training.warm_start: {vocab_path} not found: the vocabulary the checkpoint was "
@@ -167,20 +193,29 @@ def restore_into(model, source: WarmStart, new_vocab: List[str], build_model, co
     The old model is built without its starting weights (backbone file, pretrained tower): the checkpoint
     holds every weight.
     """
+    if source.export and config.training.warm_start_optimizer:
+        raise ClicklensError(f"training.warm_start_optimizer: {source.checkpoint} is an export, which has no "
+                             "optimizer slots; warm-start from the run's checkpoints instead")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
                                                                    image_init="random"))
     old_model = build_model(config, len(source.vocab))
-    parts = {"model": old_model}
+    if source.export:
+        # An exported module keeps both towers under its `encoders` (trainer/export_signatures.py).
+        towers = tf.Module()
+        towers.query_tower, towers.image_tower = old_model.query_tower, old_model.image_tower
+        parts = {"encoders": towers}
+    else:
+        parts = {"model": old_model}
     if config.training.warm_start_optimizer:
         # The same optimizer class and settings as this run's, built over the old model's variables.
         parts["optimizer"] = model.optimizer.__class__.from_config(model.optimizer.get_config())
         parts["optimizer"].build(old_model.trainable_variables)
     try:
-        status = tf.train.Checkpoint(**parts).restore(source.checkpoint)
-        if "optimizer" in parts:
-            status.assert_existing_objects_matched()  # a checkpoint without optimizer slots is an error here
-        status.expect_partial()
-    except (ValueError, AssertionError) as err:  # a variable of another shape, or no slots in the checkpoint
+        # Every variable built here must get its value (an export or a run without optimizer slots would
+        # otherwise leave some silently at their initial values); the rest of the checkpoint is not needed.
+        # read(), not restore(): restore() adds a save counter, which an export's variables do not have.
+        tf.train.Checkpoint(**parts).read(source.checkpoint).assert_existing_objects_matched().expect_partial()
+    except (ValueError, AssertionError) as err:  # a variable of another shape, or one the checkpoint lacks
         raise ClicklensError(f"training.warm_start: {source.checkpoint} does not fit this model (the model config "
                              f"changed?): {err}") from None
     counts = carry_over(model, old_model, new_vocab, source.vocab)
