@@ -68,7 +68,10 @@ MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[
                         r"(?:(?P<verb>:[a-zA-Z]+)|(?P<metadata>/metadata))?/?$")
 REST_ENTRYPOINT = "REST"
 INT64_MAX = 2 ** 63 - 1  # TF Serving reads the version in the URL as an int64
-LINGER_SECONDS = 1.0  # the longest a closing connection discards what the client still sends
+# A closing connection discards what the client still sends while it keeps arriving (a pause of
+# LINGER_IDLE_SECONDS ends it), for LINGER_MAX_SECONDS at most: nginx's lingering_timeout / lingering_time.
+LINGER_IDLE_SECONDS = 1.0
+LINGER_MAX_SECONDS = 30.0
 HTTP_STATUS = {  # tensorflow_model_server's mapping (a code not listed is 500)
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.CANCELLED: 499,
@@ -501,17 +504,19 @@ def _has_input(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def _discard_unread_input(sock: socket.socket, seconds: float = LINGER_SECONDS) -> None:
+def _discard_unread_input(sock: socket.socket, idle_seconds: float = LINGER_IDLE_SECONDS,
+                          max_seconds: float = LINGER_MAX_SECONDS) -> None:
     """Before closing: if the client is still sending (a body that was refused or cut short), ends our side and
-    discards what arrives for up to `seconds`; closing with unread input would reset the connection, and the
-    client could lose the answer it was just sent."""
+    discards what arrives until it pauses for `idle_seconds` or `max_seconds` have passed; closing with unread
+    input would reset the connection, and the client could lose the answer it was just sent.  A slow client
+    (a large body on a busy machine) is not cut off while its bytes keep coming."""
     if not _has_input(sock):
         return
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # the idle timeout ends it too (socket.timeout is an OSError)
         sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
+        deadline = time.monotonic() + max_seconds
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(min(idle_seconds, left))
             if not sock.recv(1 << 16):
                 break
 
