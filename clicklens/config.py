@@ -206,9 +206,9 @@ class ModelConfig:
 class AugmentConfig:
     """The two random views of each image that pretraining contrasts (trainer/augment.py); 0 turns a jitter off."""
 
-    crop_min_area: float = _field(0.35, min=0.05, max=1.0, help="Random resized crop: each view keeps a random "
-                                                                "region of at least this share of the image, "
-                                                                "resized back to image_size; 1 = no crop.")
+    crop_min_area: float = _field(0.6, min=0.05, max=1.0, help="Random resized crop: each view keeps a random "
+                                                               "region of at least this share of the image, "
+                                                               "resized back to image_size; 1 = no crop.")
     crop_max_aspect: float = _field(1.33, min=1.0, max=4.0, help="Random resized crop: the region's aspect "
                                                                  "ratio is drawn from [1/this, this].")
     flip: bool = _field(True, help="Random left-right flip of each view.")
@@ -236,17 +236,20 @@ class PretrainConfig:
     # Strategy, precision, optimizer, learning-rate schedule, checkpoints, progress lines and seed come from
     # the `training` section, as for `clicklens train`.
 
-    epochs: int = _field(60, min=1, help="Passes over the corpus (every decodable catalog image, logged or not).")
+    # The defaults are the best of a sweep on the demo world (README, "Pretraining"): no projection head, crops of
+    # at least 60 % of the image, 16 images a step (fewer views of look-alike images as negatives), 100 epochs.
+    epochs: int = _field(100, min=1, help="Passes over the corpus (every decodable catalog image, logged or not).")
     steps_per_epoch: int = _field(0, min=0, help="0 means one pass over the corpus in whole global batches.")
-    per_replica_batch_size: int = _field(64, min=2, help="Images per replica per step; each gives two views, "
+    per_replica_batch_size: int = _field(16, min=2, help="Images per replica per step; each gives two views, "
                                                           "and every other view of the global batch is a negative.")
     learning_rate: float = _field(0.003, min=0.0, max=10.0, help="Peak learning rate (training.lr_schedule).")
     temperature: float = _field(0.1, min=1e-3, max=10.0, help="NT-Xent softmax temperature.")
-    projection_dim: int = _field(64, min=0, max=4096, help="Output of the projection head the loss is computed "
-                                                            "on (the head is dropped after pretraining); 0 = no "
-                                                            "head, the loss is on the tower's embeddings.")
-    projection_hidden: int = _field(128, min=0, max=8192, help="Hidden width of the projection head; 0 = a "
-                                                               "linear head.")
+    projection_dim: int = _field(0, min=0, max=4096, help="0: the loss is on the tower's own embeddings (what "
+                                                           "retrieval and the content graph compare); N: on the "
+                                                           "N-wide output of a projection head, dropped after "
+                                                           "pretraining.")
+    projection_hidden: int = _field(128, min=0, max=8192, help="Hidden width of the projection head (when "
+                                                               "projection_dim is not 0); 0 = a linear head.")
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 

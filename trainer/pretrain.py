@@ -5,9 +5,12 @@ SimCLR on every decodable catalog image, logged or not: the pipeline's
 is the image table pretraining reads (trainer/image_table.py), no extra
 pipeline stage.  Each step takes a global batch of images, makes two random
 views of each (trainer/augment.py), puts both through the same image tower
-`train` builds (trainer/model.py) plus a projection head, and minimises
-NT-Xent (trainer/losses.py) with every other view of the global batch as a
-negative.  The head is dropped at the end; the tower's weights go to
+`train` builds (trainer/model.py), and minimises NT-Xent (trainer/losses.py)
+with every other view of the global batch as a negative.  By default the loss
+is on the tower's own embeddings; with `pretrain.projection_dim` it is on a
+projection head's output, and the head is dropped at the end (on the demo the
+head made the embeddings that get compared worse: README, "Pretraining").
+The tower's weights go to
 W/pretrain/image_tower/weights, where `model.image_init: pretrained` finds
 them, and as an image_encoder SavedModel to W/pretrain/image_encoder/<v>/,
 which the content graph's `model` source can use before any click training
