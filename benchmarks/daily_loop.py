@@ -160,7 +160,7 @@ def mean_spread(values: List[float]) -> Tuple[float, float]:
 
 
 def summarize(args, runs: List[Dict[str, object]], days: List[str], drifted) -> Dict[str, object]:
-    """Prints the per-day table (mean ± spread over seeds) and the issue's three checks; returns them."""
+    """Prints the per-day table (mean ± spread over seeds) and the issue's four checks; returns them."""
     print(f"\nDaily loop: {args.days} days, drift from day {args.drift_day} ({len(drifted)} query texts), "
           f"window {args.window_days} days, half-life {args.half_life or 'none'}; scratch {args.epochs} epochs, "
           f"warm {args.warm_epochs}; training seeds {args.seeds} (± is max - min over seeds)")
