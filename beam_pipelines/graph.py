@@ -15,15 +15,15 @@ or "both".  Every edge counts in both directions, and each image keeps its
 the graph is exactly the click graph.
 
 A pair that was never co-clicked has co-click rate 0 however often it was
-shown, so "both shown" is counted only for co-clicked pairs (counting it for
-every pair shown together grows with the square of the result-list length).
-All counts of a pair {a < b} are gathered at key a, in one GroupByKey: each
-result list sends every shown image a the images shown after it (in id order)
-and, if a was clicked, the images clicked after it; each query-by-image
-impression sends the smaller of its two ids the other one.  Per image, one pass
-finds the co-click partners and the similar-image counts, a second counts the
-lists that showed a with each partner.  No side input; a worker holds one
-image's evidence at a time (the grouped values are re-iterated, not listed).
+shown, so "both shown" is kept only for co-clicked pairs (an edge per pair
+shown together would grow with the square of the result-list length).
+All counts of a pair {a < b} end up at key a, in one CombinePerKey
+(PairCountsFn).  Each bundle first counts its records' pairs itself
+(CountPairsInBundleFn: every pair of images a result list showed, every pair it
+had clicked, and each query-by-image impression with its query image), then
+sends each image a its counts per partner b, so one counter per pair and bundle
+crosses the shuffle, never one element per event.  The "both shown" counts are
+kept for the co-clicked partners at the end.  No side input.
 
 The click graph is not time-decayed: under pipeline.half_life_days (window.py)
 only the click statistics of the training pairs are, and the graph counts every
@@ -33,18 +33,18 @@ to users drifts far more slowly than what a query means).
 
 
 import collections
-import itertools
-from typing import Iterable, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines.progress import LogProgress
 from clicklens.log_schema import LogRecord
 
 Pair = Tuple[str, str]
-# What one search event tells image a (the key) about images b > a:
-# (b shown after a, b clicked after a if a was clicked, ((b, clicked), ...) query-by-image impressions of the pair).
-Evidence = Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[Tuple[str, int], ...]]
+# What the logs say about image a's pairs (a, b), b > a, one {b: count} per pair table (SHOWN, CO_CLICKED,
+# SIMILAR_SHOWN, SIMILAR_CLICKED below).
+PairCounts = Tuple[Dict[str, int], Dict[str, int], Dict[str, int], Dict[str, int]]
 
 
 class EdgeStats(NamedTuple):
@@ -71,45 +71,107 @@ class EdgeStats(NamedTuple):
         return coclick_weight * self.coclick_rate + similar_click_weight * self.similar_click_rate
 
 
-def record_evidence(record: LogRecord) -> Iterable[Tuple[str, Evidence]]:
-    """(a, Evidence) for the images a of one search event, each pair {a < b} sent to key a only."""
+# The four tables of PairCounts: lists that showed a and b, lists where both were clicked, and b's
+# impressions and clicks in query-by-image events of a (or a's in events of b).
+SHOWN, CO_CLICKED, SIMILAR_SHOWN, SIMILAR_CLICKED = range(4)
+
+
+def new_pair_counts() -> PairCounts:
+    """Empty counts of one image's pairs."""
+    return collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
+
+
+def add_record_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
+    """Adds one search event's pairs {a < b} to counts[a] (the lists that showed or clicked both, and its
+    query-by-image impressions); the number of pairs shown together for the first time."""
     shown = sorted({imp.image_id for imp in record.impressions})
-    clicked = sorted({imp.image_id for imp in record.impressions if imp.clicked})
-    clicked_rank = {image_id: rank for rank, image_id in enumerate(clicked)}
-    for i in range(len(shown) - 1):
-        a = shown[i]
-        rank = clicked_rank.get(a)
-        yield a, (tuple(shown[i + 1:]), tuple(clicked[rank + 1:]) if rank is not None else (), ())
-    if record.query_image_id is not None:
-        source = record.query_image_id
-        after_source = []
+    clicked = {imp.image_id for imp in record.impressions if imp.clicked}
+    clicked_in_order = sorted(clicked) if len(clicked) > 1 else ()
+    new_pairs = 0
+    for i, a in enumerate(shown[:-1]):
+        image_counts = counts.get(a)
+        if image_counts is None:
+            image_counts = counts[a] = new_pair_counts()
+        partners = image_counts[SHOWN]
+        before = len(partners)
+        partners.update(shown[i + 1:])  # one C-level count per list and image
+        new_pairs += len(partners) - before
+        if clicked_in_order and a in clicked:
+            image_counts[CO_CLICKED].update(clicked_in_order[clicked_in_order.index(a) + 1:])
+    source = record.query_image_id
+    if source is not None:
         for imp in record.impressions:
-            if imp.image_id < source:
-                yield imp.image_id, ((), (), ((source, int(imp.clicked)),))
-            elif imp.image_id > source:
-                after_source.append((imp.image_id, int(imp.clicked)))
-        if after_source:
-            yield source, ((), (), tuple(after_source))
+            if imp.image_id != source:
+                a, b = (imp.image_id, source) if imp.image_id < source else (source, imp.image_id)
+                image_counts = counts.get(a)
+                if image_counts is None:
+                    image_counts = counts[a] = new_pair_counts()
+                image_counts[SIMILAR_SHOWN][b] += 1
+                image_counts[SIMILAR_CLICKED][b] += int(imp.clicked)
+    return new_pairs
 
 
-def edge_stats_of_image(image_id: str, evidence: Iterable[Evidence]) -> Iterable[Tuple[Pair, EdgeStats]]:
-    """((a, b), EdgeStats) for every b > a that was co-clicked with a or shown in a query-by-image event of the pair.
+class CountPairsInBundleFn(beam.DoFn):
+    """LogRecords -> (a, PairCounts) per image a, the pair counts of the records of a bundle.
 
-    `evidence` (key a's grouped values) is iterated more than once, as a GroupByKey result may be.
+    Combining inside the DoFn ("in-mapper combining") rather than a CombinePerKey over one element per
+    (record, image): a record shows ~20 images, so ~200 pairs, and both Beam's cost of moving ~20
+    elements per record and building a tuple per image cost more than the counting, which here is one
+    C-level Counter.update per image and record.  The counts are flushed whenever they hold MAX_PAIRS
+    pairs, so a worker's memory stays bounded however large the bundle.
     """
-    co_clicks = collections.Counter(itertools.chain.from_iterable(e[1] for e in evidence))
-    similar_shown = collections.Counter()
-    similar_clicks = collections.Counter()
-    for other, clicked in itertools.chain.from_iterable(e[2] for e in evidence):
-        similar_shown[other] += 1
-        similar_clicks[other] += clicked
-    co_shown = collections.Counter()
-    if co_clicks:
-        partners = set(co_clicks)
-        co_shown.update(itertools.chain.from_iterable(map(partners.intersection, (e[0] for e in evidence))))
-    for other in co_clicks.keys() | similar_shown.keys():
-        yield (image_id, other), EdgeStats(co_shown[other], co_clicks[other],
-                                           similar_shown[other], similar_clicks[other])
+
+    MAX_PAIRS = 2_000_000
+
+    def start_bundle(self):
+        self._counts, self._pairs = {}, 0
+
+    def process(self, record: LogRecord):
+        self._pairs += add_record_pairs(self._counts, record)
+        if self._pairs >= self.MAX_PAIRS:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for image_counts in self._flush():
+            yield GlobalWindows.windowed_value(image_counts)
+
+    def _flush(self):
+        counts, self._counts, self._pairs = self._counts, {}, 0
+        return [(a, tuple(dict(table) for table in image_counts)) for a, image_counts in counts.items()]
+
+
+class PairCountsFn(beam.CombineFn):
+    """PairCounts of one image a (from each bundle) -> [(b, EdgeStats)] for every b > a co-clicked with a or
+    shown for a's image.
+
+    A list showing a with b counts towards b only if the pair is co-clicked somewhere, which is known at
+    the end: the SHOWN counts are kept for every partner until then (one counter per pair, never one
+    element per event and pair), and extract_output keeps the co-clicked ones.
+    """
+
+    def create_accumulator(self):
+        return new_pair_counts()
+
+    def add_input(self, accumulator, counts: PairCounts):
+        for total, more in zip(accumulator, counts):
+            total.update(more)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for accumulator in accumulators:
+            self.add_input(merged, accumulator)
+        return merged
+
+    def compact(self, accumulator):
+        # Plain dicts cross the shuffle in Beam's own fast encoding; a Counter would be pickled.
+        return tuple(dict(counts) for counts in accumulator)
+
+    def extract_output(self, accumulator) -> List[Tuple[str, EdgeStats]]:
+        shown, co_clicks, similar_shown, similar_clicks = accumulator
+        return [(other, EdgeStats(shown.get(other, 0) if other in co_clicks else 0, co_clicks.get(other, 0),
+                                  similar_shown.get(other, 0), similar_clicks.get(other, 0)))
+                for other in co_clicks.keys() | similar_shown.keys()]
 
 
 class ComputeEdgeStats(beam.PTransform):
@@ -118,9 +180,9 @@ class ComputeEdgeStats(beam.PTransform):
     def expand(self, records):
         return (
             records
-            | "Evidence" >> beam.FlatMap(record_evidence)
-            | "EvidencePerImage" >> beam.GroupByKey()
-            | "CountPerPair" >> beam.FlatMapTuple(edge_stats_of_image)
+            | "CountInBundle" >> beam.ParDo(CountPairsInBundleFn())
+            | "CountPerImage" >> beam.CombinePerKey(PairCountsFn())
+            | "PerPair" >> beam.FlatMapTuple(lambda a, stats: [((a, b), s) for b, s in stats])
         )
 
 

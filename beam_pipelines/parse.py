@@ -31,6 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
+from beam_pipelines import record_coder  # noqa: F401  (registers the LogRecord coder)
 from beam_pipelines.progress import LogProgress
 from beam_pipelines.window import MATCHED, OUTSIDE, READ, FilterWindowRecords, LogWindow, RequireRecords, \
     SelectWindowFiles
@@ -191,7 +192,9 @@ class ParseLogs(beam.PTransform):
     """bytes lines -> {RECORDS: LogRecord, DEAD_LETTER: dead-letter dict}."""
 
     def expand(self, lines):
-        return lines | "Parse" >> beam.ParDo(ParseLogLineFn()).with_outputs(DEAD_LETTER, main=RECORDS)
+        # Typed, so that records crossing a stage boundary use record_coder.LogRecordCoder, not pickle.
+        return lines | "Parse" >> beam.ParDo(ParseLogLineFn()).with_output_types(LogRecord).with_outputs(
+            DEAD_LETTER, main=RECORDS)
 
 
 class ReadLogs(beam.PTransform):

@@ -225,7 +225,8 @@ class FilterWindowRecords(beam.PTransform):
         self._window = window
 
     def expand(self, records):
-        out = records | "ByDay" >> beam.ParDo(_FilterRecordsFn(self._window)).with_outputs(OUTSIDE, main=RECORDS)
+        out = records | "ByDay" >> beam.ParDo(_FilterRecordsFn(self._window)).with_output_types(
+            records.element_type).with_outputs(OUTSIDE, main=RECORDS)
         return {RECORDS: out[RECORDS], OUTSIDE: out[OUTSIDE]}
 
 

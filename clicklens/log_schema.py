@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from clicklens.errors import BadRecord
@@ -119,7 +120,9 @@ def _parse_impression(raw: Any, index: int) -> Impression:
         if isinstance(dwell, bool) or not isinstance(dwell, (int, float)) or dwell < 0 or not math.isfinite(dwell):
             raise BadRecord("bad_impression", f"impressions[{index}].dwell_ms={dwell!r}"[:200])
         dwell = float(dwell)
-    return Impression(image_id=image_id.strip(), position=position, clicked=clicked, dwell_ms=dwell)
+    # Interned: the same few ids recur in every record, and the counting downstream (click statistics,
+    # the co-click graph) then compares dict keys by identity instead of by content.
+    return Impression(image_id=sys.intern(image_id.strip()), position=position, clicked=clicked, dwell_ms=dwell)
 
 
 def parse_log_line(line: bytes | str) -> LogRecord:
