@@ -18,16 +18,12 @@ A pair that was never co-clicked has co-click rate 0 however often it was
 shown, so "both shown" is kept only for co-clicked pairs (an edge per pair
 shown together would grow with the square of the result-list length).
 All counts of a pair {a < b} end up at key a, in one CombinePerKey
-(PairCountsFn), in two passes over the records, each counted per bundle before
-the shuffle (in-mapper combining: one counter per pair and bundle crosses it,
-never one element per event):
-  1. CountClickPairsFn: the pairs clicked in the same list, and each
-     query-by-image impression with its query image.  Their co-clicked pairs,
-     gathered per image a, are the candidates of pass 2 (a side input: every
-     co-clicked pair once, a few MB per million pairs).
-  2. CountCoShownPairsFn: each result list's images, intersected with the
-     candidates: "both shown" is counted for co-clicked pairs only, about a tenth
-     of the pairs shown together in the demo logs, instead of for all of them.
+(PairCountsFn).  Each bundle first counts its records' pairs itself
+(CountPairsInBundleFn: every pair of images a result list showed, every pair it
+had clicked, and each query-by-image impression with its query image), then
+sends each image a its counts per partner b, so one counter per pair and bundle
+crosses the shuffle, never one element per event.  The "both shown" counts are
+kept for the co-clicked partners at the end.  No side input.
 
 The click graph is not time-decayed: under pipeline.half_life_days (window.py)
 only the click statistics of the training pairs are, and the graph counts every
@@ -37,8 +33,7 @@ to users drifts far more slowly than what a query means).
 
 
 import collections
-import itertools
-from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -86,76 +81,54 @@ def new_pair_counts() -> PairCounts:
     return collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
 
 
-def _counts_of(counts: Dict[str, PairCounts], a: str) -> PairCounts:
-    image_counts = counts.get(a)
-    if image_counts is None:
-        image_counts = counts[a] = new_pair_counts()
-    return image_counts
-
-
-def shown_images(record: LogRecord) -> Tuple[str, ...]:
-    """The distinct images a result list showed, in id order."""
-    return tuple(sorted({imp.image_id for imp in record.impressions}))
-
-
-def add_click_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
-    """Adds one search event's co-clicked pairs {a < b} and its query-by-image impressions to counts[a];
-    the number of counters it added."""
-    added = 0
-    clicked = sorted({imp.image_id for imp in record.impressions if imp.clicked})
-    for i, a in enumerate(clicked[:-1]):
-        partners = _counts_of(counts, a)[CO_CLICKED]
+def add_record_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
+    """Adds one search event's pairs {a < b} to counts[a] (the lists that showed or clicked both, and its
+    query-by-image impressions); the number of pairs shown together for the first time."""
+    shown = sorted({imp.image_id for imp in record.impressions})
+    clicked = {imp.image_id for imp in record.impressions if imp.clicked}
+    clicked_in_order = sorted(clicked) if len(clicked) > 1 else ()
+    new_pairs = 0
+    for i, a in enumerate(shown[:-1]):
+        image_counts = counts.get(a)
+        if image_counts is None:
+            image_counts = counts[a] = new_pair_counts()
+        partners = image_counts[SHOWN]
         before = len(partners)
-        partners.update(clicked[i + 1:])
-        added += len(partners) - before
+        partners.update(shown[i + 1:])  # one C-level count per list and image
+        new_pairs += len(partners) - before
+        if clicked_in_order and a in clicked:
+            image_counts[CO_CLICKED].update(clicked_in_order[clicked_in_order.index(a) + 1:])
     source = record.query_image_id
     if source is not None:
         for imp in record.impressions:
             if imp.image_id != source:
                 a, b = (imp.image_id, source) if imp.image_id < source else (source, imp.image_id)
-                image_counts = _counts_of(counts, a)
-                added += b not in image_counts[SIMILAR_SHOWN]
+                image_counts = counts.get(a)
+                if image_counts is None:
+                    image_counts = counts[a] = new_pair_counts()
                 image_counts[SIMILAR_SHOWN][b] += 1
                 image_counts[SIMILAR_CLICKED][b] += int(imp.clicked)
-    return added
+    return new_pairs
 
 
-def add_co_shown_pairs(counts: Dict[str, PairCounts], shown: Tuple[str, ...],
-                       co_clicked: Dict[str, FrozenSet[str]]) -> int:
-    """Adds to counts[a][SHOWN] the pairs {a < b} of one result list (`shown`, in id order) that are
-    co-clicked somewhere (co_clicked[a] holds a's partners b > a); the number of counters it added."""
-    added = 0
-    for a in shown:
-        partners = co_clicked.get(a)
-        if partners:
-            both_shown = partners.intersection(shown)  # partners are all > a
-            if both_shown:
-                co_shown = _counts_of(counts, a)[SHOWN]
-                before = len(co_shown)
-                co_shown.update(both_shown)
-                added += len(co_shown) - before
-    return added
+class CountPairsInBundleFn(beam.DoFn):
+    """LogRecords -> (a, PairCounts) per image a, the pair counts of the records of a bundle.
 
-
-class _CountInBundleFn(beam.DoFn):
-    """Counts pairs into a per-image table over a bundle ("in-mapper combining") and emits (a, PairCounts).
-
-    Rather than a CombinePerKey over one element per (record, image): a record shows ~15 images, and
-    Beam's cost of moving them one by one was more than the counting.  The table is flushed whenever it
-    holds MAX_COUNTERS counters, so a worker's memory stays bounded however large the bundle.
+    Combining inside the DoFn ("in-mapper combining") rather than a CombinePerKey over one element per
+    (record, image): a record shows ~20 images, so ~200 pairs, and both Beam's cost of moving ~20
+    elements per record and building a tuple per image cost more than the counting, which here is one
+    C-level Counter.update per image and record.  The counts are flushed whenever they hold MAX_PAIRS
+    pairs, so a worker's memory stays bounded however large the bundle.
     """
 
-    MAX_COUNTERS = 2_000_000
+    MAX_PAIRS = 2_000_000
 
     def start_bundle(self):
-        self._counts, self._size = {}, 0
+        self._counts, self._pairs = {}, 0
 
-    def add(self, counts: Dict[str, PairCounts], element, *side_inputs) -> int:
-        raise NotImplementedError
-
-    def process(self, element, *side_inputs):
-        self._size += self.add(self._counts, element, *side_inputs)
-        if self._size >= self.MAX_COUNTERS:
+    def process(self, record: LogRecord):
+        self._pairs += add_record_pairs(self._counts, record)
+        if self._pairs >= self.MAX_PAIRS:
             yield from self._flush()
 
     def finish_bundle(self):
@@ -163,34 +136,8 @@ class _CountInBundleFn(beam.DoFn):
             yield GlobalWindows.windowed_value(image_counts)
 
     def _flush(self):
-        counts, self._counts, self._size = self._counts, {}, 0
+        counts, self._counts, self._pairs = self._counts, {}, 0
         return [(a, tuple(dict(table) for table in image_counts)) for a, image_counts in counts.items()]
-
-
-class CountClickPairsFn(_CountInBundleFn):
-    """LogRecords -> (a, PairCounts) of the co-clicks and query-by-image impressions of a bundle's records."""
-
-    def add(self, counts, record: LogRecord) -> int:
-        return add_click_pairs(counts, record)
-
-
-class CountCoShownPairsFn(_CountInBundleFn):
-    """Result lists (shown_images) -> (a, PairCounts) of the lists showing each co-clicked pair, given the
-    co-clicked partners of every image as a side input."""
-
-    def add(self, counts, shown: Tuple[str, ...], co_clicked: Dict[str, FrozenSet[str]]) -> int:
-        return add_co_shown_pairs(counts, shown, co_clicked)
-
-
-def co_clicked_partners(image_id: str, counts: PairCounts) -> Iterable[Tuple[str, Tuple[str, ...]]]:
-    """(a, a's co-clicked partners b > a) from one bundle's counts, when it has any."""
-    if counts[CO_CLICKED]:
-        yield image_id, tuple(counts[CO_CLICKED])
-
-
-def union_of_partners(partner_lists: Iterable[Tuple[str, ...]]) -> FrozenSet[str]:
-    """The partners of one image over every bundle."""
-    return frozenset(itertools.chain.from_iterable(partner_lists))
 
 
 class PairCountsFn(beam.CombineFn):
@@ -231,17 +178,9 @@ class ComputeEdgeStats(beam.PTransform):
     """LogRecords -> ((a, b), EdgeStats), a < b, for every pair co-clicked or shown for the other's image."""
 
     def expand(self, records):
-        click_counts = records | "CountClickPairs" >> beam.ParDo(CountClickPairsFn())
-        co_clicked = (click_counts
-                      | "CoClickedPartners" >> beam.FlatMapTuple(co_clicked_partners)
-                      | "AllPartners" >> beam.CombinePerKey(union_of_partners))
-        co_shown_counts = (records
-                           | "ShownImages" >> beam.Map(shown_images)
-                           | "CountCoShownPairs" >> beam.ParDo(CountCoShownPairsFn(),
-                                                               beam.pvalue.AsDict(co_clicked)))
         return (
-            (click_counts, co_shown_counts)
-            | "AllCounts" >> beam.Flatten()
+            records
+            | "CountInBundle" >> beam.ParDo(CountPairsInBundleFn())
             | "CountPerImage" >> beam.CombinePerKey(PairCountsFn())
             | "PerPair" >> beam.FlatMapTuple(lambda a, stats: [((a, b), s) for b, s in stats])
         )

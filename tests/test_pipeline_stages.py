@@ -172,10 +172,7 @@ GRAPH_EVENTS = [
 OFTEN_SHOWN_EVENTS = [text_event("z", ["d", "e", "f"], clicked=["d", "e"])] + [text_event("z", ["e", "d", "f"])] * 3
 
 
-@pytest.mark.parametrize("max_counters", [graph._CountInBundleFn.MAX_COUNTERS, 1])
-def test_edge_stats_coclick_and_similar_click_rates(max_counters, monkeypatch):
-    # max_counters=1: the per-bundle tables are flushed after every record; the counts add up the same.
-    monkeypatch.setattr(graph._CountInBundleFn, "MAX_COUNTERS", max_counters)
+def test_edge_stats_coclick_and_similar_click_rates():
     with beam_pipeline() as p:
         stats = p | beam.Create(GRAPH_EVENTS + OFTEN_SHOWN_EVENTS) | graph.ComputeEdgeStats()
         # (a,b): shown together in the 2 text lists (the image list of "a" shows b, c: a is the query, not
@@ -218,18 +215,14 @@ def test_each_pair_is_counted_at_its_smaller_id_only():
     # The query image b is also shown: it counts as co-shown, but not as its own similar image.
     by_image = image_event("b", ["a", "c", "b"], clicked=["c"])
     counts = {}
-    assert graph.add_click_pairs(counts, text) == 1
-    assert graph.add_click_pairs(counts, by_image) == 2
-    assert set(counts) == {"a", "b"}  # c is the larger id of every pair
+    assert graph.add_record_pairs(counts, text) == 3
+    assert counts["a"][graph.SHOWN] == {"b": 1, "c": 1} and counts["b"][graph.SHOWN] == {"c": 1}
     assert counts["b"][graph.CO_CLICKED] == {"c": 1} and not counts["a"][graph.CO_CLICKED]
+    assert graph.add_record_pairs(counts, by_image) == 0
+    assert set(counts) == {"a", "b"}  # c is the larger id of every pair
+    assert counts["a"][graph.SHOWN] == {"b": 2, "c": 2} and counts["b"][graph.SHOWN] == {"c": 2}
     assert counts["a"][graph.SIMILAR_SHOWN] == {"b": 1} and counts["a"][graph.SIMILAR_CLICKED] == {"b": 0}
     assert counts["b"][graph.SIMILAR_SHOWN] == {"c": 1} and counts["b"][graph.SIMILAR_CLICKED] == {"c": 1}
-    # "Both shown" only for the co-clicked pair (b, c), in both lists; (a, b) and (a, c) are not counted.
-    co_clicked = {"b": frozenset({"c"})}
-    for event in (text, by_image):
-        assert graph.shown_images(event) == ("a", "b", "c")
-        graph.add_co_shown_pairs(counts, graph.shown_images(event), co_clicked)
-    assert counts["b"][graph.SHOWN] == {"c": 2} and not counts["a"][graph.SHOWN]
     pair_counts = graph.PairCountsFn()
 
     def edge_stats(image_id):
