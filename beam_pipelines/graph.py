@@ -19,11 +19,12 @@ shown, so "both shown" is kept only for co-clicked pairs (an edge per pair
 shown together would grow with the square of the result-list length).
 All counts of a pair {a < b} end up at key a, in one CombinePerKey
 (PairCountsFn).  Each bundle first counts its records' pairs itself
-(CountPairsInBundleFn: every pair of images a result list showed, every pair it
-had clicked, and each query-by-image impression with its query image), then
-sends each image a its counts per partner b, so one counter per pair and bundle
-crosses the shuffle, never one element per event.  The "both shown" counts are
-kept for the co-clicked partners at the end.  No side input.
+(CountPairsInBundleFn: every pair of images a result list showed, counted in
+numpy, every pair it had clicked, and each query-by-image impression with its
+query image), then sends each image a its counts per partner b, so one counter
+per pair and bundle crosses the shuffle, never one element per event.  The
+"both shown" counts are kept for the co-clicked partners at the end.  No side
+input.
 
 The click graph is not time-decayed: under pipeline.half_life_days (window.py)
 only the click statistics of the training pairs are, and the graph counts every
@@ -33,9 +34,11 @@ to users drifts far more slowly than what a query means).
 
 
 import collections
-from typing import Dict, List, NamedTuple, Tuple
+import functools
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipelines.progress import LogProgress
@@ -81,54 +84,109 @@ def new_pair_counts() -> PairCounts:
     return collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
 
 
-def add_record_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
-    """Adds one search event's pairs {a < b} to counts[a] (the lists that showed or clicked both, and its
-    query-by-image impressions); the number of pairs shown together for the first time."""
-    shown = sorted({imp.image_id for imp in record.impressions})
-    clicked = {imp.image_id for imp in record.impressions if imp.clicked}
-    clicked_in_order = sorted(clicked) if len(clicked) > 1 else ()
-    new_pairs = 0
-    for i, a in enumerate(shown[:-1]):
-        image_counts = counts.get(a)
-        if image_counts is None:
-            image_counts = counts[a] = new_pair_counts()
-        partners = image_counts[SHOWN]
+def add_click_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
+    """Adds one search event's co-clicked pairs {a < b} and its query-by-image impressions to counts[a];
+    the number of counters it added."""
+    added = 0
+    clicked = sorted({imp.image_id for imp in record.impressions if imp.clicked})
+    for i, a in enumerate(clicked[:-1]):
+        partners = _counts_of(counts, a)[CO_CLICKED]
         before = len(partners)
-        partners.update(shown[i + 1:])  # one C-level count per list and image
-        new_pairs += len(partners) - before
-        if clicked_in_order and a in clicked:
-            image_counts[CO_CLICKED].update(clicked_in_order[clicked_in_order.index(a) + 1:])
+        partners.update(clicked[i + 1:])
+        added += len(partners) - before
     source = record.query_image_id
     if source is not None:
         for imp in record.impressions:
             if imp.image_id != source:
                 a, b = (imp.image_id, source) if imp.image_id < source else (source, imp.image_id)
-                image_counts = counts.get(a)
-                if image_counts is None:
-                    image_counts = counts[a] = new_pair_counts()
+                image_counts = _counts_of(counts, a)
+                added += b not in image_counts[SIMILAR_SHOWN]
                 image_counts[SIMILAR_SHOWN][b] += 1
                 image_counts[SIMILAR_CLICKED][b] += int(imp.clicked)
-    return new_pairs
+    return added
+
+
+def _counts_of(counts: Dict[str, PairCounts], a: str) -> PairCounts:
+    image_counts = counts.get(a)
+    if image_counts is None:
+        image_counts = counts[a] = new_pair_counts()
+    return image_counts
+
+
+def shown_images(record: LogRecord) -> List[str]:
+    """The distinct images a result list showed, in id order."""
+    return sorted({imp.image_id for imp in record.impressions})
+
+
+class ShownPairs:
+    """Counts the image pairs {a < b} shown in the same result list, over many lists, in numpy.
+
+    A list of n images holds n (n - 1) / 2 pairs (105 for 15 images), and most pairs recur from list to
+    list.  Counting them in dicts costs a random memory access per pair; here each list appends its pairs
+    as int64 codes (two 32-bit indices into the images seen so far), and `counts_by_image` counts the
+    codes with one np.unique.
+    """
+
+    def __init__(self):
+        self._index: Dict[str, int] = {}
+        self._names: List[str] = []
+        self._codes: List[np.ndarray] = []
+        self.size = 0  # codes held
+
+    def add(self, shown: Sequence[str]) -> None:
+        """Adds the pairs of one list of distinct images in id order (shown_images)."""
+        n = len(shown)
+        if n < 2:
+            return
+        index, names = self._index, self._names
+        ids = []
+        for image_id in shown:
+            i = index.get(image_id)
+            if i is None:
+                i = index[image_id] = len(names)
+                names.append(image_id)
+            ids.append(i)
+        first, second = _upper_pairs(n)
+        ids = np.array(ids, dtype=np.int64)
+        self._codes.append((ids[first] << 32) | ids[second])
+        self.size += len(first)
+
+    def counts_by_image(self) -> Dict[str, Dict[str, int]]:
+        """{a: {b: lists that showed a and b}} of every pair added, a < b."""
+        if not self._codes:
+            return {}
+        codes, counts = np.unique(np.concatenate(self._codes), return_counts=True)
+        first, second = codes >> 32, codes & 0xFFFFFFFF
+        names = np.array(self._names, dtype=object)
+        starts = np.flatnonzero(np.diff(first, prepend=-1))  # codes sorted: each a's pairs are one run
+        ends = np.append(starts[1:], len(codes))
+        return {self._names[first[start]]: dict(zip(names[second[start:end]].tolist(), counts[start:end].tolist()))
+                for start, end in zip(starts, ends)}
+
+
+@functools.lru_cache(maxsize=None)
+def _upper_pairs(n: int) -> Tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, 1)
 
 
 class CountPairsInBundleFn(beam.DoFn):
     """LogRecords -> (a, PairCounts) per image a, the pair counts of the records of a bundle.
 
     Combining inside the DoFn ("in-mapper combining") rather than a CombinePerKey over one element per
-    (record, image): a record shows ~20 images, so ~200 pairs, and both Beam's cost of moving ~20
-    elements per record and building a tuple per image cost more than the counting, which here is one
-    C-level Counter.update per image and record.  The counts are flushed whenever they hold MAX_PAIRS
-    pairs, so a worker's memory stays bounded however large the bundle.
+    (record, image): a record shows ~15 images, so ~105 pairs, and Beam's cost of moving ~15 elements
+    per record was more than the counting, which is in numpy here (ShownPairs).  The counts are flushed
+    whenever they hold MAX_PAIRS pairs, so a worker's memory stays bounded however large the bundle.
     """
 
-    MAX_PAIRS = 2_000_000
+    MAX_PAIRS = 8_000_000  # 64 MB of pair codes
 
     def start_bundle(self):
-        self._counts, self._pairs = {}, 0
+        self._shown, self._clicks, self._click_pairs = ShownPairs(), {}, 0
 
     def process(self, record: LogRecord):
-        self._pairs += add_record_pairs(self._counts, record)
-        if self._pairs >= self.MAX_PAIRS:
+        self._shown.add(shown_images(record))
+        self._click_pairs += add_click_pairs(self._clicks, record)
+        if self._shown.size + self._click_pairs >= self.MAX_PAIRS:
             yield from self._flush()
 
     def finish_bundle(self):
@@ -136,8 +194,11 @@ class CountPairsInBundleFn(beam.DoFn):
             yield GlobalWindows.windowed_value(image_counts)
 
     def _flush(self):
-        counts, self._counts, self._pairs = self._counts, {}, 0
-        return [(a, tuple(dict(table) for table in image_counts)) for a, image_counts in counts.items()]
+        shown, clicks = self._shown.counts_by_image(), self._clicks
+        self.start_bundle()
+        empty = new_pair_counts()
+        return [(a, (shown.get(a, {}),) + tuple(dict(table) for table in clicks.get(a, empty)[1:]))
+                for a in shown.keys() | clicks.keys()]
 
 
 class PairCountsFn(beam.CombineFn):

@@ -172,7 +172,10 @@ GRAPH_EVENTS = [
 OFTEN_SHOWN_EVENTS = [text_event("z", ["d", "e", "f"], clicked=["d", "e"])] + [text_event("z", ["e", "d", "f"])] * 3
 
 
-def test_edge_stats_coclick_and_similar_click_rates():
+@pytest.mark.parametrize("max_pairs", [graph.CountPairsInBundleFn.MAX_PAIRS, 1])
+def test_edge_stats_coclick_and_similar_click_rates(max_pairs, monkeypatch):
+    # max_pairs=1: the per-bundle counts are flushed after every record; they add up the same.
+    monkeypatch.setattr(graph.CountPairsInBundleFn, "MAX_PAIRS", max_pairs)
     with beam_pipeline() as p:
         stats = p | beam.Create(GRAPH_EVENTS + OFTEN_SHOWN_EVENTS) | graph.ComputeEdgeStats()
         # (a,b): shown together in the 2 text lists (the image list of "a" shows b, c: a is the query, not
@@ -215,14 +218,21 @@ def test_each_pair_is_counted_at_its_smaller_id_only():
     # The query image b is also shown: it counts as co-shown, but not as its own similar image.
     by_image = image_event("b", ["a", "c", "b"], clicked=["c"])
     counts = {}
-    assert graph.add_record_pairs(counts, text) == 3
-    assert counts["a"][graph.SHOWN] == {"b": 1, "c": 1} and counts["b"][graph.SHOWN] == {"c": 1}
-    assert counts["b"][graph.CO_CLICKED] == {"c": 1} and not counts["a"][graph.CO_CLICKED]
-    assert graph.add_record_pairs(counts, by_image) == 0
+    assert graph.add_click_pairs(counts, text) == 1
+    assert graph.add_click_pairs(counts, by_image) == 2
     assert set(counts) == {"a", "b"}  # c is the larger id of every pair
-    assert counts["a"][graph.SHOWN] == {"b": 2, "c": 2} and counts["b"][graph.SHOWN] == {"c": 2}
+    assert counts["b"][graph.CO_CLICKED] == {"c": 1} and not counts["a"][graph.CO_CLICKED]
     assert counts["a"][graph.SIMILAR_SHOWN] == {"b": 1} and counts["a"][graph.SIMILAR_CLICKED] == {"b": 0}
     assert counts["b"][graph.SIMILAR_SHOWN] == {"c": 1} and counts["b"][graph.SIMILAR_CLICKED] == {"c": 1}
+    shown = graph.ShownPairs()
+    for event in (text, by_image):
+        assert graph.shown_images(event) == ["a", "b", "c"]
+        shown.add(graph.shown_images(event))
+    shown.add(["d"])  # a list of one image has no pair
+    assert shown.size == 6
+    assert shown.counts_by_image() == {"a": {"b": 2, "c": 2}, "b": {"c": 2}}
+    for a, shown_with in shown.counts_by_image().items():
+        counts[a][graph.SHOWN].update(shown_with)
     pair_counts = graph.PairCountsFn()
 
     def edge_stats(image_id):
