@@ -84,6 +84,13 @@ def new_pair_counts() -> PairCounts:
     return collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
 
 
+def _counts_of(counts: Dict[str, PairCounts], a: str) -> PairCounts:
+    image_counts = counts.get(a)
+    if image_counts is None:
+        image_counts = counts[a] = new_pair_counts()
+    return image_counts
+
+
 def add_click_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
     """Adds one search event's co-clicked pairs {a < b} and its query-by-image impressions to counts[a];
     the number of counters it added."""
@@ -104,13 +111,6 @@ def add_click_pairs(counts: Dict[str, PairCounts], record: LogRecord) -> int:
                 image_counts[SIMILAR_SHOWN][b] += 1
                 image_counts[SIMILAR_CLICKED][b] += int(imp.clicked)
     return added
-
-
-def _counts_of(counts: Dict[str, PairCounts], a: str) -> PairCounts:
-    image_counts = counts.get(a)
-    if image_counts is None:
-        image_counts = counts[a] = new_pair_counts()
-    return image_counts
 
 
 def shown_images(record: LogRecord) -> List[str]:
@@ -181,6 +181,9 @@ class CountPairsInBundleFn(beam.DoFn):
     MAX_PAIRS = 8_000_000  # 64 MB of pair codes
 
     def start_bundle(self):
+        self._reset()
+
+    def _reset(self):
         self._shown, self._clicks, self._click_pairs = ShownPairs(), {}, 0
 
     def process(self, record: LogRecord):
@@ -195,7 +198,7 @@ class CountPairsInBundleFn(beam.DoFn):
 
     def _flush(self):
         shown, clicks = self._shown.counts_by_image(), self._clicks
-        self.start_bundle()
+        self._reset()
         empty = new_pair_counts()
         return [(a, (shown.get(a, {}),) + tuple(dict(table) for table in clicks.get(a, empty)[1:]))
                 for a in shown.keys() | clicks.keys()]
