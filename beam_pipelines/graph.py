@@ -122,16 +122,17 @@ class ShownPairs:
     """Counts the image pairs {a < b} shown in the same result list, over many lists, in numpy.
 
     A list of n images holds n (n - 1) / 2 pairs (105 for 15 images), and most pairs recur from list to
-    list.  Counting them in dicts costs a random memory access per pair; here each list appends its pairs
-    as int64 codes (two 32-bit indices into the images seen so far), and `counts_by_image` counts the
-    codes with one np.unique.
+    list.  Counting them in dicts costs a random memory access per pair; here each list only appends its
+    images' indices (into the images seen so far) to the lists of its length, and `counts_by_image`
+    turns each length's lists into pair codes (two 32-bit indices in an int64) in one numpy step and
+    counts the codes with one np.unique.
     """
 
     def __init__(self):
         self._index: Dict[str, int] = {}
         self._names: List[str] = []
-        self._codes: List[np.ndarray] = []
-        self.size = 0  # codes held
+        self._lists: Dict[int, List[int]] = collections.defaultdict(list)  # n -> indices of every n-image list
+        self.size = 0  # pairs held
 
     def add(self, shown: Sequence[str]) -> None:
         """Adds the pairs of one list of distinct images in id order (shown_images)."""
@@ -139,23 +140,29 @@ class ShownPairs:
         if n < 2:
             return
         index, names = self._index, self._names
-        ids = []
+        ids = self._lists[n]
         for image_id in shown:
             i = index.get(image_id)
             if i is None:
                 i = index[image_id] = len(names)
                 names.append(image_id)
             ids.append(i)
-        first, second = _upper_pairs(n)
-        ids = np.array(ids, dtype=np.int64)
-        self._codes.append((ids[first] << 32) | ids[second])
-        self.size += len(first)
+        self.size += n * (n - 1) // 2
+
+    def _codes(self) -> np.ndarray:
+        """Every pair added, as (index of a) << 32 | (index of b)."""
+        codes = []
+        for n, ids in self._lists.items():
+            lists = np.array(ids, dtype=np.int64).reshape(-1, n)
+            first, second = _upper_pairs(n)
+            codes.append(((lists[:, first] << 32) | lists[:, second]).ravel())
+        return np.concatenate(codes)
 
     def counts_by_image(self) -> Dict[str, Dict[str, int]]:
         """{a: {b: lists that showed a and b}} of every pair added, a < b."""
-        if not self._codes:
+        if not self._lists:
             return {}
-        codes, counts = np.unique(np.concatenate(self._codes), return_counts=True)
+        codes, counts = np.unique(self._codes(), return_counts=True)
         first, second = codes >> 32, codes & 0xFFFFFFFF
         names = np.array(self._names, dtype=object)
         starts = np.flatnonzero(np.diff(first, prepend=-1))  # codes sorted: each a's pairs are one run

@@ -51,18 +51,16 @@ class ToSerializedExample(beam.DoFn):
     def __init__(self, config):
         p = config.pipeline
         self._args = (p.image_source, p.feature_dim, p.max_neighbors, p.hard_negatives)
-        self._fields = None
+        self._serialize = None
 
     def setup(self):
         from clicklens import features as F
 
-        self._fields = F.example_fields(*self._args)
+        self._serialize = F.ExampleSerializer(F.example_fields(*self._args))
 
     def process(self, record):
-        from clicklens import features as F
-
         image_source, _, max_neighbors, hard_negatives = self._args
-        yield F.serialize_example(example_features(record, image_source, max_neighbors, hard_negatives), self._fields)
+        yield self._serialize(example_features(record, image_source, max_neighbors, hard_negatives))
 
 
 class ToSerializedCorpusExample(beam.DoFn):
@@ -70,19 +68,17 @@ class ToSerializedCorpusExample(beam.DoFn):
 
     def __init__(self, config):
         self._args = (config.pipeline.image_source, config.pipeline.feature_dim)
-        self._fields = None
+        self._serialize = self._id_key = self._image_key = None
 
     def setup(self):
         from clicklens import features as F
 
-        self._fields = F.corpus_fields(*self._args)
+        self._serialize = F.ExampleSerializer(F.corpus_fields(*self._args))
+        self._id_key, self._image_key = F.IMAGE_ID, F.image_key(self._args[0])
 
     def process(self, element):
-        from clicklens import features as F
-
         image_id, value = element
-        features = {F.IMAGE_ID: image_id, F.image_key(self._args[0]): _image_value(value)}
-        yield F.serialize_example(features, self._fields)
+        yield self._serialize({self._id_key: image_id, self._image_key: _image_value(value)})
 
 
 class WriteTFRecords(beam.PTransform):

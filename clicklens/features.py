@@ -36,6 +36,7 @@ The query vocabulary is the other half of the pipeline -> trainer contract:
 
 from __future__ import annotations
 
+import struct
 from typing import Dict, List, NamedTuple, Optional
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow, which the spec functions import)
@@ -209,7 +210,12 @@ def make_example(features: Dict[str, object], spec):
     return tf.train.Example(features=tf.train.Features(feature=out))
 
 
+_ONE_BYTE_VARINTS = [bytes((n,)) for n in range(128)]
+
+
 def _varint(n: int) -> bytes:
+    if n < 128:
+        return _ONE_BYTE_VARINTS[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -223,33 +229,67 @@ def _length_delimited(field_tag: bytes, payload: bytes) -> bytes:
 
 
 _TAG_1, _TAG_2 = b"\x0a", b"\x12"  # field 1 / field 2, wire type 2 (length-delimited)
+_FLOAT32 = struct.Struct("<f")
 
 
 def _encoded_floats(values: List[float]) -> bytes:
+    if len(values) == 1:
+        try:
+            return _FLOAT32.pack(values[0])
+        except OverflowError:
+            pass  # past float32's range: numpy gives inf, as FloatList stores it
     import numpy as np
 
-    with np.errstate(over="ignore"):  # past float32's range is inf, as FloatList stores it
+    with np.errstate(over="ignore"):
         return np.asarray(values, "<f4").tobytes()
+
+
+class ExampleSerializer:
+    """Serializes feature dicts of one contract (`fields`) to tf.train.Example bytes, without TensorFlow.
+
+    Byte for byte `make_example(features, fields).SerializeToString(deterministic=True)`:
+    Example{features: Features{feature: map<string, Feature>}}, the map's entries in
+    deterministic serialization's key order, BytesList / packed FloatList values.  The key
+    order and each entry's encoded key are worked out once, here, not per example.
+    """
+
+    def __init__(self, fields: Dict[str, Field]):
+        self._names = frozenset(fields)
+        # protobuf's deterministic order of map keys: bytewise, except that a key sorts after the longer keys
+        # it is a prefix of ("image_id" before "image"); UTF-8 never holds 0xff, so the sentinel does exactly that.
+        order = sorted(fields, key=lambda name: name.encode("utf-8") + b"\xff")
+        self._plan = [(name, fields[name], _length_delimited(_TAG_1, name.encode("utf-8"))) for name in order]
+
+    def __call__(self, features: Dict[str, object]) -> bytes:
+        unknown = features.keys() - self._names
+        if unknown:
+            raise ValueError(f"features not in the example spec: {sorted(unknown)}")
+        entries = []
+        for name, field, key in self._plan:
+            value = features.get(name, field.default)
+            if value is None:
+                raise ValueError(f"feature {name} is required")
+            if field.kind == BYTES:
+                if isinstance(value, str):
+                    value = value.encode("utf-8")
+                elif not isinstance(value, bytes):
+                    raise ValueError(f"feature {name} must be bytes or str, got {type(value).__name__}")
+                feature = _length_delimited(_TAG_1, _length_delimited(_TAG_1, value))  # bytes_list { value }
+            else:
+                values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+                if len(values) != field.length:
+                    raise ValueError(f"feature {name} must have {field.length} values, got {len(values)}")
+                packed = _length_delimited(_TAG_1, _encoded_floats(values)) if values else b""
+                feature = _length_delimited(_TAG_2, packed)  # float_list { value (packed) }
+            entry = key + _TAG_2 + _varint(len(feature)) + feature
+            entries.append(_TAG_1 + _varint(len(entry)) + entry)
+        return _length_delimited(_TAG_1, b"".join(entries))
 
 
 def serialize_example(features: Dict[str, object], fields: Optional[Dict[str, Field]] = None, *,
                       spec=None) -> bytes:
     """The serialized tf.train.Example of `features` (checked like `make_example`), without TensorFlow.
 
-    Byte for byte `make_example(features, fields).SerializeToString(deterministic=True)`:
-    Example{features: Features{feature: map<string, Feature>}}, the map's entries in
-    deterministic serialization's key order, BytesList / packed FloatList values.
+    For many examples of one contract, build an `ExampleSerializer` once and call it.
     """
-    entries = []
-    for name, kind, value in _checked_values(features, fields if fields is not None else _fields_of(spec)):
-        if kind == BYTES:
-            feature = _length_delimited(_TAG_1, _length_delimited(_TAG_1, value))  # bytes_list { value }
-        else:
-            packed = _length_delimited(_TAG_1, _encoded_floats(value)) if value else b""
-            feature = _length_delimited(_TAG_2, packed)  # float_list { value (packed) }
-        key = name.encode("utf-8")
-        entries.append((key, _length_delimited(_TAG_1, _length_delimited(_TAG_1, key) + _length_delimited(_TAG_2, feature))))
-    # protobuf's deterministic order of map keys: bytewise, except that a key sorts after the longer keys it
-    # is a prefix of ("image_id" before "image"); UTF-8 never holds 0xff, so the sentinel does exactly that.
-    body = b"".join(entry for _, entry in sorted(entries, key=lambda e: e[0] + b"\xff"))
-    return _length_delimited(_TAG_1, body)
+    return ExampleSerializer(fields if fields is not None else _fields_of(spec))(features)

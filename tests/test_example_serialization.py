@@ -26,6 +26,14 @@ def test_pixels_examples(values):
     assert F.serialize_example(values, spec=F.example_feature_spec("pixels", 0, 3, 2)) == tf_bytes(values, fields)
 
 
+def test_one_serializer_for_many_examples():
+    fields = F.example_fields("pixels", 0, max_neighbors=2, hard_negatives=1)
+    serialize = F.ExampleSerializer(fields)
+    examples = [{F.IMAGE_ID: f"img_{i}", F.QUERY: "蓝色" * i, F.IMAGE: b"\x89" * (40 * i),
+                 F.neighbor_weight_key(1): i / 7, F.neighbor_key(0, F.IMAGE): b"n" * (100 * i)} for i in range(4)]
+    assert [serialize(values) for values in examples] == [tf_bytes(values, fields) for values in examples]
+
+
 def test_feature_vector_examples_and_corpus_examples():
     fields = F.example_fields("features", 4, max_neighbors=1)
     values = {F.IMAGE_ID: "a", F.IMAGE_FEATURES: [0.1, -2.0, 3.5, 1e-30], F.neighbor_key(0, F.IMAGE_ID): "b",
