@@ -26,13 +26,13 @@ def image_ids_of(record: LogRecord):
 
 
 class DistinctIdsFn(beam.CombineFn):
-    """Image-id tuples -> the set of their ids (lifted: each worker unites its records' ids first)."""
+    """LogRecords -> the set of the image ids they mention (lifted: each worker unites its records' ids first)."""
 
     def create_accumulator(self):
         return set()
 
-    def add_input(self, ids, record_ids):
-        ids.update(record_ids)
+    def add_input(self, ids, record: LogRecord):
+        ids.update(image_ids_of(record))
         return ids
 
     def merge_accumulators(self, accumulators):
@@ -48,14 +48,13 @@ class DistinctIdsFn(beam.CombineFn):
 class LoggedImages(beam.PTransform):
     """LogRecords -> distinct image ids (str).
 
-    One element per record (its ids) into a set-union combiner, rather than one per impression into a
+    The records go straight into a set-union combiner, rather than one element per impression into a
     Distinct: the distinct ids of the logs are at most the catalog, a small set next to the impressions.
     """
 
     def expand(self, records):
         return (
             records
-            | "ImageIds" >> beam.Map(lambda record: tuple(image_ids_of(record)))
             | "Distinct" >> beam.CombineGlobally(DistinctIdsFn())
             | "EachId" >> beam.FlatMap(sorted)
             | "LogLogged" >> LogProgress("LoggedImages", "logged images")
