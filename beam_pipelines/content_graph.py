@@ -20,6 +20,7 @@ graph.BuildImageGraph merges these edges with the click edges.
 """
 
 
+import functools
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
@@ -69,6 +70,20 @@ def encoder_dir(content_graph, workdir: Workdir) -> str:
 # --------------------------------------------------------------------------- embeddings
 
 
+@functools.lru_cache(maxsize=None)
+def png_decoder(image_size: int):
+    """The trainer's decoding of the stored PNGs (the one image preparation; a no-op crop and resize here),
+    as a tf.function over a batch, traced once per process and size.  Imports TensorFlow: on the worker,
+    not when the pipeline is built."""
+    from clicklens import compat  # noqa: F401  (must precede TensorFlow)
+    import tensorflow as tf
+
+    from clicklens.images import prepare_images
+
+    return tf.function(lambda pngs: prepare_images(pngs, image_size, max_pixels=None),
+                       input_signature=[tf.TensorSpec([None], tf.string)])
+
+
 class DescribePixelsFn(beam.DoFn):
     """A batch of (image_id, prepared PNG) -> (image_id, pixel descriptor) for each."""
 
@@ -77,15 +92,7 @@ class DescribePixelsFn(beam.DoFn):
         self._decode = None
 
     def setup(self):
-        # Imports TensorFlow: here, on the worker, not when the pipeline is built.
-        from clicklens import compat  # noqa: F401  (must precede TensorFlow)
-        import tensorflow as tf
-
-        from clicklens.images import prepare_images
-
-        # The trainer's decoding of the stored PNGs: the one image preparation (a no-op crop and resize here).
-        self._decode = tf.function(lambda pngs: prepare_images(pngs, self._image_size, max_pixels=None),
-                                   input_signature=[tf.TensorSpec([None], tf.string)])
+        self._decode = png_decoder(self._image_size)
 
     def process(self, batch: Sequence):
         ids = [image_id for image_id, _ in batch]

@@ -94,9 +94,9 @@ class LoadImageFn(beam.DoFn):
     def setup(self):
         if self._source != "features":
             # Imports TensorFlow: here, on the worker, not when the pipeline is built.
-            from clicklens.images import PngPreparer
+            from clicklens.images import png_preparer
 
-            self._prepare_png = PngPreparer(self._size, self._max_pixels)
+            self._prepare_png = png_preparer(self._size, self._max_pixels)
 
     def _bad(self, entry: CatalogEntry, reason: str, detail: str = ""):
         Metrics.counter(METRICS_NAMESPACE, f"bad_image_{reason}").inc()

@@ -3,7 +3,11 @@
 Each figure is a small global aggregate of one PCollection (a count, a sum or
 a per-reason count), combined into one JSON document by a Map over side
 inputs, so the report is the same on every runner and matches the files.
-`PipelineReport` names every figure.
+`PipelineReport` names every figure.  The plain totals (counts and sums whose
+names are known when the pipeline is built) are all computed by one combine
+(`Totals`): a Beam CombineGlobally per figure would add ~10 transforms each,
+and every transform costs the runner set-up time on every run, however small
+the data.
 
 Objects present only with their setting: `position_bias` (pipeline.position_bias=pbm
 or min_dwell_ms > 0), `window` (pipeline.as_of: window.window_report) and
@@ -23,18 +27,51 @@ from beam_pipelines.split import SPLITS
 from beam_pipelines.window import LogWindow, WindowFigures
 
 
-class Count(beam.PTransform):
-    """Number of elements (0 for an empty PCollection)."""
-
-    def expand(self, pcoll):
-        return pcoll | "Count" >> beam.combiners.Count.Globally()
+def count(_) -> int:
+    """The value of an element in a count."""
+    return 1
 
 
-class Sum(beam.PTransform):
-    """Sum of numeric elements (0 when empty)."""
+class SumFn(beam.CombineFn):
+    """Numbers -> their sum (a running total: no buffer of values, unlike CombineFn.from_callable(sum))."""
 
-    def expand(self, pcoll):
-        return pcoll | "Sum" >> beam.CombineGlobally(sum)
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, total, value):
+        return total + value
+
+    def merge_accumulators(self, totals):
+        return sum(totals)
+
+    def extract_output(self, total):
+        return total
+
+
+class Totals(beam.PTransform):
+    """{label: PCollection} -> one {figure name: total} dict, given {label: {figure name: value of an element}}.
+
+    Each figure is the sum of its values over the elements of its PCollection (0 when empty); a name
+    given for several PCollections adds up over all of them.  One FlatMap per PCollection and one
+    CombinePerKey for every figure.
+    """
+
+    def __init__(self, values):
+        super().__init__()
+        self._values = {label: tuple(named.items()) for label, named in values.items()}
+
+    def expand(self, pcolls):
+        names = sorted({name for named in self._values.values() for name, _ in named})
+        tagged = [pcolls[label] | f"Values[{label}]" >> beam.FlatMap(
+            lambda e, named=named: [(name, value(e)) for name, value in named])
+            for label, named in self._values.items()]
+        return (
+            tagged
+            | "All" >> beam.Flatten()
+            | "SumPerName" >> beam.CombinePerKey(SumFn())
+            | "AsDict" >> beam.combiners.ToDict()
+            | "EveryName" >> beam.Map(lambda totals: {name: totals.get(name, 0) for name in names})
+        )
 
 
 class Histogram(beam.PTransform):
@@ -66,19 +103,6 @@ class SumFields(beam.PTransform):
         )
 
 
-class CountBySource(beam.PTransform):
-    """Merged graph edges ((a, b), (weight, source)) -> {source: count} with every source named (0 when none)."""
-
-    def expand(self, edges):
-        return (
-            edges
-            | "Source" >> beam.MapTuple(lambda _, weight_source: weight_source[1])
-            | "CountPerSource" >> beam.combiners.Count.PerElement()
-            | "AsDict" >> beam.combiners.ToDict()
-            | "EverySource" >> beam.Map(lambda counts: {source: counts.get(source, 0) for source in SOURCES})
-        )
-
-
 class CountByReason(beam.PTransform):
     """Dead-letter dicts -> {source: {reason: count}}."""
 
@@ -99,8 +123,9 @@ def _nest(counts) -> Dict[str, Dict[str, int]]:
     return out
 
 
-def assemble_report(_, **figures) -> str:
-    """The report JSON from the named figures (dotted names become nested objects)."""
+def assemble_report(_, totals=None, **figures) -> str:
+    """The report JSON from the named figures and totals (dotted names become nested objects)."""
+    figures = {**(totals or {}), **figures}
     report: Dict = {}
     for name in sorted(figures):
         node = report
@@ -154,45 +179,45 @@ class PipelineReport(beam.PTransform):
 
     def expand(self, pcolls):
         examples = pcolls["examples"]
-        figures = {
-            "log_records.read": pcolls["lines"] | "CountLines" >> Count(),
-            "log_records.ok": self._good_records(pcolls),
-            "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
-            "dead_letter_records": pcolls["dead_letters"] | "CountDeadLetters" >> Count(),
+        totals = {  # PipelineReport input: {figure name: value of each element}, summed by Totals
+            "lines": {"log_records.read": count},
+            "records": {"log_records.ok": count},
+            "dead_letters": {"dead_letter_records": count},
             # Corrupt .gz shards skipped under pipeline.skip_corrupt_files (the lines read before the
             # fault are kept, and in log_records.read).
-            "log_files": pcolls["corrupt_files"] | "CorruptFiles" >> SumFields(
-                {"corrupt": lambda _: 1, "corrupt_lines_kept": lambda d: d["lines_read"]}),
+            "corrupt_files": {"log_files.corrupt": count, "log_files.corrupt_lines_kept": lambda d: d["lines_read"]},
             # Sessions dropped whole by pipeline.max_clicks_per_session(_query).
-            "session_click_cap": pcolls["robot_sessions"] | "RobotSessions" >> SumFields(
-                {"sessions_dropped": lambda _: 1, "records_dropped": lambda kv: kv[1][0],
-                 "impressions_dropped": lambda kv: kv[1][1], "clicks_dropped": lambda kv: kv[1][2]}),
-            "pairs": pcolls["query_stats"]
-            | "PairsPerQuery" >> beam.MapTuple(lambda _, stats: len(stats.images)) | "SumPairs" >> Sum(),
-            "selected_pairs": pcolls["selected"] | "CountSelected" >> Count(),
-            "graph.edges": pcolls["graph_edges"] | "CountEdges" >> Count(),
-            "graph.edges_by_source": pcolls["graph_edges"] | "EdgesBySource" >> CountBySource(),
-            "graph.cold_images": pcolls["cold_images"] | "CountCold" >> Count(),
-            "graph.cold_images_reached": pcolls["cold_reached"] | "CountColdReached" >> Count(),
-            "content_embeddings.computed": pcolls["content_embeddings"] | "CountEmbeddings" >> Count(),
-            "content_embeddings.dropped": pcolls["content_dropped"] | "CountDroppedEmbeddings" >> Count(),
-            "graph.nodes": pcolls["graph_neighbors"] | "CountNodes" >> Count(),
-            "graph.neighbor_links": pcolls["graph_neighbors"]
-            | "LinkSizes" >> beam.MapTuple(lambda _, nbrs: len(nbrs)) | "SumLinks" >> Sum(),
-            "catalog_entries": pcolls["catalog_entries"] | "CountCatalog" >> Count(),
-            "images.ok": pcolls["images"] | "CountGoodImages" >> Count(),
-            "images.bad": pcolls["bad_image_ids"] | "CountBadImages" >> Count(),
-            "examples.corpus": pcolls["images"] | "CountCorpus" >> Count(),
-            "examples.image_only": examples
-            | "ImageOnly" >> beam.Filter(lambda r: r["query"] == "") | "CountImageOnly" >> Count(),
-            "examples.dropped_bad_image": pcolls["dropped"] | "SumDropped" >> Sum(),
+            "robot_sessions": {"session_click_cap.sessions_dropped": count,
+                               "session_click_cap.records_dropped": lambda kv: kv[1][0],
+                               "session_click_cap.impressions_dropped": lambda kv: kv[1][1],
+                               "session_click_cap.clicks_dropped": lambda kv: kv[1][2]},
+            "query_stats": {"pairs": lambda kv: len(kv[1].images)},
+            "selected": {"selected_pairs": count},
+            "graph_edges": {"graph.edges": count, **{
+                f"graph.edges_by_source.{source}": (lambda edge, source=source: int(edge[1][1] == source))
+                for source in SOURCES}},
+            "cold_images": {"graph.cold_images": count},
+            "cold_reached": {"graph.cold_images_reached": count},
+            "content_embeddings": {"content_embeddings.computed": count},
+            "content_dropped": {"content_embeddings.dropped": count},
+            "graph_neighbors": {"graph.nodes": count, "graph.neighbor_links": lambda kv: len(kv[1])},
+            "catalog_entries": {"catalog_entries": count},
+            "images": {"images.ok": count, "examples.corpus": count},
+            "bad_image_ids": {"images.bad": count},
+            "examples": {"examples.image_only": lambda r: int(r["query"] == "")},
+            "dropped": {"examples.dropped_bad_image": lambda n: n},
+            **{name: {f"examples.{name}": count} for name in SPLITS},
+        }
+        if self._window is not None:  # log_records.ok: the good records in the window and outside it
+            totals["outside_window"] = {"log_records.ok": count}
+        figures = {
+            "totals": {label: pcolls[label] for label in totals} | "Totals" >> Totals(totals),
+            "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
             "neighbors_per_example": examples
             | "NeighborCounts" >> beam.Map(lambda r, k: min(len(r["neighbors"]), k), self._max_neighbors)
             | "NeighborHistogram" >> Histogram(),
             "vocab_size": pcolls["vocabulary"] | "VocabSize" >> beam.Map(len),
         }
-        for name in SPLITS:
-            figures[f"examples.{name}"] = pcolls[name] | f"Count{name.title()}" >> Count()
         if self._hard_negatives:
             figures["negatives_per_example"] = (
                 examples
@@ -205,14 +230,6 @@ class PipelineReport(beam.PTransform):
         if "base_vocab" in pcolls:
             figures["base_vocab"] = pcolls["base_vocab"]
         return figures | "BuildReport" >> BuildReport()
-
-    def _good_records(self, pcolls):
-        """log_records.ok: the records parsed, in the window and outside it when there is a window."""
-        if self._window is None:
-            return pcolls["records"] | "CountRecords" >> Count()
-        return ((pcolls["records"] | "CountRecords" >> Count(),
-                 pcolls["outside_window"] | "CountOutside" >> Count())
-                | "GoodCounts" >> beam.Flatten() | "SumGood" >> Sum())
 
     def _window_figures(self, pcolls):
         """window: window.window_report."""

@@ -24,6 +24,7 @@ keeping the first.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
@@ -207,6 +208,13 @@ class PngPreparer:
         return self._prepare(tf.constant(data)).numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def png_preparer(image_size: int, max_pixels: int = MAX_PIXELS) -> PngPreparer:
+    """The process's PngPreparer for a size and pixel limit: its graph is traced once (about a second),
+    however many pipeline runs, DoFns or reindexes use it."""
+    return PngPreparer(image_size, max_pixels)
+
+
 def prepared_png(data: bytes, image_size: int) -> bytes:
-    """The prepared image as PNG bytes (for one-off use; the pipeline keeps a PngPreparer)."""
-    return PngPreparer(image_size)(data)
+    """The prepared image as PNG bytes (for one-off use)."""
+    return png_preparer(int(image_size))(data)

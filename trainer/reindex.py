@@ -101,9 +101,9 @@ def embed_new(scan: CatalogScan, images: List[ScannedImage], encoders: SavedEnco
     """
     preparer = None
     if scan.image_source != "features":
-        from clicklens.images import PngPreparer
+        from clicklens.images import png_preparer
 
-        preparer = PngPreparer(image_size, max_pixels)
+        preparer = png_preparer(image_size, max_pixels)
     embeddings: Dict[str, np.ndarray] = {}
     hashes: Dict[str, str] = {}
     sample = None
@@ -137,9 +137,9 @@ def sample_input(scan: CatalogScan, image: ScannedImage, image_size: int, max_pi
     raw = read_input(scan, image)
     if scan.image_source == "features":
         return np.asarray(raw, np.float32)
-    from clicklens.images import PngPreparer
+    from clicklens.images import png_preparer
 
-    return prepare_image_input(raw, scan.image_source, PngPreparer(image_size, max_pixels), image.entry.uri)
+    return prepare_image_input(raw, scan.image_source, png_preparer(image_size, max_pixels), image.entry.uri)
 
 
 def query_embeddings(config, workdir: Workdir, encoders: SavedEncoders) -> np.ndarray:
