@@ -435,3 +435,22 @@ def test_learn_vocabulary_transform_counts_query_events():
             assert {"red", "circle", "红", "色"} <= set(vocabulary)
 
         assert_that(tokens, check)
+
+
+# --------------------------------------------------------------------------- the report's totals
+
+
+def test_report_totals_sum_each_figure_across_bundles_and_fill_zeros():
+    from beam_pipelines import report
+
+    values = {
+        "edges": {"edges": report.count, "edges.heavy": lambda e: int(e > 1), "weight": lambda e: e},
+        "more_edges": {"edges": report.count},  # a name shared by two inputs adds up
+        "nothing": {"nothing": report.count, "nothing.sum": lambda e: e},
+    }
+    with beam_pipeline() as p:
+        edges = p | "Edges" >> beam.Create([1, 2, 3, 0], reshuffle=True)  # several bundles
+        more = p | "More" >> beam.Create(["x", "y"])
+        nothing = p | "Nothing" >> beam.Create([])
+        totals = {"edges": edges, "more_edges": more, "nothing": nothing} | report.Totals(values)
+        assert_that(totals, equal_to([{"edges": 6, "edges.heavy": 2, "weight": 6, "nothing": 0, "nothing.sum": 0}]))
