@@ -454,3 +454,21 @@ def test_report_totals_sum_each_figure_across_bundles_and_fill_zeros():
         nothing = p | "Nothing" >> beam.Create([])
         totals = {"edges": edges, "more_edges": more, "nothing": nothing} | report.Totals(values)
         assert_that(totals, equal_to([{"edges": 6, "edges.heavy": 2, "weight": 6, "nothing": 0, "nothing.sum": 0}]))
+
+
+def test_shown_pairs_counts_lists_of_every_length_like_a_dict_would():
+    import collections
+    import itertools
+    import random
+
+    rng = random.Random(7)
+    ids = [f"img_{i:02d}" for i in range(12)]
+    shown = graph.ShownPairs()
+    expected = collections.defaultdict(collections.Counter)
+    for _ in range(200):
+        listed = sorted(rng.sample(ids, rng.randint(1, 9)))
+        shown.add(listed)
+        for a, b in itertools.combinations(listed, 2):
+            expected[a][b] += 1
+    assert shown.size == sum(sum(c.values()) for c in expected.values())
+    assert shown.counts_by_image() == {a: dict(c) for a, c in expected.items()}
