@@ -158,24 +158,34 @@ def spec_from_config(config):
 # Writing (used by the pipeline, and by tests that build small datasets).
 
 
-def _checked_values(features: Dict[str, object], fields: Dict[str, Field]):
-    """(name, kind, bytes or [floats]) per field, in field order; ValueError on anything off the contract."""
-    unknown = set(features) - set(fields)
+def _check_known(features: Dict[str, object], names) -> None:
+    unknown = features.keys() - names
     if unknown:
         raise ValueError(f"features not in the example spec: {sorted(unknown)}")
+
+
+def _checked_value(name: str, field: Field, value):
+    """A feature's value as written: bytes (BYTES) or a list of `field.length` floats; ValueError when off the
+    contract (None is a missing required feature)."""
+    if value is None:
+        raise ValueError(f"feature {name} is required")
+    if field.kind == BYTES:
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        if not isinstance(value, bytes):
+            raise ValueError(f"feature {name} must be bytes or str, got {type(value).__name__}")
+        return value
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if len(values) != field.length:
+        raise ValueError(f"feature {name} must have {field.length} values, got {len(values)}")
+    return values
+
+
+def _checked_values(features: Dict[str, object], fields: Dict[str, Field]):
+    """(name, kind, bytes or [floats]) per field, in field order; ValueError on anything off the contract."""
+    _check_known(features, fields.keys())
     for name, field in fields.items():
-        value = features.get(name, field.default)
-        if value is None:
-            raise ValueError(f"feature {name} is required")
-        if field.kind == BYTES:
-            if not isinstance(value, (bytes, str)):
-                raise ValueError(f"feature {name} must be bytes or str, got {type(value).__name__}")
-            yield name, BYTES, value.encode("utf-8") if isinstance(value, str) else value
-        else:
-            values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-            if len(values) != field.length:
-                raise ValueError(f"feature {name} must have {field.length} values, got {len(values)}")
-            yield name, FLOATS, values
+        yield name, field.kind, _checked_value(name, field, features.get(name, field.default))
 
 
 def _fields_of(spec) -> Dict[str, Field]:
@@ -261,25 +271,14 @@ class ExampleSerializer:
         self._plan = [(name, fields[name], _length_delimited(_TAG_1, name.encode("utf-8"))) for name in order]
 
     def __call__(self, features: Dict[str, object]) -> bytes:
-        unknown = features.keys() - self._names
-        if unknown:
-            raise ValueError(f"features not in the example spec: {sorted(unknown)}")
+        _check_known(features, self._names)
         entries = []
         for name, field, key in self._plan:
-            value = features.get(name, field.default)
-            if value is None:
-                raise ValueError(f"feature {name} is required")
+            value = _checked_value(name, field, features.get(name, field.default))
             if field.kind == BYTES:
-                if isinstance(value, str):
-                    value = value.encode("utf-8")
-                elif not isinstance(value, bytes):
-                    raise ValueError(f"feature {name} must be bytes or str, got {type(value).__name__}")
                 feature = _length_delimited(_TAG_1, _length_delimited(_TAG_1, value))  # bytes_list { value }
             else:
-                values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-                if len(values) != field.length:
-                    raise ValueError(f"feature {name} must have {field.length} values, got {len(values)}")
-                packed = _length_delimited(_TAG_1, _encoded_floats(values)) if values else b""
+                packed = _length_delimited(_TAG_1, _encoded_floats(value)) if value else b""
                 feature = _length_delimited(_TAG_2, packed)  # float_list { value (packed) }
             entry = key + _TAG_2 + _varint(len(feature)) + feature
             entries.append(_TAG_1 + _varint(len(entry)) + entry)
