@@ -123,23 +123,6 @@ class Histogram(beam.PTransform):
         )
 
 
-class SumFields(beam.PTransform):
-    """Elements -> {name: sum of field(element)} for every (name, field) given (every sum 0 when empty)."""
-
-    def __init__(self, fields):
-        super().__init__()
-        self._fields = tuple(fields.items())
-
-    def expand(self, pcoll):
-        fields = self._fields
-        return (
-            pcoll
-            | "Fields" >> beam.Map(lambda e: tuple(field(e) for _, field in fields))
-            | "SumEach" >> beam.CombineGlobally(beam.combiners.TupleCombineFn(*[sum] * len(fields)))
-            | "AsDict" >> beam.Map(lambda sums: {name: int(n) for (name, _), n in zip(fields, sums)})
-        )
-
-
 class CountByReason(beam.PTransform):
     """Dead-letter dicts -> {source: {reason: count}}."""
 
@@ -247,6 +230,9 @@ class PipelineReport(beam.PTransform):
         }
         if self._window is not None:  # log_records.ok: the good records in the window and outside it
             totals["outside_window"] = {"log_records.ok": count}
+        if self._position_bias is not None:  # position_bias.selection: raw vs debiased, summed over queries
+            totals["selection_comparison"] = {f"position_bias.selection.{name}": (lambda c, i=i: int(c[i]))
+                                              for i, name in enumerate(SelectionComparison._fields)}
         figures = {
             "totals": {label: pcolls[label] for label in totals} | "Totals" >> Totals(totals),
             "bad_records": pcolls["dead_letters"] | "BadByReason" >> CountByReason(),
@@ -276,13 +262,10 @@ class PipelineReport(beam.PTransform):
         return {"window": window}
 
     def _position_bias_figures(self, pcolls):
-        """position_bias.settings, .selection (raw vs debiased, summed over queries) and .fit (pbm)."""
-        names = SelectionComparison._fields
+        """position_bias.settings and .fit (pbm); .selection is among the totals."""
         figures = {
             "position_bias.settings": pcolls["lines"].pipeline | "PositionBiasSettings" >> beam.Create(
                 [dict(self._position_bias)]),
-            "position_bias.selection": pcolls["selection_comparison"] | "SelectionComparison" >> SumFields(
-                {name: (lambda c, i=i: c[i]) for i, name in enumerate(names)}),
         }
         if "position_bias" in pcolls:
             figures["position_bias.fit"] = pcolls["position_bias"]
