@@ -449,7 +449,7 @@ def test_report_totals_sum_each_figure_across_bundles_and_fill_zeros():
         "nothing": {"nothing": report.count, "nothing.sum": lambda e: e},
     }
     with beam_pipeline() as p:
-        edges = p | "Edges" >> beam.Create([1, 2, 3, 0], reshuffle=True)  # several bundles
+        edges = p | "Edges" >> beam.Create([1, 2, 3, 0], reshuffle=True)  # may arrive in several bundles
         more = p | "More" >> beam.Create(["x", "y"])
         nothing = p | "Nothing" >> beam.Create([])
         totals = {"edges": edges, "more_edges": more, "nothing": nothing} | report.Totals(values)
