@@ -15,11 +15,20 @@ times each; the smallest CPU time of each counts) and prints
      the pairs one selection keeps and the other does not;
   3. ground truth, without training: NDCG@10 of each query's shown images ranked
      by raw vs debiased CTR, the precision of the top K clicked pairs by each CTR
-     (what a CTR threshold keeps), and the share of the training examples' click
+     (what a CTR threshold keeps), what CTR thresholds keep (pairs, share relevant, share of the
+     relevant pairs), and the share of the training examples' click
      weight (train + eval outputs) that goes to relevant pairs, none vs pbm;
   4. the pipeline's CPU seconds with none and pbm (median over --repeats: a shared machine is noisy), the
      extra share (target: <= 15 %), and Beam's own time in the SelectTrainingPairs stage, where the
-     extra work is (click statistics by position, the fit, debiased selection).
+     extra work is (click statistics by position, the fit, debiased selection);
+  5. with --train-seeds, the trained models: for each arm of --arms (`none`, `pbm`, or either with
+     `:<min_dwell_ms>`, e.g. `pbm:5000`), one pipeline run into <workdir>/arms/<arm>/ and one
+     `clicklens train` per seed, each a fresh process; ground-truth NDCG@10 and recall@10 of the eval
+     queries (metrics.json's `ground_truth`), mean and spread (max - min) over the seeds, and the
+     target: pbm's NDCG@10 above none's by more than 3x the larger spread.
+
+    .venv/bin/python benchmarks/position_bias.py --workdir /tmp/clicklens-position-bias \
+        --train-seeds 1 2 3 --arms none pbm none:5000 pbm:5000
 """
 
 import argparse
@@ -29,6 +38,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List, Set, Tuple
@@ -142,6 +152,20 @@ def precision_at(stats, truth, rules, table, ks=(2000, 5000, 10000, 15000)) -> D
     return out
 
 
+def thresholds_kept(stats, truth, rules, table, thresholds=(0.1, 0.15, 0.2, 0.25)):
+    """{threshold: ((n, precision, recall) by raw CTR, the same by debiased CTR)}: what a CTR threshold keeps
+    of the ground-truth queries' clicked pairs (recall: the share of the relevant clicked pairs kept)."""
+    rows = [(image_id in truth[query], selection.raw_figures(s, rules).ctr,
+             selection.debiased_figures(s, rules, table).ctr)
+            for query, qs in stats.items() if query in truth for image_id, s in qs.images.items() if s.clicks]
+    relevant = max(sum(r[0] for r in rows), 1)
+    out = {}
+    for t in thresholds:
+        kept = [[r[0] for r in rows if r[column] > t] for column in (1, 2)]
+        out[t] = tuple((len(k), sum(k) / max(len(k), 1), sum(k) / relevant) for k in kept)
+    return out
+
+
 def weight_on_relevant(pairs, truth) -> Tuple[float, float]:
     """(share of training pairs that are relevant, share of their click weight on relevant pairs)."""
     known = [(q, i, w) for q, i, w in pairs if q in truth]
@@ -150,12 +174,109 @@ def weight_on_relevant(pairs, truth) -> Tuple[float, float]:
             sum(w for r, w in relevant if r) / max(sum(w for _, w in relevant), 1e-12))
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def arm_overrides(arm: str) -> List[str]:
+    """`none`, `pbm`, `none:5000`, `pbm:5000` -> the --set overrides of that arm."""
+    variant, _, dwell = arm.partition(":")
+    if variant not in ("none", "pbm"):
+        raise SystemExit(f"--arms: {arm!r} is not none or pbm, optionally with :<min_dwell_ms>")
+    return [f"pipeline.position_bias={variant}"] + ([f"pipeline.min_dwell_ms={float(dwell)}"] if dwell else [])
+
+
+def clicklens(verb: str, run_dir: str, config_path: str, overrides: List[str], log_path: str) -> float:
+    """`python -m clicklens <verb>` in a fresh process (output to log_path); its wall seconds."""
+    argv = [sys.executable, "-m", "clicklens", verb, "--config", config_path, "--workdir", run_dir]
+    for override in overrides:
+        argv += ["--set", override]
+    started = time.time()
+    with open(log_path, "w", encoding="utf-8") as out:
+        code = subprocess.call(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"`{' '.join(argv[2:])}` failed with exit code {code}; see {log_path}")
+    return time.time() - started
+
+
+def symlink(target: str, name: str) -> None:
+    if os.path.lexists(name):
+        os.unlink(name)
+    os.symlink(target, name, target_is_directory=True)
+
+
+def train_arms(args, workdir: Workdir) -> Dict[str, List[dict]]:
+    """Section 5: per arm one pipeline run and one training per seed; {arm: [metrics of each seed]}."""
+    results: Dict[str, List[dict]] = {}
+    results_path = os.path.join(workdir.root, "arms", "results.json")
+    for arm in args.arms:
+        root = os.path.join(workdir.root, "arms", arm.replace(":", "-dwell"))
+        os.makedirs(root, exist_ok=True)
+        symlink(os.path.abspath(workdir.raw), os.path.join(root, "raw"))
+        overrides = args.overrides + arm_overrides(arm)
+        seconds = clicklens("pipeline", root, args.config, overrides, os.path.join(root, "pipeline.log"))
+        print(f"   {arm}: pipeline {seconds:.0f} s", flush=True)
+        results[arm] = []
+        for seed in args.train_seeds:
+            run = os.path.join(root, f"seed{seed}")
+            subprocess.call(["rm", "-rf", run])
+            os.makedirs(run)
+            symlink(os.path.abspath(workdir.raw), os.path.join(run, "raw"))
+            symlink(os.path.join(root, "examples"), os.path.join(run, "examples"))
+            seconds = clicklens("train", run, args.config, overrides + [f"training.seed={seed}"],
+                                os.path.join(root, f"train-seed{seed}.log"))
+            with open(os.path.join(run, "model", "metrics.json"), encoding="utf-8") as f:
+                metrics = json.load(f)
+            truth = metrics["ground_truth"]["trained"]
+            seen = metrics["cold_start"]["train_queries"]
+            results[arm].append({"seed": seed, "seconds": seconds, "ndcg@10": truth["ndcg@10"],
+                                 "recall@10": truth["recall@10"],
+                                 "warm": seen["logged"]["trained"]["recall@10"],
+                                 "cold": seen["cold"]["trained"]["recall@10"]})
+            print(f"   {arm} seed {seed}: ground truth NDCG@10 {truth['ndcg@10']:.4f}, recall@10 "
+                  f"{truth['recall@10']:.4f}; cold start warm / cold {results[arm][-1]['warm']:.3f} / "
+                  f"{results[arm][-1]['cold']:.3f}; {seconds:.0f} s", flush=True)
+            with open(results_path, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+    return results
+
+
+def print_arms(results: Dict[str, List[dict]]) -> None:
+    """The table of section 5 and the NDCG target for each pbm arm against the none arm of the same dwell."""
+    print("\n   arm        seeds  GT NDCG@10 (spread)  GT recall@10 (spread)  warm / cold recall@10  train s")
+    spread = {}
+    for arm, runs in results.items():
+        cells = {}
+        for key in ("ndcg@10", "recall@10", "warm", "cold"):
+            values = [r[key] for r in runs]
+            cells[key] = (statistics.mean(values), max(values) - min(values))
+        spread[arm] = cells
+        print(f"   {arm:<10} {len(runs):>5}  {cells['ndcg@10'][0]:.4f} ({cells['ndcg@10'][1]:.4f})     "
+              f"{cells['recall@10'][0]:.4f} ({cells['recall@10'][1]:.4f})       "
+              f"{cells['warm'][0]:.3f} / {cells['cold'][0]:.3f}          "
+              f"{statistics.mean(r['seconds'] for r in runs):.0f}")
+    for arm in results:
+        variant, _, dwell = arm.partition(":")
+        if variant != "pbm":
+            continue
+        for base in dict.fromkeys(("none" + (":" + dwell if dwell else ""), "none")):
+            if base not in results:
+                continue
+            (on, on_spread), (off, off_spread) = spread[arm]["ndcg@10"], spread[base]["ndcg@10"]
+            needed = 3 * max(on_spread, off_spread)
+            print(f"   {arm} vs {base}: NDCG@10 {on:.4f} vs {off:.4f}, gain {on - off:+.4f}, 3 x spread {needed:.4f}: "
+                  f"{'met' if on - off > needed else 'NOT met'}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/clicklens-position-bias")
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--repeats", type=int, default=1, help="Pipeline runs per variant (alternating).")
+    parser.add_argument("--train-seeds", type=int, nargs="*", default=[],
+                        help="Section 5: train each arm once per seed (none: skip training).")
+    parser.add_argument("--arms", nargs="+", default=["none", "pbm"],
+                        help="Section 5's arms: none or pbm, optionally :<min_dwell_ms> (e.g. pbm:5000).")
     args, beam_args = parser.parse_known_args(argv)
     config = load_config(args.config, args.overrides)
     workdir = Workdir(args.workdir)
@@ -212,6 +333,9 @@ def main(argv=None) -> int:
     print(f"   NDCG@10 of shown images ranked by CTR: raw {ranks['raw']:.4f}, debiased {ranks['debiased']:.4f}")
     for k, (raw, debiased) in precision_at(stats, truth, rules, table).items():
         print(f"   precision of the top {k} clicked pairs by CTR: raw {raw:.3f}, debiased {debiased:.3f}")
+    for t, ((n_raw, p_raw, r_raw), (n_deb, p_deb, r_deb)) in thresholds_kept(stats, truth, rules, table).items():
+        print(f"   CTR > {t:.2f} keeps: raw {n_raw} pairs, {p_raw:.3f} relevant, {r_raw:.3f} of the relevant ones; "
+              f"debiased {n_deb}, {p_deb:.3f}, {r_deb:.3f}")
     for variant in ("none", "pbm"):
         precision, weighted = weight_on_relevant(results[variant][1], truth)
         print(f"   training pairs ({variant}): {len(results[variant][1])}, relevant {precision:.1%}, "
@@ -226,6 +350,13 @@ def main(argv=None) -> int:
     print(f"   SelectTrainingPairs stage (Beam's per-transform times, where all the extra work is): "
           f"{ {k: [round(x, 1) for x in v] for k, v in stage.items()} }; median extra {stage_extra:.1f} s = "
           f"{stage_extra / none_cpu:.1%} of the none run's CPU")
+
+    if args.train_seeds:
+        for arm in args.arms:
+            arm_overrides(arm)  # refuses a bad arm before the first pipeline run
+        print(f"\n5. trained models, seeds {args.train_seeds} (configs' training section; eval-split queries "
+              f"against raw/ground_truth.jsonl)", flush=True)
+        print_arms(train_arms(args, workdir))
     return 0
 
 
