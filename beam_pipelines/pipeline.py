@@ -68,6 +68,7 @@ from beam_pipelines import (cold_images, content_graph, graph, images, neighbors
                             propensity_plot, report, selection, sessions, vocab, window)
 from beam_pipelines.dead_letters import DEAD_LETTER
 from clicklens import servables
+from clicklens.catalog import catalog_path
 from clicklens.config import Config
 from clicklens.errors import ClicklensError
 from clicklens.vocabulary import load_vocab
@@ -86,7 +87,7 @@ PROPENSITY_PLOT = "position_bias.png"
 def input_paths(config: Config, workdir: Workdir) -> Dict[str, str]:
     """The log glob and catalog path: pipeline.logs / .catalog, or the work-dir defaults."""
     return {"logs": config.pipeline.logs or workdir.logs_glob,
-            "catalog": config.pipeline.catalog or workdir.catalog}
+            "catalog": catalog_path(config, workdir)}
 
 
 def pipeline_options(extra_args: Sequence[str]) -> PipelineOptions:

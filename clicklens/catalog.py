@@ -48,6 +48,12 @@ class CatalogEntry:
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
+def catalog_path(config, workdir) -> str:
+    """The catalog every stage reads (pipeline, export, reindex, the server's thumbnails): pipeline.catalog,
+    or <workdir>/raw/catalog.jsonl when it is empty."""
+    return config.pipeline.catalog or workdir.catalog
+
+
 def resolve_uri(uri: str, catalog_path: str) -> str:
     """Resolves a catalog uri against the catalog file's folder."""
     if "://" in uri or uri.startswith("/"):

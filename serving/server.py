@@ -27,6 +27,7 @@ import grpc
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 
 from clicklens import models_config
+from clicklens.catalog import catalog_path
 from clicklens.errors import ClicklensError
 from serving import batching_options, metrics as metrics_module
 from serving.batcher import Batcher
@@ -203,13 +204,19 @@ def serve_until_signal(server: ModelServer) -> int:
     return 0
 
 
-def run(config, workdir, args) -> int:
-    """Serves every model in W/export/models.config (or the models tensorflow_model_server's flags name, with
-    the other flags applied too) until SIGTERM or Ctrl-C."""
+def build_server(config, workdir, extra_args: Sequence[str] = ()) -> ModelServer:
+    """`clicklens serve`'s ModelServer, not started: the models of W/export/models.config (or of
+    tensorflow_model_server's flags in extra_args, with the other flags applied too), thumbnails from the
+    catalog the pipeline reads."""
     from serving import model_server_flags
 
-    found = model_server_flags.settings(getattr(args, "extra_args", []) or [], config.serving, standalone=False)
-    server = ModelServer(found.serving, workdir.models_config, catalog_path=workdir.catalog,
-                         allow_outside_uris=config.pipeline.allow_outside_uris, models=found.models,
-                         options=found.options)
-    return serve_until_signal(server)
+    found = model_server_flags.settings(list(extra_args), config.serving, standalone=False)
+    return ModelServer(found.serving, workdir.models_config, catalog_path=catalog_path(config, workdir),
+                       allow_outside_uris=config.pipeline.allow_outside_uris, models=found.models,
+                       options=found.options)
+
+
+def run(config, workdir, args) -> int:
+    """Serves every model in W/export/models.config (or the models tensorflow_model_server's flags name)
+    until SIGTERM or Ctrl-C."""
+    return serve_until_signal(build_server(config, workdir, getattr(args, "extra_args", []) or []))

@@ -150,6 +150,30 @@ def test_image_ids_are_never_paths():
         assert err.value.status == 400
 
 
+def test_serve_takes_thumbnails_from_the_catalog_the_pipeline_reads(tmp_path):
+    """pipeline.catalog outside the work directory: `clicklens serve` looks ids up there, not in W/raw."""
+    from clicklens.config import Config
+    from clicklens.workdir import Workdir
+    from serving.server import build_server
+
+    (tmp_path / "shop" / "images").mkdir(parents=True)
+    (tmp_path / "shop" / "images" / "a.png").write_bytes(PNG_1X1)
+    (tmp_path / "shop" / "catalog.jsonl").write_text(json.dumps({"image_id": "img_a", "uri": "images/a.png"}) + "\n")
+    (tmp_path / "W" / "export").mkdir(parents=True)
+    (tmp_path / "W" / "export" / "models.config").write_text("model_config_list {\n}\n")  # no models needed
+    config = Config()
+    config = dataclasses.replace(
+        config, pipeline=dataclasses.replace(config.pipeline, catalog=str(tmp_path / "shop" / "catalog.jsonl")),
+        serving=dataclasses.replace(config.serving, host="127.0.0.1", grpc_port=0, http_port=0))
+    server = build_server(config, Workdir(str(tmp_path / "W")))
+    server.start()
+    try:
+        status, content_type, body = _get(server.http_port, "/images/img_a")
+        assert (status, content_type, body) == (200, "image/png", PNG_1X1)
+    finally:
+        server.stop(grace=1.0)
+
+
 # ---------------------------------------------------------------------------
 # The page in Chromium, against the served demo export.
 

@@ -63,11 +63,6 @@ class CatalogScan:
     allow_outside_uris: bool = False  # pipeline.allow_outside_uris
 
 
-def catalog_path(config, workdir) -> str:
-    """The catalog the pipeline reads (beam_pipelines/pipeline.py:input_paths): pipeline.catalog, or W/raw's."""
-    return config.pipeline.catalog or workdir.catalog
-
-
 def read_file(path: str) -> bytes:
     """A whole file from any TensorFlow filesystem (gs://, ...); local files with Python's own (faster) reads."""
     if "://" not in path:

@@ -34,12 +34,13 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from clicklens import corpus_embeddings, features, models_config
 from clicklens import servables as S
+from clicklens.catalog import catalog_path
 from clicklens.errors import ClicklensError
 from clicklens.workdir import Workdir, join
 from trainer import export_signatures as sigs
 from trainer import input as model_input
 from trainer import scann_index, scann_tuning
-from trainer.catalog_scan import catalog_path, scan_catalog
+from trainer.catalog_scan import scan_catalog
 from trainer.corpus import Corpus, embed_corpus, embed_queries, top_k_ids
 from trainer.scann_tuning import recall_at_k
 from trainer.tokenizer import QueryTokenizer

@@ -41,13 +41,13 @@ import tensorflow as tf
 
 from clicklens import corpus_embeddings
 from clicklens import servables as S
-from clicklens.catalog import prepare_image_input, resolve_uri
+from clicklens.catalog import catalog_path, prepare_image_input, resolve_uri
 from clicklens.corpus_embeddings import content_hash
 from clicklens.dead_letters import image_dead_letter, write_dead_letters
 from clicklens.errors import BadRecord, ClicklensError
 from clicklens.workdir import Workdir
 from trainer import export
-from trainer.catalog_scan import CatalogScan, ScannedImage, catalog_path, read_input, scan_catalog
+from trainer.catalog_scan import CatalogScan, ScannedImage, read_input, scan_catalog
 from trainer.corpus import Corpus
 from trainer.saved_encoders import SavedEncoders, load_saved_encoders
 from trainer.scann_index import ScannParams
