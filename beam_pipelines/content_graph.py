@@ -143,12 +143,12 @@ class UnitVectorFn(beam.DoFn):
     def process(self, element):
         image_id, vector = element
         vector = np.asarray(vector, np.float32).ravel()
-        norm = np.linalg.norm(vector)
+        norm = np.linalg.norm(vector.astype(np.float64))  # float64, as lsh.similarities, for the same bits everywhere
         if not (np.isfinite(vector).all() and 0 < norm < np.inf):
             Metrics.counter(METRICS_NAMESPACE, "content_embeddings_dropped").inc()
             yield beam.pvalue.TaggedOutput(DROPPED, image_id)
             return
-        yield image_id, vector / norm
+        yield image_id, (vector / norm).astype(np.float32)
 
 
 class ContentEmbeddings(beam.PTransform):

@@ -57,7 +57,8 @@ def round_planes(seed: int, round_index: int, bits: int, dim: int) -> np.ndarray
 def signatures(vectors: np.ndarray, planes: np.ndarray, center: np.ndarray) -> np.ndarray:
     """float [n, dim], planes [p, dim], center [dim] -> int64 [n]: bit i (most significant first) is 1 where
     the vector lies on the positive side of plane i through `center`."""
-    sides = (np.asarray(vectors, np.float32) @ planes.T) > (planes @ np.asarray(center, np.float32))
+    planes = np.asarray(planes, np.float64)  # float64: see `similarities`
+    sides = (np.asarray(vectors, np.float64) @ planes.T) > (planes @ np.asarray(center, np.float64))
     weights = np.left_shift(np.int64(1), np.arange(planes.shape[0] - 1, -1, -1, dtype=np.int64))
     return sides.astype(np.int64) @ weights
 
@@ -77,6 +78,18 @@ def bucket_chunks(split_codes: np.ndarray, max_bucket: int) -> List[np.ndarray]:
     return np.array_split(order, max(1, math.ceil(len(order) / max_bucket)))
 
 
+def similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 [len(a), len(b)]: the dot products of a's rows with b's, the same on every machine.
+
+    A float32 matmul's last bits depend on the BLAS kernel the CPU selects (AVX2 and
+    AVX-512 kernels add in different orders), which would make the graph's neighbours
+    and weights, and so the pipeline's output files, differ between two Dataflow
+    workers.  The products are taken in float64 and rounded to float32: two kernels'
+    float64 results differ by far less than a float32 step.
+    """
+    return (np.asarray(a, np.float64) @ np.asarray(b, np.float64).T).astype(np.float32)
+
+
 def top_k_within(vectors: np.ndarray, k: int, min_similarity: float) -> Tuple[np.ndarray, np.ndarray]:
     """Each row's k most similar other rows by dot product (cosine for unit vectors).
 
@@ -90,7 +103,7 @@ def top_k_within(vectors: np.ndarray, k: int, min_similarity: float) -> Tuple[np
     sims = np.full((n, k), -np.inf, np.float32)
     if k_here <= 0:
         return indices, sims
-    scores = vectors @ vectors.T
+    scores = similarities(vectors, vectors)
     np.fill_diagonal(scores, -np.inf)  # never its own neighbour
     candidates = np.argpartition(scores, n - k_here, axis=1)[:, n - k_here:]
     candidate_sims = np.take_along_axis(scores, candidates, axis=1)
@@ -122,8 +135,7 @@ def merge_neighbors(lists: Iterable[Sequence[Tuple[str, float]]], k: int) -> Lis
     best = {}
     for neighbors in lists:
         for neighbor, sim in neighbors:
-            # A pair's cosine from differently shaped matmuls (other rounds, other buckets) may differ in
-            # the last bits; the largest, not the last one seen, so the result does not depend on the order.
+            # The largest, not the last one seen, so the result never depends on the order of the rounds.
             best[neighbor] = max(best.get(neighbor, sim), sim)
     return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 

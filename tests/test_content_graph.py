@@ -78,6 +78,34 @@ def test_oversized_buckets_are_cut_and_identical_vectors_do_not_stall():
     assert [lsh.num_bits(n, 256) for n in (100, 10_000, 100_000, 1_000_000)] == [0, 5, 8, 11]
 
 
+_KERNEL_SCRIPT = """
+import hashlib, numpy as np
+from beam_pipelines import lsh
+vectors = np.random.default_rng(0).standard_normal((300, 72)).astype(np.float32)
+vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+found, sims = lsh.top_k_within(vectors, 5, -1.0)
+codes = lsh.signatures(vectors, lsh.round_planes(0, 0, 4, 72), lsh.mean_vector(vectors))
+print(hashlib.sha256(found.tobytes() + sims.tobytes() + codes.tobytes()).hexdigest())
+"""
+
+
+def test_neighbours_and_similarities_are_the_same_bits_with_every_blas_kernel():
+    """OpenBLAS picks its kernel by CPU (a float32 matmul's last bits differ between them, and did break the
+    golden digests on an AVX-512 machine); OPENBLAS_CORETYPE forces the AVX2 and AVX ones here.  On a CPU where
+    OpenBLAS ignores the variable the runs are simply alike."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = set()
+    for coretype in ("", "Haswell", "Sandybridge"):
+        env = dict(os.environ, OPENBLAS_CORETYPE=coretype, PYTHONPATH=repo)
+        out = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, cwd=repo, capture_output=True,
+                             text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1, digests
+
+
 def test_beam_lsh_finds_exactly_what_the_numpy_lsh_finds():
     vectors = clustered_unit_vectors(600, 16, cluster_size=10, noise=0.4, seed=3)
     ids = [f"img_{j:04d}" for j in range(len(vectors))]  # id order = row order, as in the numpy run
