@@ -37,8 +37,9 @@ import glob
 import json
 import math
 import os
+import pathlib
+import shutil
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Set, Tuple
@@ -53,6 +54,7 @@ from clicklens.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from clicklens.errors import BadRecord  # noqa: E402
 from clicklens.log_schema import parse_log_line  # noqa: E402
 from clicklens.workdir import Workdir  # noqa: E402
+from benchmarks.cold_start import clicklens, link  # noqa: E402
 from benchmarks.pipeline_throughput import seconds_per_stage  # noqa: E402
 from tests.pipeline_digest import tfrecords  # noqa: E402
 
@@ -138,12 +140,16 @@ def ctr_rankings(stats, truth, rules, table) -> Dict[str, float]:
     return {k: v / max(n, 1) for k, v in sums.items()} | {"queries": n}
 
 
-def precision_at(stats, truth, rules, table, ks=(2000, 5000, 10000, 15000)) -> Dict[int, Tuple[float, float]]:
-    """{K: (raw, debiased)}: the share relevant among the K clicked (query, image) pairs of the ground-truth
-    queries with the highest raw / debiased CTR (which CTR is the better relevance estimate)."""
-    rows = [(image_id in truth[query], selection.raw_figures(s, rules).ctr,
+def clicked_pair_ctrs(stats, truth, rules, table) -> List[Tuple[bool, float, float]]:
+    """(relevant?, raw CTR, debiased CTR) of every clicked (query, image) pair of the ground-truth queries."""
+    return [(image_id in truth[query], selection.raw_figures(s, rules).ctr,
              selection.debiased_figures(s, rules, table).ctr)
             for query, qs in stats.items() if query in truth for image_id, s in qs.images.items() if s.clicks]
+
+
+def precision_at(rows, ks=(2000, 5000, 10000, 15000)) -> Dict[int, Tuple[float, float]]:
+    """{K: (raw, debiased)}: the share relevant among the K clicked pairs (`clicked_pair_ctrs` rows) with the
+    highest raw / debiased CTR (which CTR is the better relevance estimate)."""
     out = {}
     for k in ks:
         raw = sorted(rows, key=lambda r: -r[1])[:k]
@@ -152,12 +158,9 @@ def precision_at(stats, truth, rules, table, ks=(2000, 5000, 10000, 15000)) -> D
     return out
 
 
-def thresholds_kept(stats, truth, rules, table, thresholds=(0.1, 0.15, 0.2, 0.25)):
+def thresholds_kept(rows, thresholds=(0.1, 0.15, 0.2, 0.25)):
     """{threshold: ((n, precision, recall) by raw CTR, the same by debiased CTR)}: what a CTR threshold keeps
-    of the ground-truth queries' clicked pairs (recall: the share of the relevant clicked pairs kept)."""
-    rows = [(image_id in truth[query], selection.raw_figures(s, rules).ctr,
-             selection.debiased_figures(s, rules, table).ctr)
-            for query, qs in stats.items() if query in truth for image_id, s in qs.images.items() if s.clicks]
+    of the clicked pairs (`clicked_pair_ctrs` rows; recall: the share of the relevant clicked pairs kept)."""
     relevant = max(sum(r[0] for r in rows), 1)
     out = {}
     for t in thresholds:
@@ -174,9 +177,6 @@ def weight_on_relevant(pairs, truth) -> Tuple[float, float]:
             sum(w for r, w in relevant if r) / max(sum(w for _, w in relevant), 1e-12))
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def arm_overrides(arm: str) -> List[str]:
     """`none`, `pbm`, `none:5000`, `pbm:5000` -> the --set overrides of that arm."""
     variant, _, dwell = arm.partition(":")
@@ -185,47 +185,28 @@ def arm_overrides(arm: str) -> List[str]:
     return [f"pipeline.position_bias={variant}"] + ([f"pipeline.min_dwell_ms={float(dwell)}"] if dwell else [])
 
 
-def clicklens(verb: str, run_dir: str, config_path: str, overrides: List[str], log_path: str) -> float:
-    """`python -m clicklens <verb>` in a fresh process (output to log_path); its wall seconds."""
-    argv = [sys.executable, "-m", "clicklens", verb, "--config", config_path, "--workdir", run_dir]
-    for override in overrides:
-        argv += ["--set", override]
-    started = time.time()
-    with open(log_path, "w", encoding="utf-8") as out:
-        code = subprocess.call(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        raise SystemExit(f"`{' '.join(argv[2:])}` failed with exit code {code}; see {log_path}")
-    return time.time() - started
-
-
-def symlink(target: str, name: str) -> None:
-    if os.path.lexists(name):
-        os.unlink(name)
-    os.symlink(target, name, target_is_directory=True)
-
-
 def train_arms(args, workdir: Workdir) -> Dict[str, List[dict]]:
-    """Section 5: per arm one pipeline run and one training per seed; {arm: [metrics of each seed]}."""
+    """Section 5: per arm one pipeline run and one training per seed, each `clicklens` verb a fresh process
+    (benchmarks/cold_start.py's runner); {arm: [metrics of each seed]}."""
     results: Dict[str, List[dict]] = {}
-    results_path = os.path.join(workdir.root, "arms", "results.json")
+    raw = pathlib.Path(workdir.raw).resolve()
+    results_path = pathlib.Path(workdir.root, "arms", "results.json")
     for arm in args.arms:
-        root = os.path.join(workdir.root, "arms", arm.replace(":", "-dwell"))
-        os.makedirs(root, exist_ok=True)
-        symlink(os.path.abspath(workdir.raw), os.path.join(root, "raw"))
+        root = pathlib.Path(workdir.root, "arms", arm.replace(":", "-dwell"))
+        root.mkdir(parents=True, exist_ok=True)
+        link(raw, root / "raw")
         overrides = args.overrides + arm_overrides(arm)
-        seconds = clicklens("pipeline", root, args.config, overrides, os.path.join(root, "pipeline.log"))
-        print(f"   {arm}: pipeline {seconds:.0f} s", flush=True)
+        clicklens("pipeline", root, args.config, overrides, root / "pipeline.log")
         results[arm] = []
         for seed in args.train_seeds:
-            run = os.path.join(root, f"seed{seed}")
-            subprocess.call(["rm", "-rf", run])
-            os.makedirs(run)
-            symlink(os.path.abspath(workdir.raw), os.path.join(run, "raw"))
-            symlink(os.path.join(root, "examples"), os.path.join(run, "examples"))
+            run = root / f"seed{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir()
+            link(raw, run / "raw")
+            link(root / "examples", run / "examples")
             seconds = clicklens("train", run, args.config, overrides + [f"training.seed={seed}"],
-                                os.path.join(root, f"train-seed{seed}.log"))
-            with open(os.path.join(run, "model", "metrics.json"), encoding="utf-8") as f:
-                metrics = json.load(f)
+                                root / f"train-seed{seed}.log")
+            metrics = json.loads((run / "model" / "metrics.json").read_text(encoding="utf-8"))
             truth = metrics["ground_truth"]["trained"]
             seen = metrics["cold_start"]["train_queries"]
             results[arm].append({"seed": seed, "seconds": seconds, "ndcg@10": truth["ndcg@10"],
@@ -234,9 +215,8 @@ def train_arms(args, workdir: Workdir) -> Dict[str, List[dict]]:
                                  "cold": seen["cold"]["trained"]["recall@10"]})
             print(f"   {arm} seed {seed}: ground truth NDCG@10 {truth['ndcg@10']:.4f}, recall@10 "
                   f"{truth['recall@10']:.4f}; cold start warm / cold {results[arm][-1]['warm']:.3f} / "
-                  f"{results[arm][-1]['cold']:.3f}; {seconds:.0f} s", flush=True)
-            with open(results_path, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
+                  f"{results[arm][-1]['cold']:.3f}", flush=True)
+            results_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
 
 
@@ -263,8 +243,10 @@ def print_arms(results: Dict[str, List[dict]]) -> None:
                 continue
             (on, on_spread), (off, off_spread) = spread[arm]["ndcg@10"], spread[base]["ndcg@10"]
             needed = 3 * max(on_spread, off_spread)
+            seeds = min(len(results[arm]), len(results[base]))
+            verdict = "met" if on - off > needed else "NOT met"
             print(f"   {arm} vs {base}: NDCG@10 {on:.4f} vs {off:.4f}, gain {on - off:+.4f}, 3 x spread {needed:.4f}: "
-                  f"{'met' if on - off > needed else 'NOT met'}")
+                  f"{verdict if seeds >= 2 else 'no spread from one seed, no verdict'}")
 
 
 def main(argv=None) -> int:
@@ -331,9 +313,10 @@ def main(argv=None) -> int:
     ranks = ctr_rankings(stats, truth, rules, table)
     print(f"\n3. ground truth, no training ({ranks['queries']} queries)")
     print(f"   NDCG@10 of shown images ranked by CTR: raw {ranks['raw']:.4f}, debiased {ranks['debiased']:.4f}")
-    for k, (raw, debiased) in precision_at(stats, truth, rules, table).items():
+    pair_ctrs = clicked_pair_ctrs(stats, truth, rules, table)
+    for k, (raw, debiased) in precision_at(pair_ctrs).items():
         print(f"   precision of the top {k} clicked pairs by CTR: raw {raw:.3f}, debiased {debiased:.3f}")
-    for t, ((n_raw, p_raw, r_raw), (n_deb, p_deb, r_deb)) in thresholds_kept(stats, truth, rules, table).items():
+    for t, ((n_raw, p_raw, r_raw), (n_deb, p_deb, r_deb)) in thresholds_kept(pair_ctrs).items():
         print(f"   CTR > {t:.2f} keeps: raw {n_raw} pairs, {p_raw:.3f} relevant, {r_raw:.3f} of the relevant ones; "
               f"debiased {n_deb}, {p_deb:.3f}, {r_deb:.3f}")
     for variant in ("none", "pbm"):
