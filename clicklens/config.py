@@ -397,8 +397,10 @@ class ServingConfig:
     max_request_bytes: int = _field(4 * 1024 * 1024, min=1024)
     max_batch: int = _field(256, min=1)
     poll_seconds: float = _field(2.0, min=0.1, help="How often new model versions are looked for.")
-    workers: int = _field(8, min=1, max=256, help="gRPC threads = gRPC requests in flight at once, so also the "
-                                                  "most gRPC requests one merged batch can hold.")
+    workers: int = _field(8, min=1, max=256, help="gRPC worker threads (for every method but batched Predicts, "
+                                                  "which wait for their batch on the event loop), and the most "
+                                                  "Predicts in flight at once, so also the most gRPC requests one "
+                                                  "merged batch can hold.")
     image_call_slots: int = _field(2, min=1, max=256, help="Model calls with image inputs that run at once; the "
                                    "rest wait.  Each may decode up to max_batch images of up to "
                                    "pipeline.max_image_pixels pixels, so this bounds the memory image requests take.")

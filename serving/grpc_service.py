@@ -15,10 +15,20 @@ A ModelSpec may name a version by number or by one of the model's
 `version_labels`; Predict runs through serving/runner.py (batched when
 batching is on) and records TF Serving's request metrics.  The server also
 carries `grpc.health.v1.Health` (serving/health.py).
+
+Without batching the server is a grpc.Server whose `serving.workers` threads
+run each request whole.  With batching it is a `grpc.aio` server on its own
+event loop (serving/grpc_loop.py) where Predict is a coroutine: a text request
+waits for its batch without holding a thread, so it costs the front end little
+more than gRPC's own handling, which is what lets batching pay on a small
+machine (README.md, "Serving latency").  Image Predicts and the other methods
+still run on the worker threads.  Each mode got the front end that measured
+faster for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent import futures
@@ -34,6 +44,7 @@ from tensorflow_serving.apis import status_pb2
 from grpc_health.v1 import health_pb2_grpc
 
 from serving import inference
+from serving.grpc_loop import GrpcLoopServer
 from serving.metrics import Metrics
 from serving.model_registry import ModelRegistry
 from serving.predict import ServingError, invalid, prepare_proto, tensor_proto
@@ -68,14 +79,18 @@ class Handlers:
 
     def __init__(self, registry: ModelRegistry, max_request_bytes: int, max_batch: int,
                  runner: Optional[Runner] = None, metrics: Optional[Metrics] = None,
-                 reload_config: Optional[Callable] = None):
-        """`reload_config(ModelServerConfig)` carries out HandleReloadConfigRequest, raising ServingError."""
+                 reload_config: Optional[Callable] = None, workers: int = 8):
+        """`reload_config(ModelServerConfig)` carries out HandleReloadConfigRequest, raising ServingError.
+        `workers` (serving.workers) threads run the blocking methods and unbatched model calls, and at most
+        that many Predicts are in flight at once."""
         self.registry = registry
         self.reload_config = reload_config
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
         self.metrics = metrics or Metrics()
         self.runner = runner or Runner(metrics=self.metrics)
+        self.executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+        self._predicts_in_flight = asyncio.Semaphore(workers)
 
     def _parse(self, raw: bytes, message_type):
         if len(raw) > self.max_request_bytes:
@@ -101,8 +116,41 @@ class Handlers:
                                  time.perf_counter() - start)
 
     def predict(self, raw: bytes, context) -> predict_pb2.PredictResponse:
+        """Predict on a worker thread, the model call included (the server without batching)."""
         request = self._parse(raw, predict_pb2.PredictRequest)
         return self._measured(PREDICT_API, request.model_spec.name, self._predict, request)
+
+    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
+        outputs = self.runner.run(loaded, prepare_proto(loaded.model, request, self.max_batch))
+        return predict_response(loaded, request, outputs)
+
+    async def predict_async(self, raw: bytes, context) -> predict_pb2.PredictResponse:
+        """Predict on the event loop (the server with batching); the model call is awaited
+        (serving/runner.py, Runner.run_async)."""
+        async with self._predicts_in_flight:
+            return await self._predict_async(raw)
+
+    async def _predict_async(self, raw: bytes) -> predict_pb2.PredictResponse:
+        start = time.perf_counter()
+        request = self._parse(raw, predict_pb2.PredictRequest)
+        code = grpc.StatusCode.INTERNAL
+        try:
+            loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
+            call = prepare_proto(loaded.model, request, self.max_batch)
+            outputs = await self.runner.run_async(loaded, call, self.executor)
+            response = predict_response(loaded, request, outputs)
+            code = grpc.StatusCode.OK
+            return response
+        except ServingError as err:
+            code = err.code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.metrics.request(self.registry.metric_label(request.model_spec.name), PREDICT_API,
+                                 GRPC_ENTRYPOINT, code, time.perf_counter() - start)
 
     def classify(self, raw: bytes, context) -> classification_pb2.ClassificationResponse:
         request = self._parse(raw, classification_pb2.ClassificationRequest)
@@ -143,14 +191,6 @@ class Handlers:
         response.status.error_code = 0
         return response
 
-    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        loaded = self.registry.get(request.model_spec.name, *requested_version(request.model_spec))
-        outputs = self.runner.run(loaded, prepare_proto(loaded.model, request, self.max_batch))
-        response = predict_pb2.PredictResponse()
-        inference.set_model_spec(response.model_spec, loaded, request.model_spec.signature_name)
-        for name, value in outputs.items():
-            response.outputs[name].CopyFrom(tensor_proto(value))
-        return response
 
     def get_model_metadata(self, raw: bytes, context) -> get_model_metadata_pb2.GetModelMetadataResponse:
         request = self._parse(raw, get_model_metadata_pb2.GetModelMetadataRequest)
@@ -166,6 +206,15 @@ class Handlers:
     def get_model_status(self, raw: bytes, context) -> get_model_status_pb2.GetModelStatusResponse:
         request = self._parse(raw, get_model_status_pb2.GetModelStatusRequest)
         return status_response(self.registry, request.model_spec.name, *requested_version(request.model_spec))
+
+
+def predict_response(loaded, request: predict_pb2.PredictRequest, outputs) -> predict_pb2.PredictResponse:
+    """The PredictResponse of a request's outputs (numpy), naming the version that ran."""
+    response = predict_pb2.PredictResponse()
+    inference.set_model_spec(response.model_spec, loaded, request.model_spec.signature_name)
+    for name, value in outputs.items():
+        response.outputs[name].CopyFrom(tensor_proto(value))
+    return response
 
 
 def metadata_response(loaded) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -192,6 +241,7 @@ def status_response(registry: ModelRegistry, name: str, version: Optional[int], 
 
 
 def _unary(body: Callable, response_type) -> grpc.RpcMethodHandler:
+    """A blocking method body (run on the worker threads), its errors mapped to status codes."""
     def handler(raw: bytes, context):
         try:
             return body(raw, context)
@@ -205,21 +255,43 @@ def _unary(body: Callable, response_type) -> grpc.RpcMethodHandler:
                                                response_serializer=response_type.SerializeToString)
 
 
-def build_grpc_server(handlers: Handlers, host: str, port: Optional[int], workers: int,
+def _unary_coroutine(body: Callable, response_type) -> grpc.RpcMethodHandler:
+    """`_unary` for a coroutine body (run on the event loop)."""
+    async def handler(raw: bytes, context):
+        try:
+            return await body(raw, context)
+        except ServingError as err:
+            await context.abort(err.code, err.message)
+        except Exception as err:  # an unexpected failure is INTERNAL, never a dropped connection
+            logger.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=None,
+                                               response_serializer=response_type.SerializeToString)
+
+
+def build_grpc_server(handlers: Handlers, host: str, port: Optional[int],
                       health_servicer=None, socket_path: str = "",
-                      channel_arguments: Sequence[Tuple[str, object]] = ()) -> tuple[grpc.Server, int]:
-    """A grpc.Server with both services (and grpc.health.v1.Health if given) on host:port (0 picks a free port;
+                      channel_arguments: Sequence[Tuple[str, object]] = ()):
+    """A gRPC server with both services (and grpc.health.v1.Health if given) on host:port (0 picks a free port;
     None: no TCP port) and on the Unix domain socket `socket_path` if given; returns it and the bound port.
 
-    `channel_arguments` are extra gRPC server options (tensorflow_model_server's --grpc_channel_arguments)."""
+    `channel_arguments` are extra gRPC server options (tensorflow_model_server's --grpc_channel_arguments).
+    With batching on it is a GrpcLoopServer (Predict a coroutine that waits for its batch without a thread),
+    without it a grpc.Server running every request on a worker thread: each measured the faster for its
+    mode (README.md, "Serving latency"); both have the same start / stop."""
     limit = handlers.max_request_bytes * TRANSPORT_LIMIT_FACTOR
     options = {"grpc.max_receive_message_length": limit, "grpc.max_send_message_length": -1,
                "grpc.so_reuseport": 0}
     options.update(dict(channel_arguments))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                         options=list(options.items()))
+    if handlers.runner.batcher is not None:
+        server = GrpcLoopServer(handlers.executor, list(options.items()))
+        predict = _unary_coroutine(handlers.predict_async, predict_pb2.PredictResponse)
+    else:
+        server = grpc.server(handlers.executor, options=list(options.items()))
+        predict = _unary(handlers.predict, predict_pb2.PredictResponse)
     prediction = {
-        "Predict": _unary(handlers.predict, predict_pb2.PredictResponse),
+        "Predict": predict,
         "GetModelMetadata": _unary(handlers.get_model_metadata, get_model_metadata_pb2.GetModelMetadataResponse),
         "Classify": _unary(handlers.classify, classification_pb2.ClassificationResponse),
         "Regress": _unary(handlers.regress, regression_pb2.RegressionResponse),
@@ -237,13 +309,17 @@ def build_grpc_server(handlers: Handlers, host: str, port: Optional[int], worker
                                      grpc.method_handlers_generic_handler(MODEL_SERVICE, models)])
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = _listen(server, f"{host}:{port}") if port is not None else 0
-    if socket_path:
-        _listen(server, f"unix:{socket_path}")
+    try:
+        bound = _listen(server, f"{host}:{port}") if port is not None else 0
+        if socket_path:
+            _listen(server, f"unix:{socket_path}")
+    except ClicklensError:
+        server.stop(0)
+        raise
     return server, bound
 
 
-def _listen(server: grpc.Server, address: str) -> int:
+def _listen(server, address: str) -> int:
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:

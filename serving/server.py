@@ -100,8 +100,8 @@ class ModelServer:
         """Binds both ports, loads the models, checks the version labels, then takes traffic."""
         c, o = self.config, self.options
         handlers = Handlers(self.registry, c.max_request_bytes, c.max_batch, self.runner, self.metrics,
-                            reload_config=self.reload_config)
-        self._grpc, self.grpc_port = build_grpc_server(handlers, c.host, c.grpc_port, c.workers,
+                            reload_config=self.reload_config, workers=c.workers)
+        self._grpc, self.grpc_port = build_grpc_server(handlers, c.host, c.grpc_port,
                                                        self.health.servicer, socket_path=o.grpc_socket_path,
                                                        channel_arguments=o.grpc_channel_arguments)
         if o.rest_enabled:

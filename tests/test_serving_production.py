@@ -520,6 +520,63 @@ def test_grpc_and_rest_requests_share_one_batch(saved, tmp_path):
         server.stop(grace=1.0)
 
 
+def test_batched_predicts_waiting_for_their_batch_hold_no_worker_thread(saved, tmp_path):
+    # Two worker threads, two gRPC Predicts waiting for a batch that only a third row fills: the status
+    # call must still be answered at once (a thread-per-request server would have no thread left for it).
+    serving = _serving_config(workers=2)
+    serving.batching = dataclasses.replace(serving.batching, enabled=True, max_batch_size=3,
+                                           batch_timeout_micros=WAIT_SECONDS * 1_000_000, num_batch_threads=1)
+    server = _start(serving, _export(saved, tmp_path, versions=(1,)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+            waiting = [predict.future(_text_request([text]), timeout=WAIT_SECONDS) for text in (b"abc", b"de")]
+            deadline = time.monotonic() + WAIT_SECONDS
+            while server.batcher.queued_rows() < 2:
+                assert time.monotonic() < deadline, "the Predicts were not queued"
+                time.sleep(0.01)
+            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+                get_model_status_pb2.GetModelStatusRequest(model_spec={"name": MODEL}), timeout=5)
+            assert [v.state for v in status.model_version_status] == [
+                get_model_status_pb2.ModelVersionStatus.AVAILABLE]
+            assert not any(f.done() for f in waiting)
+            # A REST request (its own thread) brings the third row; all three get their own rows.
+            status, body = _json(server.http_port, "POST", f"/v1/models/{MODEL}:predict", {"instances": ["f"]})
+            assert status == 200 and body["predictions"][0][servables.SCORES] == expected_top_two(b"f")[1]
+            for text, future in zip((b"abc", b"de"), waiting):
+                scores = tf.make_ndarray(future.result().outputs[servables.SCORES]).tolist()
+                assert scores == [expected_top_two(text)[1]]
+        families = _scrape(server.http_port)
+        assert _value(families[PREFIX + "batching_session:processed_batch_size"], "_sum") == 3
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_a_predict_cancelled_while_its_batch_waits_leaves_the_others_served(saved, tmp_path):
+    serving = _serving_config()
+    serving.batching = dataclasses.replace(serving.batching, enabled=True, max_batch_size=8,
+                                           batch_timeout_micros=1_000_000, num_batch_threads=1)
+    server = _start(serving, _export(saved, tmp_path, versions=(1,)))
+    try:
+        before = _scrape(server.http_port)[PREFIX + "request_count"]
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+            with pytest.raises(grpc.RpcError) as err:  # the client gives up before the 1 s batch timeout
+                predict(_text_request([b"abc"]), timeout=0.2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            response = predict(_text_request([b"de"]), timeout=WAIT_SECONDS)
+            assert tf.make_ndarray(response.outputs[servables.SCORES]).tolist() == [expected_top_two(b"de")[1]]
+        after = _scrape(server.http_port)[PREFIX + "request_count"]
+
+        def added(status):
+            return sum(s.value for s in _samples(after, status=status)) - sum(
+                s.value for s in _samples(before, status=status))
+
+        assert (added("OK"), added("CANCELLED")) == (1, 1)
+    finally:
+        server.stop(grace=1.0)
+
+
 def test_not_serving_until_every_model_has_an_available_version(saved, tmp_path):
     config_path = _export(saved, tmp_path, versions=())  # the model's base path is empty at start
     server = _start(_serving_config(), config_path)
