@@ -55,10 +55,26 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="stop the server at the end instead of waiting for Ctrl-C")
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _reindex_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rehash", action="store_true",
                         help="read and hash every catalog file, also those whose path, size and modification time "
                              "are those recorded with the kept embeddings")
+    parser.add_argument("--watch", action="store_true",
+                        help="stay up: reindex whenever the catalog file changes, keeping TensorFlow, the encoders "
+                             "and the kept embeddings loaded between passes (until SIGTERM or Ctrl-C)")
+    parser.add_argument("--poll-seconds", type=_positive_float, default=1.0,
+                        help="with --watch: how often the catalog file is checked (default 1)")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:

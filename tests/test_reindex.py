@@ -32,7 +32,7 @@ from clicklens.catalog import CatalogEntry
 from clicklens.demo_data import images as demo_images
 from clicklens.images import PngPreparer
 from clicklens.workdir import Workdir
-from trainer.reindex import diff_counts
+from trainer.reindex import diff_counts, watch
 from trainer.scann_index import ScannParams
 from trainer.scann_tuning import carried_depth
 
@@ -340,6 +340,57 @@ def _http_status(url: str) -> int:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def test_watch_reindexes_each_catalog_change_and_follows_a_new_export(demo_exported, small_config, tmp_path, caplog):
+    w = copy_workdir(demo_exported, tmp_path / "w")
+    old_version, old_rows = corpus_embeddings.read_latest(w.corpus_embeddings)
+    stop = threading.Event()
+    thread = threading.Thread(target=watch, args=(small_config, w, False, 0.1, stop))
+
+    def newest_scann():
+        return servables.latest_version(w.export_model(servables.RETRIEVAL_SCANN))[0]
+
+    def wait_for(condition, what):
+        deadline = time.time() + 120
+        while not condition():
+            assert thread.is_alive(), "the watch stopped"
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    with caplog.at_level(logging.INFO, logger="trainer.reindex"):
+        thread.start()
+        try:
+            wait_for(lambda: pathlib.Path(w.reindex_report).exists(), "the first pass")
+            assert report(w)["version"] is None  # nothing changed since the export
+            add_images(w, small_config.demo_data.image_size, NEW_IMAGES[:1])
+            wait_for(lambda: newest_scann() == old_version + 1, "a pass over the added image")
+            r = report(w)
+            assert (r["added"], r["embedded"], r["reembedded_all"]) == (1, 1, False)
+            # A catalog that cannot be read fails its pass; the watch goes on and the next change is indexed.
+            lines = catalog_lines(w)
+            pathlib.Path(w.catalog).unlink()
+            wait_for(lambda: any("pass 3 failed" in m for m in caplog.messages), "the failed pass")
+            # A newer export of the encoders (same weights: only the version counts) is picked up by the next pass.
+            for name in servables.ENCODER_MODELS:
+                base = pathlib.Path(w.export_model(name))
+                shutil.copytree(base / str(old_version), base / str(old_version + 2))
+            image_id, attributes = NEW_IMAGES[1]
+            (pathlib.Path(w.images) / f"{image_id}.png").write_bytes(
+                draw_png(200, small_config.demo_data.image_size, **attributes))
+            lines.append(CatalogEntry(image_id, f"images/{image_id}.png", extra=tuple(attributes.items())).to_json())
+            staged = tmp_path / "catalog.jsonl"
+            staged.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            staged.replace(w.catalog)  # at once: no pass sees half of it
+            wait_for(lambda: newest_scann() == old_version + 3, "a pass with the new encoders")
+            r = report(w)
+            assert r["reembedded_all"] and r["image_encoder_version"] == old_version + 2
+            assert r["images"] == len(old_rows.ids) + 2
+        finally:
+            stop.set()
+            thread.join(60)
+    assert not thread.is_alive()
+    assert any("stopped watching after" in m for m in caplog.messages)
 
 
 def test_a_running_server_hot_loads_the_reindexed_version_with_zero_failures(demo_exported, small_config, tmp_path):

@@ -24,6 +24,11 @@
 A running server polls the model folders and hot-loads the new versions (serving/model_registry.py:
 loaded and warmed up before they take traffic); the search page's /images/ route re-reads the catalog.
 The encoders are not rewritten: their newest version stays what export wrote.
+
+`clicklens reindex --watch` stays up and runs a pass whenever the catalog file changes (checked every
+--poll-seconds), keeping between passes what a one-off run loads each time (`WarmState`): TensorFlow,
+the encoders (loaded again when a newer export appears), the newest corpus rows and the embedded
+tuning queries.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import signal
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -163,19 +170,55 @@ def known_stats(previous: Optional[corpus_embeddings.CorpusEmbeddings]) -> Dict[
             for stat, content in zip(previous.stats, previous.hashes) if stat and content}
 
 
-def reindex(config, workdir: Workdir, rehash: bool = False) -> Tuple[Optional[int], Dict[str, object]]:
+class WarmState:
+    """What a reindex pass loads, kept for the next pass of the same process (`--watch`): the newest
+    encoders, the newest corpus rows and the embedded tuning queries.  Each is loaded again when a newer
+    version is on disk (a new export, or a version written by someone else)."""
+
+    def __init__(self):
+        self._encoders: Optional[SavedEncoders] = None
+        self._queries: Optional[np.ndarray] = None
+        self._corpus: Optional[Tuple[int, corpus_embeddings.CorpusEmbeddings]] = None
+
+    def encoders(self, workdir: Workdir) -> SavedEncoders:
+        """The newest exported encoders; ClicklensError naming the folder when nothing is exported."""
+        if self._encoders is None or S.latest_version(workdir.export_model(S.IMAGE_ENCODER))[0] != \
+                self._encoders.version:
+            self._encoders, self._queries = load_saved_encoders(workdir), None
+        return self._encoders
+
+    def query_embeddings(self, config, workdir: Workdir) -> np.ndarray:
+        """The eval queries ScaNN is tuned on, embedded by the newest query_encoder."""
+        if self._queries is None:
+            self._queries = query_embeddings(config, workdir, self.encoders(workdir))
+        return self._queries
+
+    def latest_corpus(self, workdir: Workdir) -> Optional[Tuple[int, corpus_embeddings.CorpusEmbeddings]]:
+        """(version, rows) of the newest complete corpus_embeddings version, or None."""
+        newest = max(corpus_embeddings.versions(workdir.corpus_embeddings), default=None)
+        if newest is None:
+            self._corpus = None
+        elif self._corpus is None or self._corpus[0] != newest:
+            self._corpus = corpus_embeddings.read_latest(workdir.corpus_embeddings)
+        return self._corpus
+
+
+def reindex(config, workdir: Workdir, rehash: bool = False,
+            warm: Optional[WarmState] = None) -> Tuple[Optional[int], Dict[str, object]]:
     """Builds the next version of both retrieval models over the catalog as it is now (module docstring).
 
     With `rehash`, every catalog file is read and hashed, whatever its stat.
+    `warm` keeps what this pass loads for the next one (`watch`).
     Returns (the version written, the report); the version is None when the
     catalog and the image_encoder are what the newest version was built from.
     """
     t0 = time.perf_counter()
     seconds: Dict[str, float] = {}
-    encoders = load_saved_encoders(workdir)  # fails naming W/export/image_encoder when nothing is exported
+    warm = warm or WarmState()
+    encoders = warm.encoders(workdir)  # fails naming W/export/image_encoder when nothing is exported
     check_image_source(config, encoders)
     p = config.pipeline
-    latest = corpus_embeddings.read_latest(workdir.corpus_embeddings)
+    latest = warm.latest_corpus(workdir)
     previous_version, previous = latest if latest is not None else (None, None)
     reuse = previous is not None and (previous.image_encoder_version == encoders.version
                                       and previous.image_source == encoders.image_source
@@ -230,7 +273,7 @@ def reindex(config, workdir: Workdir, rehash: bool = False) -> Tuple[Optional[in
 
     t = time.perf_counter()
     previous_params = ScannParams(**previous.scann) if previous is not None and previous.scann else None
-    scann, scann_report = export.scann_retrieval_index(config, corpus, query_embeddings(config, workdir, encoders),
+    scann, scann_report = export.scann_retrieval_index(config, corpus, warm.query_embeddings(config, workdir),
                                                       previous=previous_params)
     servables = export.retrieval_servables(config, encoders, corpus, scann)
     seconds["index"] = time.perf_counter() - t
@@ -302,7 +345,50 @@ def _write_report(workdir: Workdir, report: Dict[str, object]) -> None:
     logger.info("reindex: wrote %s", workdir.reindex_report)
 
 
+def catalog_signature(path: str) -> Optional[Tuple[int, int]]:
+    """(size, modification time in ns) of the catalog file, or None while it does not exist."""
+    try:
+        stat = tf.io.gfile.stat(path)
+    except tf.errors.NotFoundError:
+        return None
+    return stat.length, stat.mtime_nsec
+
+
+def watch(config, workdir: Workdir, rehash: bool, poll_seconds: float, stop: threading.Event) -> int:
+    """Runs a reindex pass at start and then whenever the catalog file changes, until `stop` is set; returns
+    the number of passes.  A pass that fails (a bad catalog, no export yet) is logged and the watch goes on.
+
+    Only the catalog file is watched: an image file replaced in place under an unchanged catalog line is
+    found by the next pass the catalog triggers (or a one-off `clicklens reindex`)."""
+    warm = WarmState()
+    path = catalog_path(config, workdir)
+    seen: object = ()  # never a signature: the first check runs a pass
+    passes = 0
+    logger.info("reindex: watching %s every %.1f s (Ctrl-C or SIGTERM stops)", path, poll_seconds)
+    while not stop.is_set():
+        current = catalog_signature(path)
+        if current != seen:
+            seen = current
+            passes += 1
+            try:
+                reindex(config, workdir, rehash=rehash, warm=warm)
+            except ClicklensError as err:
+                logger.error("reindex: pass %d failed: %s; watching on", passes, err)
+            except Exception:  # noqa: BLE001  (a long-running watch outlives one bad pass)
+                logger.exception("reindex: pass %d failed; watching on", passes)
+        stop.wait(poll_seconds)
+    logger.info("reindex: stopped watching after %d passes", passes)
+    return passes
+
+
 def run(config, workdir: Workdir, args) -> int:
-    """The `reindex` verb."""
-    reindex(config, workdir, rehash=bool(getattr(args, "rehash", False)))
+    """The `reindex` verb (`--watch`: until SIGTERM or Ctrl-C)."""
+    rehash = bool(getattr(args, "rehash", False))
+    if not getattr(args, "watch", False):
+        reindex(config, workdir, rehash=rehash)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    watch(config, workdir, rehash, args.poll_seconds, stop)
     return 0
