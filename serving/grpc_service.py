@@ -191,7 +191,6 @@ class Handlers:
         response.status.error_code = 0
         return response
 
-
     def get_model_metadata(self, raw: bytes, context) -> get_model_metadata_pb2.GetModelMetadataResponse:
         request = self._parse(raw, get_model_metadata_pb2.GetModelMetadataRequest)
         fields = list(request.metadata_field)

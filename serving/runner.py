@@ -2,7 +2,7 @@
 
 Both front ends reach the same batcher, so gRPC and REST requests share the same
 batches: REST's threads call `Runner.run`, gRPC's event loop awaits
-`Runner.run_async` (serving/grpc_server.py).  The time spent here is TF
+`Runner.run_async` (serving/grpc_service.py).  The time spent here is TF
 Serving's runtime_latency.  Calls with an
 image input take one of `serving.image_call_slots` first: each may decode
 max_batch images of up to pipeline.max_image_pixels pixels, so the slots bound

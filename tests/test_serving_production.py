@@ -499,12 +499,16 @@ def test_health_and_readiness_when_every_model_is_available(server):
     assert _http(server.http, "HEAD", "/ready") == (200, b"")
 
 
+def _batching_server(saved, tmp_path, workers: int = 8, **batching) -> ModelServer:
+    """A started server over version 1 with batching on (`batching`: serving.batching fields)."""
+    serving = _serving_config(workers=workers)
+    serving.batching = dataclasses.replace(serving.batching, enabled=True, num_batch_threads=1, **batching)
+    return _start(serving, _export(saved, tmp_path, versions=(1,)))
+
+
 def test_grpc_and_rest_requests_share_one_batch(saved, tmp_path):
-    serving = _serving_config()
     # Two rows fill a batch; the long timeout means a batch forms only when both requests are queued.
-    serving.batching = dataclasses.replace(serving.batching, enabled=True, max_batch_size=2,
-                                           batch_timeout_micros=WAIT_SECONDS * 1_000_000, num_batch_threads=1)
-    server = _start(serving, _export(saved, tmp_path, versions=(1,)))
+    server = _batching_server(saved, tmp_path, max_batch_size=2, batch_timeout_micros=WAIT_SECONDS * 1_000_000)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
@@ -523,10 +527,8 @@ def test_grpc_and_rest_requests_share_one_batch(saved, tmp_path):
 def test_batched_predicts_waiting_for_their_batch_hold_no_worker_thread(saved, tmp_path):
     # Two worker threads, two gRPC Predicts waiting for a batch that only a third row fills: the status
     # call must still be answered at once (a thread-per-request server would have no thread left for it).
-    serving = _serving_config(workers=2)
-    serving.batching = dataclasses.replace(serving.batching, enabled=True, max_batch_size=3,
-                                           batch_timeout_micros=WAIT_SECONDS * 1_000_000, num_batch_threads=1)
-    server = _start(serving, _export(saved, tmp_path, versions=(1,)))
+    server = _batching_server(saved, tmp_path, workers=2, max_batch_size=3,
+                              batch_timeout_micros=WAIT_SECONDS * 1_000_000)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
@@ -553,10 +555,7 @@ def test_batched_predicts_waiting_for_their_batch_hold_no_worker_thread(saved, t
 
 
 def test_a_predict_cancelled_while_its_batch_waits_leaves_the_others_served(saved, tmp_path):
-    serving = _serving_config()
-    serving.batching = dataclasses.replace(serving.batching, enabled=True, max_batch_size=8,
-                                           batch_timeout_micros=1_000_000, num_batch_threads=1)
-    server = _start(serving, _export(saved, tmp_path, versions=(1,)))
+    server = _batching_server(saved, tmp_path, max_batch_size=8, batch_timeout_micros=1_000_000)
     try:
         before = _scrape(server.http_port)[PREFIX + "request_count"]
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
