@@ -118,6 +118,9 @@ def first_entry(entries: Iterable[CatalogEntry]) -> Tuple[CatalogEntry, List[Cat
 
     The first in a stable order (by their JSON), so every run keeps the same one.
     """
+    entries = list(entries)
+    if len(entries) == 1:  # the usual case: no JSON to build
+        return entries[0], []
     ordered = sorted(entries, key=lambda e: e.to_json())
     return ordered[0], ordered[1:]
 

@@ -98,20 +98,21 @@ def parse_entries(path: str) -> Tuple[List[CatalogEntry], List[Dict[str, object]
     dead: List[Dict[str, object]] = []
     lines = 0
     with tf.io.gfile.GFile(path, "rb") as f:
-        for line in f:
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                entry = parse_catalog_line(line)
-            except BadRecord as err:
-                dead.append(dead_letter("catalog", err.reason, line, err.detail))
-                continue
-            except Exception as err:  # noqa: BLE001  (a bad line must never stop the run)
-                dead.append(dead_letter("catalog", "internal_error", line, repr(err)[:200]))
-                continue
-            by_id.setdefault(entry.image_id, []).append(entry)
+        data = f.read()  # at once: GFile's line iterator costs more than the parsing
+    for line in data.split(b"\n"):
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        lines += 1
+        try:
+            entry = parse_catalog_line(line)
+        except BadRecord as err:
+            dead.append(dead_letter("catalog", err.reason, line, err.detail))
+            continue
+        except Exception as err:  # noqa: BLE001  (a bad line must never stop the run)
+            dead.append(dead_letter("catalog", "internal_error", line, repr(err)[:200]))
+            continue
+        by_id.setdefault(entry.image_id, []).append(entry)
     entries = []
     for same_id in by_id.values():
         kept, duplicates = first_entry(same_id)
