@@ -25,10 +25,12 @@ times each; the smallest CPU time of each counts) and prints
      `:<min_dwell_ms>`, e.g. `pbm:5000`), one pipeline run into <workdir>/arms/<arm>/ and one
      `clicklens train` per seed, each a fresh process; ground-truth NDCG@10 and recall@10 of the eval
      queries (metrics.json's `ground_truth`), mean and spread (max - min) over the seeds, and the
-     target: pbm's NDCG@10 above none's by more than 3x the larger spread.
+     target: pbm's NDCG@10 above none's by more than 3x the larger spread.  The arm `oracle` is `none`
+     with the training examples cut to the pairs the ground truth calls relevant: clicks denoised
+     perfectly, the most any debiasing of which pairs to learn from could reach.
 
     .venv/bin/python benchmarks/position_bias.py --workdir /tmp/clicklens-position-bias \
-        --train-seeds 1 2 3 --arms none pbm none:5000 pbm:5000
+        --train-seeds 1 2 3 --arms none pbm none:5000 pbm:5000 oracle
 """
 
 import argparse
@@ -177,12 +179,36 @@ def weight_on_relevant(pairs, truth) -> Tuple[float, float]:
             sum(w for r, w in relevant if r) / max(sum(w for _, w in relevant), 1e-12))
 
 
+ORACLE = "oracle"
+
+
 def arm_overrides(arm: str) -> List[str]:
-    """`none`, `pbm`, `none:5000`, `pbm:5000` -> the --set overrides of that arm."""
+    """`none`, `pbm`, `none:5000`, `pbm:5000` -> the --set overrides of that arm (`oracle`: none's)."""
     variant, _, dwell = arm.partition(":")
-    if variant not in ("none", "pbm"):
-        raise SystemExit(f"--arms: {arm!r} is not none or pbm, optionally with :<min_dwell_ms>")
+    if variant == ORACLE and not dwell:
+        variant = "none"
+    elif variant not in ("none", "pbm"):
+        raise SystemExit(f"--arms: {arm!r} is not none, pbm (optionally with :<min_dwell_ms>) or {ORACLE}")
     return [f"pipeline.position_bias={variant}"] + ([f"pipeline.min_dwell_ms={float(dwell)}"] if dwell else [])
+
+
+def keep_relevant_pairs(examples: pathlib.Path, truth: Dict[str, Set[str]]) -> Tuple[int, int]:
+    """Rewrites the train files under `examples` keeping only the examples whose (query, image) the ground
+    truth calls relevant (the `oracle` arm: clicks denoised perfectly); (kept, total)."""
+    import tensorflow as tf
+
+    kept = total = 0
+    for path in sorted(examples.glob("train-*.tfrecord.gz")):
+        records = list(tfrecords(str(path)))
+        with tf.io.TFRecordWriter(str(path), options="GZIP") as out:
+            for record in records:
+                f = tf.train.Example.FromString(record).features.feature
+                query = f["query"].bytes_list.value[0].decode("utf-8")
+                total += 1
+                if f["image_id"].bytes_list.value[0].decode("utf-8") in truth.get(query, ()):
+                    kept += 1
+                    out.write(record)
+    return kept, total
 
 
 def train_arms(args, workdir: Workdir) -> Dict[str, List[dict]]:
@@ -197,6 +223,10 @@ def train_arms(args, workdir: Workdir) -> Dict[str, List[dict]]:
         link(raw, root / "raw")
         overrides = args.overrides + arm_overrides(arm)
         clicklens("pipeline", root, args.config, overrides, root / "pipeline.log")
+        if arm == ORACLE:
+            kept, total = keep_relevant_pairs(root / "examples", ground_truth(workdir))
+            print(f"   {ORACLE}: kept the {kept} of {total} training examples whose pair is relevant "
+                  f"({kept / max(total, 1):.1%})", flush=True)
         results[arm] = []
         for seed in args.train_seeds:
             run = root / f"seed{seed}"
@@ -258,7 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-seeds", type=int, nargs="*", default=[],
                         help="Section 5: train each arm once per seed (none: skip training).")
     parser.add_argument("--arms", nargs="+", default=["none", "pbm"],
-                        help="Section 5's arms: none or pbm, optionally :<min_dwell_ms> (e.g. pbm:5000).")
+                        help="Section 5's arms: none or pbm, optionally :<min_dwell_ms> (e.g. pbm:5000), or "
+                             "oracle (none's examples cut to the relevant pairs).")
     args, beam_args = parser.parse_known_args(argv)
     config = load_config(args.config, args.overrides)
     workdir = Workdir(args.workdir)
