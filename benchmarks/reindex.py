@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -293,30 +293,35 @@ def predict(stub, model: str, signature: str, inputs, timeout: float = 60):
     return stub.Predict(request, timeout=timeout)
 
 
-def scann_probe_share(stub, probes: Dict[str, bytes]) -> float:
-    """The share of probes that retrieval_scann returns in their own top k, by image."""
+def by_image(stub, model: str, probes: Dict[str, bytes]) -> Tuple[int, List[List[str]]]:
+    """(the version that answered, each probe's top k ids) of a by-image query of every probe to `model`."""
     from clicklens import compat  # noqa: F401
     import tensorflow as tf
     from clicklens import servables as S
 
-    response = predict(stub, S.RETRIEVAL_SCANN, S.IMAGE_SIGNATURE, {S.IMAGE_BYTES: list(probes.values())})
+    response = predict(stub, model, S.IMAGE_SIGNATURE, {S.IMAGE_BYTES: list(probes.values())})
     rows = [[x.decode() for x in row] for row in tf.make_ndarray(response.outputs[S.IMAGE_IDS])]
+    return response.model_spec.version.value, rows
+
+
+def scann_probe_share(stub, probes: Dict[str, bytes]) -> float:
+    """The share of probes that retrieval_scann returns in their own top k, by image."""
+    from clicklens import servables as S
+
+    _, rows = by_image(stub, S.RETRIEVAL_SCANN, probes)
     return float(np.mean([i in row for i, row in zip(probes, rows)]))
 
 
 def searchable(stub, probes: Dict[str, bytes], version: int) -> bool:
     """Both retrieval models answer at `version` or later; by image, retrieval_bruteforce (exact) ranks every
     probe first, and retrieval_scann has at least one of them in its top k (no old version holds any)."""
-    from clicklens import compat  # noqa: F401
-    import tensorflow as tf
     from clicklens import servables as S
 
-    ids, pngs = list(probes), list(probes.values())
+    ids = list(probes)
     for model in (S.RETRIEVAL_BRUTEFORCE, S.RETRIEVAL_SCANN):
-        response = predict(stub, model, S.IMAGE_SIGNATURE, {S.IMAGE_BYTES: pngs})
-        if response.model_spec.version.value < version:
+        answered, rows = by_image(stub, model, probes)
+        if answered < version:
             return False
-        rows = [[x.decode() for x in row] for row in tf.make_ndarray(response.outputs[S.IMAGE_IDS])]
         if model == S.RETRIEVAL_BRUTEFORCE and [row[0] for row in rows] != ids:
             return False
         if model == S.RETRIEVAL_SCANN and not any(i in row for i, row in zip(ids, rows)):

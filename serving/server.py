@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import signal
 import threading
 from typing import Optional, Sequence
 
@@ -29,6 +28,7 @@ from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 from clicklens import models_config
 from clicklens.catalog import catalog_path
 from clicklens.errors import ClicklensError
+from clicklens.shutdown import stop_on_signals
 from serving import batching_options, metrics as metrics_module
 from serving.batcher import Batcher
 from serving.catalog_images import CatalogImages
@@ -181,9 +181,7 @@ class ModelServer:
 
 def serve_until_signal(server: ModelServer) -> int:
     """Starts `server`, logs where it listens, serves until SIGTERM or Ctrl-C, then drains and stops it."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    stop = stop_on_signals()
     server.start()
     host = server.config.host
     rest = f"http://{host}:{server.http_port}" if server.http_port is not None else "off"

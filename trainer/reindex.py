@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import signal
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -52,6 +51,7 @@ from clicklens.catalog import catalog_path, prepare_image_input, resolve_uri
 from clicklens.corpus_embeddings import content_hash
 from clicklens.dead_letters import image_dead_letter, write_dead_letters
 from clicklens.errors import BadRecord, ClicklensError
+from clicklens.shutdown import stop_on_signals
 from clicklens.workdir import Workdir
 from trainer import export
 from trainer.catalog_scan import CatalogScan, ScannedImage, read_input, scan_catalog
@@ -195,11 +195,11 @@ class WarmState:
 
     def latest_corpus(self, workdir: Workdir) -> Optional[Tuple[int, corpus_embeddings.CorpusEmbeddings]]:
         """(version, rows) of the newest complete corpus_embeddings version, or None."""
-        newest = max(corpus_embeddings.versions(workdir.corpus_embeddings), default=None)
-        if newest is None:
+        found = corpus_embeddings.versions(workdir.corpus_embeddings)
+        if not found:
             self._corpus = None
-        elif self._corpus is None or self._corpus[0] != newest:
-            self._corpus = corpus_embeddings.read_latest(workdir.corpus_embeddings)
+        elif self._corpus is None or self._corpus[0] != max(found):
+            self._corpus = max(found), corpus_embeddings.read(found[max(found)])
         return self._corpus
 
 
@@ -387,8 +387,5 @@ def run(config, workdir: Workdir, args) -> int:
     if not getattr(args, "watch", False):
         reindex(config, workdir, rehash=rehash)
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    watch(config, workdir, rehash, args.poll_seconds, stop)
+    watch(config, workdir, rehash, args.poll_seconds, stop_on_signals())
     return 0
