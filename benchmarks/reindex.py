@@ -205,9 +205,10 @@ def build_bench(args, base: str, image_size: int):
 class Server:
     """`clicklens serve` as a child process on free ports, its log in a file."""
 
-    def __init__(self, bench: str, log_path: str):
+    def __init__(self, bench: str, log_path: str, poll_seconds: float):
         command = [sys.executable, "-m", "clicklens", "serve", "--config", CONFIG, "--workdir", bench,
-                   "--set", "serving.grpc_port=0", "--set", "serving.http_port=0"]
+                   "--set", "serving.grpc_port=0", "--set", "serving.http_port=0",
+                   "--set", f"serving.poll_seconds={poll_seconds}"]
         self.process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
         self.log = open(log_path, "w")
         match = None
@@ -340,6 +341,36 @@ def time_until_searchable(command, stub, probes: Dict[str, bytes], version: int,
     return command_seconds, time.perf_counter() - start
 
 
+def new_and_old_recall(bench: str, version: int, new_ids: Sequence[str], sample: int = 1000) -> Tuple[float, float]:
+    """recall@k against exact search of retrieval_scann `version`, searched as it is served, with the embeddings
+    of the new images as queries and with as many kept images' (by image: each finds itself and its
+    near-duplicates): an index updated in place must find new points as well as old ones."""
+    from clicklens import compat  # noqa: F401
+    import tensorflow as tf
+    from clicklens import corpus_embeddings
+    from trainer import scann_update
+    from trainer.ranking import exact_top_k
+    from trainer.scann_index import ScannIndex, ScannParams
+    from trainer.scann_tuning import recall_at_k
+
+    folder = os.path.join(bench, "export")
+    rows = corpus_embeddings.read(os.path.join(folder, "corpus_embeddings", str(version)))
+    saved = scann_update.read_saved_index(os.path.join(folder, "retrieval_scann", str(version)))
+    k = 10
+    index = ScannIndex.from_tensors(saved.tensors, saved.ids, k, ScannParams(**rows.scann))
+    dataset = saved.tensors["dataset"]
+    position = {image_id: i for i, image_id in enumerate(saved.ids.tolist())}
+    new = {i.encode() for i in new_ids}
+    old = [i for i in saved.ids.tolist() if i not in new]
+    picked = np.random.default_rng(0).choice(len(old), min(sample, len(old)), replace=False)
+    recalls = []
+    for ids in ([i.encode() for i in new_ids], [old[i] for i in picked]):
+        queries = dataset[[position[i] for i in ids]]
+        exact = saved.ids[exact_top_k(dataset, queries, k)]
+        recalls.append(recall_at_k(index(tf.constant(queries))[1].numpy(), exact))
+    return recalls[0], recalls[1]
+
+
 class Watcher:
     """`clicklens reindex --watch` as a child process, its log appended to the benchmark's."""
 
@@ -391,7 +422,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--watch", action="store_true",
                         help="reindex with a `clicklens reindex --watch` already running instead of a one-off command")
-    parser.add_argument("--poll-seconds", type=float, default=0.5, help="--watch: how often it checks the catalog")
+    parser.add_argument("--poll-seconds", type=float, default=0.1, help="--watch: how often it checks the catalog")
+    parser.add_argument("--server-poll-seconds", type=float, default=0.5,
+                        help="serving.poll_seconds: how often the server looks for new versions (TF Serving's "
+                             "--file_system_poll_wait_seconds; both sides of the comparison wait for it)")
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     from clicklens import compat  # noqa: F401
@@ -409,7 +443,7 @@ def main(argv=None) -> int:
     export_1 = clicklens("export", bench, log_path=log_path)
     log(f"full export of {args.images:,} images: {export_1:.1f} s")
 
-    server = Server(bench, os.path.join(args.workdir, "server.log"))
+    server = Server(bench, os.path.join(args.workdir, "server.log"), args.server_poll_seconds)
     prepare = PngPreparer(config.pipeline.image_size)
     probes = {i: prepare(p) for i, p in list(zip(new_ids, new_pngs))[:args.probes]}
     clients = Clients(server.grpc_port, next(iter(probes.values())), args.client_interval)
@@ -429,6 +463,7 @@ def main(argv=None) -> int:
             watcher.stop()
             watcher = None
         reindex_share = scann_probe_share(clients.stub, probes)
+        new_recall, old_recall = new_and_old_recall(bench, 2, new_ids)
         report = json.load(open(os.path.join(bench, "export", "reindex_report.json")))
         log(f"reindex: {reindex_cmd:.1f} s, searchable after {reindex_searchable:.1f} s; stages {report['seconds']}")
 
@@ -451,7 +486,9 @@ def main(argv=None) -> int:
     print()
     print(f"reindex benchmark: {args.images:,} images + {args.new:,} new; configs/demo.yaml model "
           f"({config.model.embedding_dim}-d, {config.pipeline.image_size} px CNN {config.model.cnn_filters}); "
-          f"{os.cpu_count()} CPUs; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end")
+          f"{os.cpu_count()} CPUs; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end; the server "
+          f"looks for new versions every {args.server_poll_seconds} s"
+          + (f", the watch checks the catalog every {args.poll_seconds} s" if args.watch else ""))
     print(f"{'':40s} {'command s':>10s} {'until searchable s':>19s}")
     print(f"{'full export, ' + format(args.images, ',') + ' images':40s} {export_1:10.1f} {'':>19s}")
     how = "reindex --watch" if args.watch else "reindex"
@@ -461,9 +498,12 @@ def main(argv=None) -> int:
     print(f"full export / reindex: {ratio_cmd:.1f}x (commands), {ratio:.1f}x (until searchable); target >= 10x: "
           f"{'met' if ratio >= 10 else 'NOT met'}")
     print(f"reindex: reused {report['reused']:,}, embedded {report['embedded']:,}, stages (s) {report['seconds']}; "
-          f"ScaNN {scann['params']} (carried over: {scann.get('carried_over')}), recall@{report['k']} "
+          f"ScaNN {scann['params']} ({'updated: ' + str(scann['updated']) if 'updated' in scann else 'rebuilt'}), "
+          f"recall@{report['k']} "
           f"{scann['recall']}; by image, retrieval_scann has {reindex_share:.0%} of the {len(probes)} probes in "
           f"their own top {report['k']} after reindex, {export_share:.0%} after the full export")
+    print(f"retrieval_scann version 2, by image (each image's embedding as the query), recall@10 against exact "
+          f"search: the {args.new:,} new images {new_recall:.4f}, {args.new:,} kept ones {old_recall:.4f}")
     print(f"requests during both swaps: {clients.requests:,}, failed: {len(clients.failures)} "
           f"(versions served: { {m: sorted(v) for m, v in clients.versions.items()} }); target 0: "
           f"{'met' if not clients.failures else 'NOT met'}; server exit {server_code}")

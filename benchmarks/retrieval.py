@@ -181,7 +181,7 @@ def empty_server_rss(tmp: str, dim: int) -> dict:
     small, small_ids = synthetic(np.random.default_rng(1), 1000, dim, None), np.char.encode(np.arange(1000).astype(str))
     params = ScannParams(1, 1, scann_index.NO_QUANTIZATION)
     searcher = scann_index.build_searcher(small, K, params)
-    scann_top_k = scann_index.ScannIndex(searcher, small_ids, K, params)
+    scann_top_k = scann_index.ScannIndex.from_searcher(searcher, small_ids, K, params)
     scann_index.release(searcher)
     return {"scann": server_footprint(save(scann_top_k, dim, f"{tmp}/small_scann", export.SCANN_SAVE_OPTIONS),
                                       dim)["rss_mb"],
@@ -238,7 +238,7 @@ def bench_scann(args, config, corpus, ids, queries, held_out, exact, tmp: str, r
     tuning = scann_tuning.tune(corpus, K, held_out, config.export.scann, config.export.min_recall)
     tune_s = time.perf_counter() - start
     params = tuning.params
-    index = scann_index.ScannIndex(tuning.searcher, ids, K, params)
+    index = scann_index.ScannIndex.from_searcher(tuning.searcher, ids, K, params)
     scann_index.release(tuning.searcher)
     save(index, args.dim, f"{tmp}/scann", export.SCANN_SAVE_OPTIONS)
     del index

@@ -62,6 +62,25 @@ def resolve_uri(uri: str, catalog_path: str) -> str:
     return posixpath.normpath(posixpath.join(base, uri)) if "://" not in base else f"{base}/{uri}"
 
 
+def uri_resolver(catalog_path: str) -> Callable[[str], str]:
+    """resolve_uri for one catalog, for many uris: the folder is normalised once, and a plain relative uri
+    (no ".", ".." or empty parts) is appended to it without normalising the whole path each time."""
+    base = catalog_path.rsplit("/", 1)[0] if "/" in catalog_path else "."
+    if "://" in base:
+        return lambda uri: resolve_uri(uri, catalog_path)
+    folder = posixpath.normpath(base)
+    prefix = "" if folder == "." else folder.rstrip("/") + "/"
+
+    def resolve(uri: str) -> str:
+        if "://" in uri or uri.startswith("/"):
+            return uri
+        if not uri or "/." in "/" + uri or "//" in uri or uri.endswith("/"):
+            return resolve_uri(uri, catalog_path)
+        return prefix + uri
+
+    return resolve
+
+
 def parse_catalog_line(line: bytes | str) -> CatalogEntry:
     """Parses one catalog line.  Raises BadRecord with the reason."""
     if isinstance(line, bytes):
@@ -176,9 +195,14 @@ def prepare_image_input(raw: ImageInput, image_source: str, prepare_png: Optiona
     try:
         return prepare_png(raw)
     except Exception as err:  # noqa: BLE001  (InvalidArgumentError, or anything else: no image may stop a run)
-        summary = error_summary(err)
-        reason = "image_too_large" if "image too large to decode" in summary else "corrupt_image"
-        raise BadRecord(reason, f"{where}: {type(err).__name__}: {summary}"[:300]) from None
+        raise unusable_image(err, where) from None
+
+
+def unusable_image(err: Exception, where: str = "") -> BadRecord:
+    """The BadRecord of an image that preparing raised `err` for: `image_too_large` or `corrupt_image`."""
+    summary = error_summary(err)
+    reason = "image_too_large" if "image too large to decode" in summary else "corrupt_image"
+    return BadRecord(reason, f"{where}: {type(err).__name__}: {summary}"[:300])
 
 
 def error_summary(err: Exception) -> str:

@@ -6,7 +6,9 @@
                                                                                  when it was hashed ("" unknown)
                                                            embeddings float32 [N, D]
     W/export/corpus_embeddings/<version>/manifest.json     image_encoder_version, image_source, count, dim,
-                                                           written_by (export | reindex), scann (the index's params)
+                                                           written_by (export | reindex), scann (the index's params),
+                                                           scann_rows_since_build (rows reindex changed in that index
+                                                           since it was last built: trainer/scann_update.py)
 
 `<version>` is the version of the retrieval models built over exactly these
 rows (`clicklens export` writes all four models and this at one version;
@@ -63,6 +65,7 @@ class CorpusEmbeddings:
     written_by: str = "export"
     scann: Optional[Dict[str, Any]] = None  # the ScaNN params of the retrieval_scann version over these rows
     stats: Optional[np.ndarray] = None  # bytes [N], file_stat() when hashed, b"" unknown; None: all unknown
+    scann_rows_since_build: int = 0  # rows added, changed or removed by updates of the ScaNN index since its build
 
     def __post_init__(self):
         if self.stats is None:
@@ -75,7 +78,8 @@ class CorpusEmbeddings:
     def manifest(self, version: int) -> Dict[str, Any]:
         return {"version": version, "image_encoder_version": self.image_encoder_version,
                 "image_source": self.image_source, "count": int(len(self.ids)),
-                "dim": int(self.embeddings.shape[1]), "written_by": self.written_by, "scann": self.scann}
+                "dim": int(self.embeddings.shape[1]), "written_by": self.written_by, "scann": self.scann,
+                "scann_rows_since_build": self.scann_rows_since_build}
 
 
 def versions(base_path: str) -> Dict[int, str]:
@@ -130,7 +134,7 @@ def read(folder: str) -> CorpusEmbeddings:
         stats = arrays["stats"] if "stats" in arrays.files else None
     return CorpusEmbeddings(ids, hashes, embeddings.astype(np.float32), int(manifest["image_encoder_version"]),
                             manifest["image_source"], manifest.get("written_by", "export"), manifest.get("scann"),
-                            stats)
+                            stats, int(manifest.get("scann_rows_since_build", 0)))
 
 
 def read_latest(base_path: str) -> Optional[Tuple[int, CorpusEmbeddings]]:

@@ -32,7 +32,8 @@ from clicklens.catalog import CatalogEntry
 from clicklens.demo_data import images as demo_images
 from clicklens.images import PngPreparer
 from clicklens.workdir import Workdir
-from trainer.reindex import diff_counts, watch
+from trainer import catalog_scan
+from trainer.reindex import KeptRows, diff_counts, watch
 from trainer.scann_index import ScannParams
 from trainer.scann_tuning import carried_depth
 
@@ -69,9 +70,9 @@ def test_content_hash_of_bytes_and_of_feature_vectors():
 
 
 def test_diff_counts():
-    previous = corpus_embeddings.CorpusEmbeddings(
+    previous = KeptRows(3, corpus_embeddings.CorpusEmbeddings(
         np.array([b"kept", b"edited", b"gone", b"unknown"]), np.array([b"h1", b"h2", b"h3", b""]),
-        np.ones((4, 2), np.float32), 1, "pixels")
+        np.ones((4, 2), np.float32), 1, "pixels")).hash_by_id
     counts = diff_counts(previous, ["kept", "edited", "unknown", "new"], ["h1", "h9", "h4", "h5"])
     assert counts == {"added": 1, "changed": 2, "unchanged": 1, "removed": 1}
     assert diff_counts(None, ["a"], ["h"]) == {"added": 1, "changed": 0, "unchanged": 0, "removed": 0}
@@ -87,6 +88,33 @@ def test_carried_depth_keeps_the_share_of_leaves_and_the_rescoring_depth():
     assert carried_depth(previous, layout, [1, 2], [80, 160]) is None  # a re-scoring depth not tried now
     exact = ScannParams(1, 1, "none")
     assert carried_depth(previous, exact, [1], [0]) is None  # one setting: nothing to tune
+
+
+def test_an_appended_catalog_is_parsed_from_where_the_last_parse_ended(tmp_path, monkeypatch):
+    path = tmp_path / "catalog.jsonl"
+    lines = [CatalogEntry(f"img_{i}", f"images/img_{i}.png").to_json() for i in range(5)]
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:12])  # the last line is still being written
+    entries, dead, count, parsed = catalog_scan.parse_entries(str(path))
+    assert [e.image_id for e in entries] == ["img_0", "img_1", "img_2"] and count == 4
+    assert [d["reason"] for d in dead] == ["bad_json"]
+    assert parsed.size == len("\n".join(lines[:3]) + "\n")  # the unfinished line is not kept
+
+    parsed_lines = []
+    real_parse = catalog_scan.parse_catalog_line
+    monkeypatch.setattr(catalog_scan, "parse_catalog_line", lambda line: parsed_lines.append(line) or real_parse(line))
+    duplicate = CatalogEntry("img_1", "images/other.png").to_json()
+    path.write_text("\n".join(lines + [duplicate, "not json"]) + "\n")
+    appended = catalog_scan.parse_entries(str(path), parsed)
+    assert len(parsed_lines) == 4  # the finished line and the three after it
+    whole = catalog_scan.parse_entries(str(path))
+    assert appended[:3] == whole[:3]
+    assert [e.image_id for e in appended[0]] == [f"img_{i}" for i in range(5)]
+    assert sorted(d["reason"] for d in appended[1]) == ["bad_json", "duplicate_image_id"]
+
+    path.write_text(lines[4] + "\n" + lines[0] + "\n")  # rewritten from the start: parsed whole
+    rewritten = catalog_scan.parse_entries(str(path), appended[3])
+    assert [e.image_id for e in rewritten[0]] == ["img_4", "img_0"] and rewritten[:3] == catalog_scan.parse_entries(
+        str(path))[:3]
 
 
 def test_reindex_without_an_export_names_the_missing_folder(tmp_path, capsys):
@@ -267,6 +295,61 @@ def test_files_whose_stat_is_unchanged_are_not_read_again(demo_exported, small_c
     run_verb("reindex", w.root, "--rehash")
     r = report(w)
     assert r["files_read"] == readable and r["version"] is None  # every file read; nothing had changed
+
+
+def test_a_partitioned_ah_index_is_updated_in_place_until_a_rebuild_is_due(demo_exported, small_config, tmp_path,
+                                                                            caplog):
+    w = copy_workdir(demo_exported, tmp_path / "w")
+    ah = ["export.scann.quantization=ah", "export.scann.dimensions_per_block=2", "export.min_recall=0.5"]
+    size = small_config.demo_data.image_size
+    prepare = PngPreparer(small_config.pipeline.image_size)
+    add_images(w, size, NEW_IMAGES[:1])
+    with caplog.at_level(logging.INFO, logger="trainer.reindex"):
+        run_verb("reindex", w.root, overrides=ah)
+    assert any("only a partitioned AH index is updated" in m for m in caplog.messages)  # the export's is float32
+    r = report(w)
+    assert "updated" not in r["scann"] and r["scann"]["params"]["quantization"] == "ah"
+    built_version, rows = corpus_embeddings.read_latest(w.corpus_embeddings)
+    assert rows.scann_rows_since_build == 0
+
+    added = add_images(w, size, NEW_IMAGES[1:])
+    gone = rows.ids[0].decode()
+    remove_images(w, [gone])
+    run_verb("reindex", w.root, overrides=ah)
+    r = report(w)
+    assert r["scann"]["updated"] == {"added": 2, "removed": 1, "changed": 0} and r["scann"]["rows_since_build"] == 3
+    assert r["scann"]["params"] == rows.scann  # the index's own layout and depth, kept
+    version, rows = corpus_embeddings.read_latest(w.corpus_embeddings)
+    assert version == built_version + 1 and rows.scann_rows_since_build == 3
+    _, scann = latest(w, servables.RETRIEVAL_SCANN)
+    assert sorted(scann.top_k.identifiers.numpy().tolist()) == sorted(rows.ids.tolist())
+    for image_id, png in added.items():
+        assert top_ids(scann, prepare(png))[0] == image_id
+    assert gone not in top_ids(scann, prepare((pathlib.Path(w.images) / f"{gone}.png").read_bytes()))
+
+    # Removing a fifth of the images since the build calls for a rebuild.
+    remove_images(w, [i.decode() for i in rows.ids[:len(rows.ids) // 5]])
+    with caplog.at_level(logging.INFO, logger="trainer.reindex"):
+        run_verb("reindex", w.root, overrides=ah)
+    assert any("rows changed since the index was built" in m for m in caplog.messages)
+    assert "updated" not in report(w)["scann"]
+    assert corpus_embeddings.read_latest(w.corpus_embeddings)[1].scann_rows_since_build == 0
+
+
+def test_a_reindexed_retrieval_model_keeps_only_the_graphs_its_signatures_run(demo_exported, small_config, tmp_path):
+    w = copy_workdir(demo_exported, tmp_path / "w")
+    add_images(w, small_config.demo_data.image_size, NEW_IMAGES[:1])
+    run_verb("reindex", w.root)
+    from serving.saved_models import read_saved_model
+
+    def functions(model_dir):
+        return len(read_saved_model(model_dir).meta_graphs[0].graph_def.library.function)
+
+    for name in servables.RETRIEVAL_MODELS:
+        base = pathlib.Path(w.export_model(name))
+        exported, reindexed = sorted((int(v.name) for v in base.iterdir() if v.name.isdigit()))[-2:]
+        # Not the loaded encoders' Keras layer functions, nor each encoder's copy of the other tower.
+        assert functions(str(base / str(reindexed))) <= functions(str(base / str(exported)))
 
 
 def test_unchanged_catalog_writes_no_new_version(demo_exported, tmp_path):

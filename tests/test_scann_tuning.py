@@ -139,7 +139,7 @@ def test_tuning_keeps_a_setting_meeting_min_recall_and_reports_every_try():
         for row in report["tried"]:
             assert 0.0 <= row["recall"] <= 1.0 and row["queries_per_second"] > 0 and row["queries_per_cpu_second"] > 0
         # What the index serves is what tuning measured.
-        index = scann_index.ScannIndex(tuning.searcher, ids_for(4000), 10, tuning.params)
+        index = scann_index.ScannIndex.from_searcher(tuning.searcher, ids_for(4000), 10, tuning.params)
         recall = scann_tuning.recall_at_k(search_ids(index, queries), exact_ids(corpus, ids_for(4000), queries, 10))
         assert recall == pytest.approx(tuning.chosen.recall, abs=1e-6)
     finally:
@@ -205,7 +205,7 @@ def test_two_indexes_in_one_process_each_search_their_own_corpus():
     for name in ("a", "b"):
         corpus = clustered(rng, 2000)
         searcher = scann_index.build_searcher(corpus, 5, params)
-        indexes.append((scann_index.ScannIndex(searcher, ids_for(2000, name), 5, params), corpus, name))
+        indexes.append((scann_index.ScannIndex.from_searcher(searcher, ids_for(2000, name), 5, params), corpus, name))
         scann_index.release(searcher)
     for index, corpus, name in indexes:
         found = search_ids(index, queries)
@@ -218,7 +218,7 @@ def test_a_short_result_gets_empty_ids_not_another_image():
     corpus = clustered(rng, 300)
     params = ScannParams(10, 1, "none")  # one of 10 leaves searched: far fewer than the 150 images asked for
     searcher = scann_index.build_searcher(corpus, 150, params)
-    index = scann_index.ScannIndex(searcher, ids_for(300), 150, params)
+    index = scann_index.ScannIndex.from_searcher(searcher, ids_for(300), 150, params)
     scann_index.release(searcher)
     scores, ids = (t.numpy() for t in index(tf.constant(clustered(rng, 4))))
     assert ids.shape == scores.shape == (4, 150)
@@ -232,7 +232,7 @@ def save_scann_retrieval(corpus, path) -> sigs.Retrieval:
     signature; returns the module."""
     params = ScannParams(30, 5, "ah", 2, 40)
     searcher = scann_index.build_searcher(corpus, 10, params)
-    module = sigs.Retrieval(None, scann_index.ScannIndex(searcher, ids_for(len(corpus)), 10, params), 10)
+    module = sigs.Retrieval(None, scann_index.ScannIndex.from_searcher(searcher, ids_for(len(corpus)), 10, params), 10)
     scann_index.release(searcher)
     spec = tf.TensorSpec([None, corpus.shape[1]], tf.float32, name="embedding")
     signature = tf.function(module.search_embeddings).get_concrete_function(spec)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clicklens.catalog import read_catalog, resolve_uri
+from clicklens.catalog import read_catalog, resolve_uri, uri_resolver
 from clicklens.errors import BadRecord
 from clicklens.log_schema import MAX_QUERY_CHARS, parse_log_line
 from clicklens.queries import normalize_query
@@ -61,3 +61,12 @@ def test_read_catalog_reports_bad_lines_and_skips_blanks(tmp_path):
     assert bad == ["bad_image_id", "not_utf8"]
     assert resolve_uri(entries[0].uri, str(path)) == str(tmp_path / "images" / "a.png")
     assert resolve_uri("gs://b/x.png", str(path)) == "gs://b/x.png"
+
+
+@pytest.mark.parametrize("catalog", ["/a/b/catalog.jsonl", "catalog.jsonl", "./c.jsonl", "rel/dir/c.jsonl",
+                                     "/c.jsonl", "a//b/c.jsonl", "../up/c.jsonl", "gs://bucket/x/c.jsonl"])
+def test_the_catalogs_uri_resolver_agrees_with_resolve_uri(catalog):
+    resolve = uri_resolver(catalog)
+    for uri in ["images/x.png", "x.png", "./x.png", "../x.png", "a/../b.png", "/abs/x.png", "gs://b/y.png",
+                ".hidden/x.png", "a//b.png", "dir/", "", "a/.b/c.png", "图片/猫.png"]:
+        assert resolve(uri) == resolve_uri(uri, catalog), uri

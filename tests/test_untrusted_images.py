@@ -137,3 +137,14 @@ def test_catalog_uris_outside_the_catalog_folder_are_not_read_unless_allowed(tmp
     assert inside_catalog("gs://b/images/a.png", "gs://b/catalog.jsonl")
     assert not inside_catalog("gs://other/a.png", "gs://b/catalog.jsonl")
     assert not inside_catalog("/data/a.png", "gs://b/catalog.jsonl")
+
+
+def test_preparing_many_images_at_once_gives_each_images_own_result():
+    prepare = PngPreparer(16)
+    good = [encode(noise(40 + i, 30, seed=i), "PNG") for i in range(3)] + [encode(noise(20, 20), "JPEG")]
+    mixed = good[:2] + [b"not an image", b""] + good[2:]
+    assert prepare.many(good) == [prepare(g) for g in good]  # one call for the list
+    results = prepare.many(mixed)
+    assert [r for r in results if isinstance(r, bytes)] == [prepare(g) for g in good]
+    assert [type(r) for r in results[2:4]] == [tf.errors.InvalidArgumentError] * 2
+    assert prepare.many([]) == []

@@ -20,6 +20,7 @@ are embedded.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,8 @@ from typing import Dict, List, Optional, Tuple
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from clicklens.catalog import CatalogEntry, ImageInput, first_entry, parse_catalog_line, read_image_input, resolve_uri
+from clicklens.catalog import (CatalogEntry, ImageInput, first_entry, parse_catalog_line, read_image_input,
+                               uri_resolver)
 from clicklens.corpus_embeddings import content_hash, file_stat
 from clicklens.dead_letters import dead_letter, image_dead_letter
 from clicklens.errors import BadRecord, ClicklensError
@@ -61,6 +63,7 @@ class CatalogScan:
     lines: int
     files_read: int = 0  # files read and hashed (the others' stat matched `known`)
     allow_outside_uris: bool = False  # pipeline.allow_outside_uris
+    parsed: Optional["ParsedCatalog"] = None  # the catalog's parse, for the next scan of the same file
 
 
 def read_file(path: str) -> bytes:
@@ -90,53 +93,97 @@ def read_input(scan: CatalogScan, image: ScannedImage) -> ImageInput:
                             scan.allow_outside_uris)
 
 
-def parse_entries(path: str) -> Tuple[List[CatalogEntry], List[Dict[str, object]], int]:
-    """(one entry per image id in the order ids first appear, dead letters, non-blank lines) of a catalog file."""
+@dataclasses.dataclass
+class ParsedCatalog:
+    """The parsed whole lines of a catalog file's first `size` bytes; a later pass over the same file parses
+    only what was appended after them (`parse_entries(..., previous=)`), as `clicklens reindex --watch` does."""
+
+    size: int = 0
+    digest: bytes = b""  # of those bytes: the file must still start with them
+    by_id: Dict[str, List[CatalogEntry]] = dataclasses.field(default_factory=dict)  # in order of first appearance
+    dead: List[Dict[str, object]] = dataclasses.field(default_factory=list)  # lines that did not parse
+    lines: int = 0  # non-blank lines
+
+    def extended(self, data: bytes) -> "ParsedCatalog":
+        """A copy with the lines of `data` parsed and added (this one is left as it was)."""
+        by_id, dead, lines = dict(self.by_id), list(self.dead), self.lines
+        for line in data.split(b"\n"):
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                entry = parse_catalog_line(line)
+            except BadRecord as err:
+                dead.append(dead_letter("catalog", err.reason, line, err.detail))
+                continue
+            except Exception as err:  # noqa: BLE001  (a bad line must never stop the run)
+                dead.append(dead_letter("catalog", "internal_error", line, repr(err)[:200]))
+                continue
+            by_id[entry.image_id] = by_id.get(entry.image_id, []) + [entry]  # a new list: self's stay unchanged
+        return ParsedCatalog(self.size + len(data), b"", by_id, dead, lines)
+
+    def resolved(self) -> Tuple[List[CatalogEntry], List[Dict[str, object]]]:
+        """(one entry per image id, in the order ids first appear; dead letters, duplicate ids included)."""
+        entries, dead = [], list(self.dead)
+        for same_id in self.by_id.values():
+            kept, duplicates = first_entry(same_id)
+            entries.append(kept)
+            dead.extend(dead_letter("catalog", "duplicate_image_id", d.to_json()) for d in duplicates)
+        return entries, dead
+
+
+def _digest(data) -> bytes:
+    return hashlib.sha1(data).digest()
+
+
+def parse_entries(path: str, previous: Optional[ParsedCatalog] = None
+                  ) -> Tuple[List[CatalogEntry], List[Dict[str, object]], int, ParsedCatalog]:
+    """(one entry per image id in the order ids first appear, dead letters, non-blank lines, the parse to pass
+    as `previous` next time) of a catalog file.
+
+    With `previous` (an earlier parse of the same file), a file that still starts with the bytes it parsed
+    has only the rest parsed; any other change is parsed whole.
+    """
     if not tf.io.gfile.exists(path):
         raise ClicklensError(f"image catalog {path} not found (set pipeline.catalog)")
-    by_id: Dict[str, List[CatalogEntry]] = {}
-    dead: List[Dict[str, object]] = []
-    lines = 0
     with tf.io.gfile.GFile(path, "rb") as f:
         data = f.read()  # at once: GFile's line iterator costs more than the parsing
-    for line in data.split(b"\n"):
-        line = line.rstrip(b"\r\n")
-        if not line.strip():
-            continue
-        lines += 1
-        try:
-            entry = parse_catalog_line(line)
-        except BadRecord as err:
-            dead.append(dead_letter("catalog", err.reason, line, err.detail))
-            continue
-        except Exception as err:  # noqa: BLE001  (a bad line must never stop the run)
-            dead.append(dead_letter("catalog", "internal_error", line, repr(err)[:200]))
-            continue
-        by_id.setdefault(entry.image_id, []).append(entry)
-    entries = []
-    for same_id in by_id.values():
-        kept, duplicates = first_entry(same_id)
-        entries.append(kept)
-        dead.extend(dead_letter("catalog", "duplicate_image_id", d.to_json()) for d in duplicates)
-    return entries, dead, lines
+    view = memoryview(data)
+    base = ParsedCatalog()
+    if previous is not None and 0 < previous.size <= len(data) and _digest(view[:previous.size]) == previous.digest:
+        base = previous
+    whole = data.rfind(b"\n") + 1  # a last line without its newline may still be being written: not kept
+    parsed = base.extended(data[base.size:whole]) if whole > base.size else base
+    if parsed is not base:
+        parsed.digest = _digest(view[:whole])
+    everything = parsed.extended(data[whole:]) if whole < len(data) else parsed
+    entries, dead = everything.resolved()
+    return entries, dead, everything.lines, parsed
 
 
 def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional[Dict[str, str]] = None,
                  threads: int = READ_THREADS, log_prefix: Optional[str] = None,
-                 allow_outside_uris: bool = False) -> CatalogScan:
+                 allow_outside_uris: bool = False, previous: Optional[ParsedCatalog] = None) -> CatalogScan:
     """Parses the catalog at `path` and hashes every image's raw input (see the module docstring).
 
     `known` maps file_stat() records to the hashes taken with them: a file whose
-    stat is there is not read again.
+    stat is there is not read again.  `previous`: the `parsed` of an earlier
+    scan of the same file (parse_entries).
     """
-    entries, dead, lines = parse_entries(path)
-    scan = CatalogScan(path, image_source, feature_dim, [], dead, lines, allow_outside_uris=allow_outside_uris)
+    entries, dead, lines, parsed = parse_entries(path, previous)
+    scan = CatalogScan(path, image_source, feature_dim, [], dead, lines, allow_outside_uris=allow_outside_uris,
+                       parsed=parsed)
     known = known or {}
+    resolve = uri_resolver(path)
 
-    def hash_chunk(chunk: List[CatalogEntry]):
+    def stat_of(entry: CatalogEntry) -> str:
+        return stat_file(resolve(entry.uri)) if image_source != "features" and entry.uri else ""
+
+    def hash_chunk(chunk: List[Tuple[CatalogEntry, Optional[str]]]):
         results = []
-        for entry in chunk:
-            stat = stat_file(resolve_uri(entry.uri, path)) if image_source != "features" and entry.uri else ""
+        for entry, stat in chunk:
+            stat = stat_of(entry) if stat is None else stat
             if stat and stat in known:
                 results.append((known[stat], stat, False))
                 continue
@@ -147,19 +194,33 @@ def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional
                 results.append(err)
         return results
 
-    chunks = [entries[i:i + READ_CHUNK] for i in range(0, len(entries), READ_CHUNK)]
-    done = 0
+    # Local files are stat'ed here, in one loop (a thread pool costs more than a local stat); the files to
+    # read, and every remote file (latency-bound), go to the threads.
+    results: List[object] = [None] * len(entries)
+    pending: List[Tuple[int, CatalogEntry, Optional[str]]] = []
+    remote = "://" in path
+    for i, entry in enumerate(entries):
+        stat = None if remote or "://" in entry.uri else stat_of(entry)
+        if stat and stat in known:
+            results[i] = (known[stat], stat, False)
+        else:
+            pending.append((i, entry, stat))
+    chunks = [pending[i:i + READ_CHUNK] for i in range(0, len(pending), READ_CHUNK)]
+    done = len(entries) - len(pending)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for chunk, results in zip(chunks, pool.map(hash_chunk, chunks)):
-            for entry, result in zip(chunk, results):
-                if isinstance(result, BadRecord):
-                    scan.dead_letters.append(image_dead_letter(entry, result.reason, result.detail))
-                else:
-                    content, stat, was_read = result
-                    scan.images.append(ScannedImage(entry, content, stat))
-                    scan.files_read += was_read
+        for chunk, chunk_results in zip(chunks, pool.map(hash_chunk, [[(e, s) for _, e, s in c] for c in chunks])):
+            for (i, _, _), result in zip(chunk, chunk_results):
+                results[i] = result
             done += len(chunk)
             if log_prefix and (done % LOG_EVERY < READ_CHUNK or done == len(entries)):
                 logger.info("%s: %d / %d catalog images hashed (%d files read, the others' size and "
-                            "modification time unchanged)", log_prefix, done, len(entries), scan.files_read)
+                            "modification time unchanged)", log_prefix, done, len(entries),
+                            sum(1 for r in results if isinstance(r, tuple) and r[2]))
+    for entry, result in zip(entries, results):
+        if isinstance(result, BadRecord):
+            scan.dead_letters.append(image_dead_letter(entry, result.reason, result.detail))
+        else:
+            content, stat, was_read = result
+            scan.images.append(ScannedImage(entry, content, stat))
+            scan.files_read += was_read
     return scan

@@ -148,7 +148,7 @@ def scann_retrieval_index(config, corpus: Corpus, held_out_queries: np.ndarray,
     tuning = scann_tuning.tune(corpus.embeddings, k, queries, config.export.scann, config.export.min_recall,
                                previous=previous)
     try:
-        index = scann_index.ScannIndex(tuning.searcher, corpus.ids, k, tuning.params)
+        index = scann_index.ScannIndex.from_searcher(tuning.searcher, corpus.ids, k, tuning.params)
     finally:
         scann_index.release(tuning.searcher)
     return index, {**tuning.report(), "corpus_derived_queries": derived}

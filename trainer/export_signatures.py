@@ -88,6 +88,13 @@ class Encoders(tf.Module):
 QUERY_SPEC = tf.TensorSpec([None], tf.string, name=S.QUERY)
 
 
+def traced(function, spec: tf.TensorSpec) -> tf.types.experimental.ConcreteFunction:
+    """`function` traced for one input as a signature.  Without AutoGraph: the signatures branch only on
+    Python values, and converting their source (and every function they call) took half a second of each
+    export and reindex."""
+    return tf.function(function, autograph=False).get_concrete_function(spec)
+
+
 class QueryEncoder(tf.Module):
     """query_encoder: raw query strings -> embedding / hash_code."""
 
@@ -102,8 +109,8 @@ class QueryEncoder(tf.Module):
         def code(query):
             return {S.HASH_CODE: pack_codes(self.encoders.embed_queries(query))}
 
-        return {S.TEXT_SIGNATURE: tf.function(embed).get_concrete_function(QUERY_SPEC),
-                S.HASH_SIGNATURE: tf.function(code).get_concrete_function(QUERY_SPEC)}
+        return {S.TEXT_SIGNATURE: traced(embed, QUERY_SPEC),
+                S.HASH_SIGNATURE: traced(code, QUERY_SPEC)}
 
 
 class ImageEncoder(tf.Module):
@@ -121,8 +128,8 @@ class ImageEncoder(tf.Module):
             return {S.HASH_CODE: pack_codes(self.encoders.embed_images(images))}
 
         spec = self.encoders.image_spec()  # named image_bytes / image_features: the signature's input name
-        return {S.TEXT_SIGNATURE: tf.function(embed).get_concrete_function(spec),
-                S.HASH_SIGNATURE: tf.function(code).get_concrete_function(spec)}
+        return {S.TEXT_SIGNATURE: traced(embed, spec),
+                S.HASH_SIGNATURE: traced(code, spec)}
 
 
 class BruteForceIndex(tf.Module):
@@ -194,5 +201,5 @@ class Retrieval(tf.Module):
         def by_image(images):
             return self.search_embeddings(self.encoders.embed_images(images))
 
-        return {S.TEXT_SIGNATURE: tf.function(by_text).get_concrete_function(QUERY_SPEC),
-                S.IMAGE_SIGNATURE: tf.function(by_image).get_concrete_function(self.encoders.image_spec())}
+        return {S.TEXT_SIGNATURE: traced(by_text, QUERY_SPEC),
+                S.IMAGE_SIGNATURE: traced(by_image, self.encoders.image_spec())}

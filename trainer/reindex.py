@@ -27,17 +27,19 @@ The encoders are not rewritten: their newest version stays what export wrote.
 
 `clicklens reindex --watch` stays up and runs a pass whenever the catalog file changes (checked every
 --poll-seconds), keeping between passes what a one-off run loads each time (`WarmState`): TensorFlow,
-the encoders (loaded again when a newer export appears), the newest corpus rows and the embedded
-tuning queries.
+the encoders (loaded again when a newer export appears), the newest corpus rows, the embedded
+tuning queries and the catalog's parse (a catalog that only grew has only its new lines parsed).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -47,30 +49,69 @@ import tensorflow as tf
 
 from clicklens import corpus_embeddings
 from clicklens import servables as S
-from clicklens.catalog import catalog_path, prepare_image_input, resolve_uri
+from clicklens.catalog import catalog_path, resolve_uri, unusable_image
 from clicklens.corpus_embeddings import content_hash
 from clicklens.dead_letters import image_dead_letter, write_dead_letters
 from clicklens.errors import BadRecord, ClicklensError
 from clicklens.shutdown import stop_on_signals
-from clicklens.workdir import Workdir
-from trainer import export
-from trainer.catalog_scan import CatalogScan, ScannedImage, read_input, scan_catalog
+from clicklens.workdir import Workdir, join
+from trainer import export, scann_tuning, scann_update
+from trainer.catalog_scan import CatalogScan, ParsedCatalog, ScannedImage, read_input, scan_catalog
 from trainer.corpus import Corpus
+from trainer.ranking import exact_top_k
 from trainer.saved_encoders import SavedEncoders, load_saved_encoders
-from trainer.scann_index import ScannParams
+from trainer.scann_index import ScannIndex, ScannParams
 
 logger = logging.getLogger(__name__)
 
 EMBED_CHUNK = 256  # images read, prepared and embedded at a time
+READ_THREADS = 8
 LOG_EVERY = 5_000
+
+
+class KeptRows:
+    """The corpus rows of one retrieval version (clicklens/corpus_embeddings.py) and the lookups a pass makes
+    in them, each built once (a watch keeps them from one pass to the next)."""
+
+    def __init__(self, version: int, rows: corpus_embeddings.CorpusEmbeddings,
+                 decoded: Optional[Tuple[List[str], List[str], List[str]]] = None):
+        """`decoded`: the rows' (ids, hashes, stats) as str, when the caller has them."""
+        self.version, self.rows = version, rows
+        if decoded is not None:
+            self.ids, self.hashes, self.stats = decoded
+
+    @functools.cached_property
+    def ids(self) -> List[str]:
+        return [i.decode("utf-8") for i in self.rows.ids]
+
+    @functools.cached_property
+    def hashes(self) -> List[str]:
+        return [h.decode("ascii") for h in self.rows.hashes]
+
+    @functools.cached_property
+    def stats(self) -> List[str]:
+        return [s.decode("utf-8") for s in self.rows.stats]
+
+    @functools.cached_property
+    def hash_by_stat(self) -> Dict[str, str]:
+        """{file stat: content hash} of the rows whose stat and hash were recorded."""
+        return {stat: content for stat, content in zip(self.stats, self.hashes) if stat and content}
+
+    @functools.cached_property
+    def row_by_hash(self) -> Dict[str, int]:
+        """{content hash: a row with it}."""
+        return {content: row for row, content in enumerate(self.hashes) if content}
+
+    @functools.cached_property
+    def hash_by_id(self) -> Dict[str, str]:
+        return dict(zip(self.ids, self.hashes))
 
 
 class Plan:
     """Which catalog images reuse a kept embedding (found by content hash, under any id) and which are embedded."""
 
-    def __init__(self, scan: CatalogScan, previous: Optional[corpus_embeddings.CorpusEmbeddings], reuse: bool):
-        by_hash = {} if previous is None or not reuse else {
-            h.decode("ascii"): row for row, h in enumerate(previous.hashes) if h}
+    def __init__(self, scan: CatalogScan, previous: Optional[KeptRows], reuse: bool):
+        by_hash = previous.row_by_hash if previous is not None and reuse else {}
         self.reused: Dict[str, int] = {}  # image id -> row of the previous embeddings
         self.to_embed: List[ScannedImage] = []
         for image in scan.images:
@@ -81,11 +122,10 @@ class Plan:
                 self.to_embed.append(image)
 
 
-def diff_counts(previous: Optional[corpus_embeddings.CorpusEmbeddings], ids: List[str],
-                hashes: List[str]) -> Dict[str, int]:
-    """added / changed (other bytes) / unchanged / removed image ids of the new rows against the previous ones."""
-    old = {} if previous is None else {
-        i.decode("utf-8"): h.decode("ascii") for i, h in zip(previous.ids, previous.hashes)}
+def diff_counts(previous: Optional[Dict[str, str]], ids: List[str], hashes: List[str]) -> Dict[str, int]:
+    """added / changed (other bytes) / unchanged / removed image ids of the new rows against the previous
+    ones ({id: content hash}, "" unknown)."""
+    old = previous or {}
     counts = collections.Counter(added=0, changed=0, unchanged=0)
     for image_id, content in zip(ids, hashes):
         if image_id not in old:
@@ -94,7 +134,7 @@ def diff_counts(previous: Optional[corpus_embeddings.CorpusEmbeddings], ids: Lis
             counts["unchanged"] += 1
         else:
             counts["changed"] += 1
-    counts["removed"] = len(set(old) - set(ids))
+    counts["removed"] = len(old) - (len(ids) - counts["added"])
     return dict(counts)
 
 
@@ -103,39 +143,55 @@ def embed_new(scan: CatalogScan, images: List[ScannedImage], encoders: SavedEnco
               dead_letters: List[dict]) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Optional[object]]:
     """({id: embedding}, {id: content hash of the bytes embedded}, one prepared input) of `images`.
 
-    Each is read again, prepared as the pipeline stores it and embedded by the
-    exported image_encoder; what cannot be read or decoded is dead-lettered.
+    Each is read again (READ_THREADS at a time: a remote catalog is latency-bound), prepared as the
+    pipeline stores it (EMBED_CHUNK images a call) and embedded by the exported image_encoder; what cannot
+    be read or decoded is dead-lettered.
     """
     preparer = None
     if scan.image_source != "features":
         from clicklens.images import png_preparer
 
         preparer = png_preparer(image_size, max_pixels)
+
+    def read(image: ScannedImage):
+        try:
+            return read_input(scan, image)
+        except BadRecord as err:
+            return err
+
     embeddings: Dict[str, np.ndarray] = {}
     hashes: Dict[str, str] = {}
     sample = None
     done = 0
-    for start in range(0, len(images), EMBED_CHUNK):
-        ids, values = [], []
-        for image in images[start:start + EMBED_CHUNK]:
-            entry = image.entry
-            try:
-                raw = read_input(scan, image)
-                where = resolve_uri(entry.uri, scan.path) if entry.uri else ""
-                value = prepare_image_input(raw, scan.image_source, preparer, where)
-            except BadRecord as err:
-                dead_letters.append(image_dead_letter(entry, err.reason, err.detail))
-                continue
-            ids.append(entry.image_id)
-            values.append(np.asarray(value, np.float32) if scan.image_source == "features" else value)
-            hashes[entry.image_id] = content_hash(raw)  # of the bytes embedded, should the file change meanwhile
-        if sample is None and values:
-            sample = values[0]
-        embeddings.update(zip(ids, encoders.embed_image_values(values)))
-        done += len(images[start:start + EMBED_CHUNK])
-        if done % LOG_EVERY < EMBED_CHUNK or done == len(images):
-            logger.info("reindex: embedded %d / %d images (%d could not be used)", len(embeddings), len(images),
-                        done - len(embeddings))
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        for start in range(0, len(images), EMBED_CHUNK):
+            chunk = images[start:start + EMBED_CHUNK]
+            raws = list(pool.map(read, chunk))
+            readable = [(image, raw) for image, raw in zip(chunk, raws) if not isinstance(raw, BadRecord)]
+            if preparer is None:
+                values = [np.asarray(raw, np.float32) for _, raw in readable]
+            else:
+                values = preparer.many([raw for _, raw in readable])
+            ids, kept = [], []
+            for (image, raw), value in zip(readable, values):
+                if isinstance(value, Exception):
+                    where = resolve_uri(image.entry.uri, scan.path) if image.entry.uri else ""
+                    value = unusable_image(value, where)
+                    dead_letters.append(image_dead_letter(image.entry, value.reason, value.detail))
+                    continue
+                ids.append(image.entry.image_id)
+                kept.append(value)
+                hashes[image.entry.image_id] = content_hash(raw)  # of the bytes embedded, should the file change
+            for image, raw in zip(chunk, raws):
+                if isinstance(raw, BadRecord):
+                    dead_letters.append(image_dead_letter(image.entry, raw.reason, raw.detail))
+            if sample is None and kept:
+                sample = kept[0]
+            embeddings.update(zip(ids, encoders.embed_image_values(kept)))
+            done += len(chunk)
+            if done % LOG_EVERY < EMBED_CHUNK or done == len(images):
+                logger.info("reindex: embedded %d / %d images (%d could not be used)", len(embeddings), len(images),
+                            done - len(embeddings))
     return embeddings, hashes, sample
 
 
@@ -146,7 +202,10 @@ def sample_input(scan: CatalogScan, image: ScannedImage, image_size: int, max_pi
         return np.asarray(raw, np.float32)
     from clicklens.images import png_preparer
 
-    return prepare_image_input(raw, scan.image_source, png_preparer(image_size, max_pixels), image.entry.uri)
+    (prepared,) = png_preparer(image_size, max_pixels).many([raw])  # the call embed_new makes: its graph is built
+    if isinstance(prepared, Exception):
+        raise unusable_image(prepared, image.entry.uri)
+    return prepared
 
 
 def query_embeddings(config, workdir: Workdir, encoders: SavedEncoders) -> np.ndarray:
@@ -162,14 +221,6 @@ def check_image_source(config, encoders: SavedEncoders) -> None:
                              f"{S.IMAGE_ENCODER} takes {encoders.image_input!r}: use the config it was exported with")
 
 
-def known_stats(previous: Optional[corpus_embeddings.CorpusEmbeddings]) -> Dict[str, str]:
-    """{file stat: content hash} of the kept rows whose stat and hash were recorded."""
-    if previous is None:
-        return {}
-    return {stat.decode("utf-8"): content.decode("ascii")
-            for stat, content in zip(previous.stats, previous.hashes) if stat and content}
-
-
 class WarmState:
     """What a reindex pass loads, kept for the next pass of the same process (`--watch`): the newest
     encoders, the newest corpus rows and the embedded tuning queries.  Each is loaded again when a newer
@@ -178,14 +229,33 @@ class WarmState:
     def __init__(self):
         self._encoders: Optional[SavedEncoders] = None
         self._queries: Optional[np.ndarray] = None
-        self._corpus: Optional[Tuple[int, corpus_embeddings.CorpusEmbeddings]] = None
+        self._kept: Optional[KeptRows] = None
+        self._warmed_up = False
+        self._catalogs: Dict[str, ParsedCatalog] = {}
+
+    def parsed_catalog(self, path: str) -> Optional[ParsedCatalog]:
+        """The previous pass's parse of the catalog at `path` (only appended lines are parsed again)."""
+        return self._catalogs.get(path)
+
+    def keep_parsed_catalog(self, path: str, parsed: Optional[ParsedCatalog]) -> None:
+        self._catalogs = {path: parsed} if parsed is not None else {}
 
     def encoders(self, workdir: Workdir) -> SavedEncoders:
         """The newest exported encoders; ClicklensError naming the folder when nothing is exported."""
         if self._encoders is None or S.latest_version(workdir.export_model(S.IMAGE_ENCODER))[0] != \
                 self._encoders.version:
-            self._encoders, self._queries = load_saved_encoders(workdir), None
+            self._encoders, self._queries, self._warmed_up = load_saved_encoders(workdir), None, False
         return self._encoders
+
+    def warm_up(self, config, workdir: Workdir, sample) -> None:
+        """Once per encoders: embeds the tuning queries and one prepared image, and takes an exact top-k as the
+        index check does.  The first call of each builds what it runs (a graph, TensorFlow's thread pools),
+        which a watch's first new images should not wait for."""
+        if not self._warmed_up:
+            self.query_embeddings(config, workdir)
+            embedding = self._encoders.embed_image_values([sample])
+            exact_top_k(embedding, embedding, 1)
+            self._warmed_up = True
 
     def query_embeddings(self, config, workdir: Workdir) -> np.ndarray:
         """The eval queries ScaNN is tuned on, embedded by the newest query_encoder."""
@@ -193,14 +263,18 @@ class WarmState:
             self._queries = query_embeddings(config, workdir, self.encoders(workdir))
         return self._queries
 
-    def latest_corpus(self, workdir: Workdir) -> Optional[Tuple[int, corpus_embeddings.CorpusEmbeddings]]:
-        """(version, rows) of the newest complete corpus_embeddings version, or None."""
+    def latest_corpus(self, workdir: Workdir) -> Optional[KeptRows]:
+        """The rows of the newest complete corpus_embeddings version, or None."""
         found = corpus_embeddings.versions(workdir.corpus_embeddings)
         if not found:
-            self._corpus = None
-        elif self._corpus is None or self._corpus[0] != max(found):
-            self._corpus = max(found), corpus_embeddings.read(found[max(found)])
-        return self._corpus
+            self._kept = None
+        elif self._kept is None or self._kept.version != max(found):
+            self._kept = KeptRows(max(found), corpus_embeddings.read(found[max(found)]))
+        return self._kept
+
+    def keep_written(self, kept: KeptRows) -> None:
+        """The rows this process just wrote: the next pass starts from them without reading them back."""
+        self._kept = kept
 
 
 def reindex(config, workdir: Workdir, rehash: bool = False,
@@ -208,18 +282,19 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     """Builds the next version of both retrieval models over the catalog as it is now (module docstring).
 
     With `rehash`, every catalog file is read and hashed, whatever its stat.
-    `warm` keeps what this pass loads for the next one (`watch`).
+    `warm` keeps what this pass loads for the next one, and warms up what the next one runs (`watch`).
     Returns (the version written, the report); the version is None when the
     catalog and the image_encoder are what the newest version was built from.
     """
     t0 = time.perf_counter()
     seconds: Dict[str, float] = {}
+    watching = warm is not None
     warm = warm or WarmState()
     encoders = warm.encoders(workdir)  # fails naming W/export/image_encoder when nothing is exported
     check_image_source(config, encoders)
     p = config.pipeline
-    latest = warm.latest_corpus(workdir)
-    previous_version, previous = latest if latest is not None else (None, None)
+    kept = warm.latest_corpus(workdir)
+    previous_version, previous = (kept.version, kept.rows) if kept is not None else (None, None)
     reuse = previous is not None and (previous.image_encoder_version == encoders.version
                                       and previous.image_source == encoders.image_source
                                       and previous.embeddings.shape[1] == encoders.dim)
@@ -234,11 +309,13 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     seconds["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     path = catalog_path(config, workdir)
-    scan = scan_catalog(path, p.image_source, p.feature_dim, known=None if rehash else known_stats(previous),
-                        log_prefix="reindex", allow_outside_uris=p.allow_outside_uris)
+    scan = scan_catalog(path, p.image_source, p.feature_dim, known=None if rehash or kept is None else kept.hash_by_stat,
+                        log_prefix="reindex", allow_outside_uris=p.allow_outside_uris,
+                        previous=warm.parsed_catalog(path))
+    warm.keep_parsed_catalog(path, scan.parsed)
     dead = list(scan.dead_letters)
     seconds["scan"] = time.perf_counter() - t
-    plan = Plan(scan, previous, reuse)
+    plan = Plan(scan, kept, reuse)
     logger.info("reindex: catalog %s: %d lines, %d images readable, %d dead-lettered; %d reuse an embedding of "
                 "corpus_embeddings/%s, %d to embed", path, scan.lines, len(scan.images), len(dead), len(plan.reused),
                 previous_version if previous is not None else "-", len(plan.to_embed))
@@ -249,21 +326,24 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     new_embeddings, new_hashes, sample = embed_new(scan, plan.to_embed, encoders, p.image_size, p.max_image_pixels,
                                                    dead)
     seconds["embed"] = time.perf_counter() - t
-    ids, rows, hashes, stats = assemble(scan, plan, previous, new_embeddings, new_hashes)
+    t = time.perf_counter()
+    ids, embeddings, hashes, stats = assemble(scan, plan, previous, new_embeddings, new_hashes, encoders.dim)
     if not ids:
         raise ClicklensError(f"reindex: no usable image in {path} ({len(dead)} dead-lettered); nothing to index")
     if sample is None:
         sample = sample_input(scan, next(i for i in scan.images if i.entry.image_id in plan.reused), p.image_size,
                               p.max_image_pixels)
-    corpus = Corpus(np.array([i.encode("utf-8") for i in ids], dtype=object), np.stack(rows).astype(np.float32),
-                    sample)
+        if watching:
+            warm.warm_up(config, workdir, sample)
+    corpus = Corpus(np.array([i.encode("utf-8") for i in ids], dtype=object), embeddings, sample)
     export.check_corpus(corpus.ids, corpus.embeddings)
-    counts = diff_counts(previous, ids, hashes)
+    counts = diff_counts(kept.hash_by_id if kept is not None else None, ids, hashes)
     report.update(images=len(ids), **counts, reused=len(plan.reused), embedded=len(new_embeddings),
                   dead_lettered=_count_reasons(dead))
     logger.info("reindex: %d images: %d added, %d changed, %d unchanged, %d removed; %d embeddings reused, "
                 "%d embedded, %d dead-lettered", len(ids), counts["added"], counts["changed"], counts["unchanged"],
                 counts["removed"], len(plan.reused), len(new_embeddings), len(dead))
+    seconds["assemble"] = time.perf_counter() - t
     if reuse and not new_embeddings and not (counts["added"] or counts["changed"] or counts["removed"]):
         report.update(version=None, unchanged_since=previous_version)
         logger.info("reindex: the usable images are exactly those of version %d: no new version written",
@@ -273,14 +353,26 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
 
     t = time.perf_counter()
     previous_params = ScannParams(**previous.scann) if previous is not None and previous.scann else None
-    scann, scann_report = export.scann_retrieval_index(config, corpus, warm.query_embeddings(config, workdir),
-                                                      previous=previous_params)
+    queries = warm.query_embeddings(config, workdir)
+    seconds["queries"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scann, scann_report, rows_since_build = None, {}, 0
+    if reuse and previous_params is not None:
+        scann, scann_report, rows_since_build = updated_scann_index(config, workdir, previous_version, previous,
+                                                                    previous_params, corpus, queries)
+    if scann is None:
+        scann, scann_report = export.scann_retrieval_index(config, corpus, queries, previous=previous_params)
     servables = export.retrieval_servables(config, encoders, corpus, scann)
     seconds["index"] = time.perf_counter() - t
 
     t = time.perf_counter()
     version = export.choose_version(workdir, config.export.version)
-    paths = write_version(workdir, version, servables, corpus, hashes, stats, encoders, scann_report["params"])
+    rows_written = corpus_embeddings.CorpusEmbeddings(
+        corpus.ids, np.array([h.encode("ascii") for h in hashes], dtype=bytes), corpus.embeddings, encoders.version,
+        encoders.image_source, "reindex", scann_report["params"], np.array([s.encode("utf-8") for s in stats],
+                                                                           dtype=bytes), rows_since_build)
+    paths = write_version(workdir, version, servables, rows_written, corpus.sample_image)
+    warm.keep_written(KeptRows(version, rows_written, (ids, hashes, stats)))
     if dead:
         report["dead_letters_file"] = workdir.reindex_dead_letters(version)
         write_dead_letters(report["dead_letters_file"], dead)
@@ -295,41 +387,70 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     return version, report
 
 
+def updated_scann_index(config, workdir: Workdir, previous_version: int,
+                        previous: corpus_embeddings.CorpusEmbeddings, params: ScannParams, corpus: Corpus,
+                        queries: np.ndarray) -> Tuple[Optional[ScannIndex], Dict[str, object], int]:
+    """(index, report, rows changed since its build) of the replaced version's ScaNN index updated to hold
+    `corpus` (trainer/scann_update.py), or (None, {}, 0) when it must be rebuilt (the log says why)."""
+    folder = join(workdir.export_model(S.RETRIEVAL_SCANN), str(previous_version))
+    k = export.effective_k(config.export.k, len(corpus.ids))
+    tuning_queries, derived = scann_tuning.tuning_queries(queries, corpus.embeddings)
+    try:
+        saved = scann_update.read_saved_index(folder)
+    except (tf.errors.OpError, ValueError) as err:
+        logger.info("reindex: rebuilding the ScaNN index: cannot read the one of version %d (%s)", previous_version,
+                    str(err).splitlines()[0])
+        return None, {}, 0
+    update = scann_update.update_index(saved, previous.ids, previous.embeddings, corpus.ids, corpus.embeddings, k,
+                                       tuning_queries, params, config.export, previous.scann_rows_since_build)
+    if update.why:
+        logger.info("reindex: rebuilding the ScaNN index: %s", update.why)
+        return None, {}, 0
+    logger.info("reindex: ScaNN index of version %d updated (%s) in %.1f s, %s: recall@%d %.4f (min_recall %.2f); "
+                "%d rows changed since it was built", previous_version,
+                ", ".join(f"{n} {what}" for what, n in update.counts.items()), update.seconds["update"],
+                params.describe(), k, update.trial.recall, config.export.min_recall, update.rows_since_build)
+    index = ScannIndex.from_tensors(update.index_tensors, update.ids, k, params)
+    report = {**update.report(config.export.min_recall, len(tuning_queries)), "corpus_derived_queries": derived}
+    return index, report, update.rows_since_build
+
+
 def assemble(scan: CatalogScan, plan: Plan, previous: Optional[corpus_embeddings.CorpusEmbeddings],
-             new_embeddings: Dict[str, np.ndarray], new_hashes: Dict[str, str]):
-    """(ids, embedding rows, content hashes, file stats) of the new corpus, in catalog order: each image's
-    kept row or new embedding; images dead-lettered while embedding are left out."""
-    ids, rows, hashes, stats = [], [], [], []
+             new_embeddings: Dict[str, np.ndarray], new_hashes: Dict[str, str], dim: int):
+    """(ids, embeddings float32 [N, dim], content hashes, file stats) of the new corpus, in catalog order: each
+    image's kept row or new embedding; images dead-lettered while embedding are left out."""
+    ids, hashes, stats, kept_rows, new_rows = [], [], [], [], []
     for image in scan.images:
         image_id = image.entry.image_id
-        if image_id in plan.reused:
-            rows.append(previous.embeddings[plan.reused[image_id]])
+        row = plan.reused.get(image_id)
+        if row is not None:
+            kept_rows.append(row)
+            new_rows.append(None)
             hashes.append(image.hash)
         elif image_id in new_embeddings:
-            rows.append(new_embeddings[image_id])
+            kept_rows.append(-1)
+            new_rows.append(new_embeddings[image_id])
             hashes.append(new_hashes[image_id])
         else:
             continue
         ids.append(image_id)
         stats.append(image.stat)  # taken before the file was read: a change after it shows next time
-    return ids, rows, hashes, stats
+    embeddings = np.zeros((len(ids), dim), np.float32)
+    kept_rows = np.asarray(kept_rows, np.int64)
+    is_kept = kept_rows >= 0
+    if is_kept.any():
+        embeddings[is_kept] = previous.embeddings[kept_rows[is_kept]]  # one gather, not a row at a time
+    for position in np.flatnonzero(~is_kept):
+        embeddings[position] = new_rows[position]
+    return ids, embeddings, hashes, stats
 
 
-def write_version(workdir: Workdir, version: int, servables: Dict[str, export.Servable], corpus: Corpus,
-                  hashes: List[str], stats: List[str], encoders: SavedEncoders,
-                  scann_params: Dict[str, object]) -> Dict[str, str]:
-    """Both retrieval models as `version` (each renamed into place when complete), then the corpus
-    embeddings of that version; returns the paths written."""
-    paths = {}
-    for name in (S.RETRIEVAL_BRUTEFORCE, S.RETRIEVAL_SCANN):
-        servable = servables[name]
-        paths[name] = export.save_version(servable, workdir.export_model(name), version,
-                                          export.warmup_logs(name, servable, corpus.sample_image))
-        logger.info("reindex: wrote %s", paths[name])
-    paths["corpus_embeddings"] = export.write_corpus_embeddings(
-        workdir, version, corpus, np.array([h.encode("ascii") for h in hashes], dtype=bytes),
-        np.array([s.encode("utf-8") for s in stats], dtype=bytes), encoders.version, encoders.image_source,
-        scann_params, "reindex")
+def write_version(workdir: Workdir, version: int, servables: Dict[str, export.Servable],
+                  rows: corpus_embeddings.CorpusEmbeddings, sample_image) -> Dict[str, str]:
+    """Both retrieval models as `version`, written under temporary names and renamed into place together (a
+    polling server finds both at once), then the corpus embeddings of that version; returns the paths written."""
+    paths = export.publish_together(servables, workdir, version, sample_image)
+    paths["corpus_embeddings"] = corpus_embeddings.write(workdir.corpus_embeddings, version, rows)
     return paths
 
 

@@ -5,9 +5,9 @@ encoders (`embed_queries`, `embed_images`, `image_spec`), computed by the
 loaded SavedModels' embed signatures, so `clicklens reindex` builds retrieval
 models around exactly the towers that were exported (not the checkpoint in
 W/model, which may have been trained further since), and embeds new images
-with the same graph the `image_encoder` model serves.  The loaded models are
-tracked attributes, so saving a module that uses them saves their weights and
-graphs (TensorFlow ops and the tokenizer's tensorflow-text ops only).
+with the same graph the `image_encoder` model serves.  Saving a module that
+uses them saves their weights, lookup tables and embed graphs (TensorFlow ops
+and the tokenizer's tensorflow-text ops only).
 """
 
 from __future__ import annotations
@@ -43,18 +43,43 @@ def _embed_signature(model, folder: str):
     return function, name, spec
 
 
+def _captured_state(model, function) -> list:
+    """The variables, resources (a lookup table) and assets of a loaded SavedModel that `function` captures."""
+    captured = {id(t) for t in function.captured_inputs}
+
+    def tensor_of(obj):
+        if isinstance(obj, tf.Variable):
+            return obj.handle
+        if isinstance(obj, tf.saved_model.experimental.TrackableResource):
+            return obj.resource_handle
+        return obj.asset_path if isinstance(obj, tf.saved_model.Asset) else None
+
+    return [obj for obj in tf.train.TrackableView(model).descendants() if id(tensor_of(obj)) in captured]
+
+
 class SavedEncoders(tf.Module):
-    """Both exported encoders of one version, loaded; duck-types trainer.export_signatures.Encoders."""
+    """Both exported encoders of one version, loaded; duck-types trainer.export_signatures.Encoders.
+
+    A module saved with it keeps what the two embed signatures capture (the towers' variables, the
+    tokenizer's lookup table: tracked here) and their graphs, but not the rest of the loaded models (every
+    Keras layer's call function, traced per input shape, and each model's copy of the other tower): saved,
+    those doubled the retrieval models' graphs and the time to save them and for a server to load them.
+    """
 
     def __init__(self, query_model, image_model, version: int, folders=("", "")):
         super().__init__(name="encoders")
-        self.query_model = query_model  # tracked: a saved module that calls them keeps their variables
-        self.image_model = image_model
         self.version = version
-        self._embed_query, query_input, _ = _embed_signature(query_model, folders[0])
+        embed_query, query_input, _ = _embed_signature(query_model, folders[0])
         if query_input != S.QUERY:
             raise ClicklensError(f"{folders[0]}: the embed signature takes {query_input!r}, expected {S.QUERY!r}")
-        self._embed_image, self.image_input, spec = _embed_signature(image_model, folders[1])
+        embed_image, self.image_input, spec = _embed_signature(image_model, folders[1])
+        self.query_state = _captured_state(query_model, embed_query)
+        self.image_state = _captured_state(image_model, embed_image)
+        # Not tracked (object.__setattr__): the loaded models and their signatures live with this module
+        # but are not saved with it.
+        object.__setattr__(self, "_models", (query_model, image_model))
+        object.__setattr__(self, "_embed_query", embed_query)
+        object.__setattr__(self, "_embed_image", embed_image)
         if self.image_input not in (S.IMAGE_BYTES, S.IMAGE_FEATURES):
             raise ClicklensError(f"{folders[1]}: the embed signature takes {self.image_input!r}, expected "
                                  f"{S.IMAGE_BYTES!r} or {S.IMAGE_FEATURES!r}")

@@ -4,7 +4,7 @@
                          dimensions_per_block=2, num_reordering_candidates=100)
     searcher = build_searcher(embeddings, k, params)      # scann_ops.ScannSearcher (eager TF ops)
     indices, scores = search(searcher, queries, k, params)
-    index = ScannIndex(searcher, ids, k, params)            # a tf.Module: index(queries) -> (scores, ids)
+    index = ScannIndex.from_searcher(searcher, ids, k, params)  # a tf.Module: index(queries) -> (scores, ids)
     release(searcher)                                       # the build's copy, once serialized
 
 Why not `tfrs.layers.factorized_top_k.ScaNN`, which retrieval_scann used before:
@@ -53,6 +53,9 @@ ANISOTROPIC_THRESHOLD = 0.2
 TREE_TRAINING_ITERATIONS = 12
 # k-means on a sample: ScaNN's default 100k points, or 50 per leaf for larger trees (10M images: ~3,200 leaves).
 MIN_TRAINING_SAMPLE, TRAINING_POINTS_PER_LEAF = 100_000, 50
+# ScaNN's serialized searcher, in the order of scann_to_tensors and scann_ops.ScannState's constructor.
+STATE_FIELDS = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
+                "int8_dataset", "int8_multipliers", "dp_norms", "dataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +169,11 @@ class ScannIndex(tf.Module):
     ids and NaN scores in the places ScaNN could not fill, never another image's id.
     """
 
-    def __init__(self, searcher: scann_ops.ScannSearcher, identifiers: np.ndarray, k: int,
-                 params: ScannParams, name: str = "scann"):
+    def __init__(self, state: scann_ops.ScannState, identifiers: np.ndarray, k: int, params: ScannParams,
+                 name: str = "scann"):
+        """`state`: the searcher's tensors (`ScannState`); `identifiers`: the image id of each of its points."""
         super().__init__(name=name)
-        self.state = searcher.serialize_to_module()
+        self.state = state
         self.identifiers = tf.Variable(identifiers, trainable=False, name="identifiers")
         self.k = k
         self.params = params
@@ -183,6 +187,18 @@ class ScannIndex(tf.Module):
         # that load (TF's function_deserialization), so two loaded versions never share either.
         self._shared_name = f"scann-{uuid.uuid4().hex}"
 
+    @classmethod
+    def from_searcher(cls, searcher: scann_ops.ScannSearcher, identifiers: np.ndarray, k: int,
+                      params: ScannParams, name: str = "scann") -> "ScannIndex":
+        """The index over a searcher built by `build_searcher` (which may then be `release`d)."""
+        return cls(searcher.serialize_to_module(), identifiers, k, params, name=name)
+
+    @classmethod
+    def from_tensors(cls, tensors: Dict[str, np.ndarray], identifiers: np.ndarray, k: int, params: ScannParams,
+                     name: str = "scann") -> "ScannIndex":
+        """The index over a searcher's tensors ({STATE_FIELDS name: array}, e.g. from trainer/scann_update.py)."""
+        return cls(scann_ops.ScannState([tensors[f] for f in STATE_FIELDS]), identifiers, k, params, name=name)
+
     def _handle(self) -> tf.Tensor:
         """The searcher: built from the state on a loaded model's first call; afterwards returned at once."""
         s = self.state
@@ -191,7 +207,7 @@ class ScannIndex(tf.Module):
                                           s.int8_dataset, s.int8_multipliers, s.dp_norms,
                                           shared_name=self._shared_name)
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def searcher_handle(self) -> tf.Tensor:
         """The searcher's resource handle, saved with the model (servables.SEARCHER_HANDLE_FUNCTION).
 

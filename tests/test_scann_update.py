@@ -1,0 +1,129 @@
+"""trainer/scann_update.py: a saved ScaNN index changed in place of a rebuild (`clicklens reindex`).
+
+A real tree + AH index over clustered vectors, saved as a retrieval model's checkpoint lays it out,
+read back, updated with scann's own upsert / delete, and searched through `ScannIndex` as a served
+model searches it.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from clicklens import compat  # noqa: F401  (before TensorFlow)
+import tensorflow as tf
+
+from tests.conftest import DEMO_CONFIG
+from trainer import scann_index, scann_update
+from trainer.scann_index import ScannIndex, ScannParams
+
+DIM, K = 16, 5
+PARAMS = ScannParams(num_leaves=20, num_leaves_to_search=20, quantization="ah", dimensions_per_block=2,
+                     num_reordering_candidates=200)
+
+
+def unit_rows(rng, count: int, centres: np.ndarray) -> np.ndarray:
+    rows = centres[rng.integers(0, len(centres), count)] + 0.3 * rng.normal(size=(count, DIM))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def ids_of(names) -> np.ndarray:
+    return np.array([n.encode() for n in names], dtype=object)
+
+
+@pytest.fixture(scope="module")
+def export_config():
+    from clicklens.config import load_config
+
+    return load_config(DEMO_CONFIG, ["export.scann.num_leaves=20", "export.scann.quantization=ah",
+                                     "export.scann.dimensions_per_block=2"]).export
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(SavedIndex, ids, rows, centres) of a 2,000-point index saved under a retrieval model's names."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, DIM))
+    rows = unit_rows(rng, 2000, centres)
+    ids = ids_of(f"img_{i}" for i in range(len(rows)))
+    searcher = scann_index.build_searcher(rows, K, PARAMS)
+    try:
+        index = ScannIndex.from_searcher(searcher, ids, K, PARAMS)
+    finally:
+        scann_index.release(searcher)
+    folder = tmp_path_factory.mktemp("retrieval_scann") / "1"
+    tf.train.Checkpoint(top_k=index).write(str(folder / "variables" / "variables"))
+    return scann_update.read_saved_index(str(folder)), ids, rows, centres
+
+
+def top_ids(tensors, ids, queries) -> np.ndarray:
+    index = ScannIndex.from_tensors(tensors, ids, K, PARAMS)
+    _, found = index(tf.constant(queries))
+    return found.numpy()
+
+
+def test_an_update_holds_exactly_the_new_rows_and_finds_each_new_one(saved, export_config):
+    saved_index, ids, rows, centres = saved
+    np.testing.assert_array_equal(saved_index.ids, ids)
+    rng = np.random.default_rng(1)
+    removed, changed = list(range(0, 60)), list(range(60, 80))
+    new_rows = rows.copy()
+    new_rows[changed] = unit_rows(rng, len(changed), centres)
+    added = unit_rows(rng, 100, centres)
+    keep = [i for i in range(len(rows)) if i not in removed]
+    corpus_ids = np.concatenate([ids[keep], ids_of(f"new_{i}" for i in range(len(added)))])
+    corpus_rows = np.concatenate([new_rows[keep], added])
+
+    update = scann_update.update_index(saved_index, ids, rows, corpus_ids, corpus_rows, K, corpus_rows[:300],
+                                       PARAMS, export_config, rows_since_build=7)
+
+    assert update.why == ""
+    assert update.counts == {"added": 100, "removed": 60, "changed": 20}
+    assert update.rows_since_build == 7 + 180
+    assert sorted(update.ids.tolist()) == sorted(corpus_ids.tolist())
+    # Each point's vector is the corpus row of its id (the changed ones too), so re-scoring is exact.
+    row_of = dict(zip(corpus_ids.tolist(), corpus_rows))
+    position = {image_id: i for i, image_id in enumerate(update.ids.tolist())}
+    for image_id in corpus_ids.tolist()[::37] + [ids[60], ids[79], b"new_0", b"new_99"]:
+        np.testing.assert_array_equal(update.index_tensors["dataset"][position[image_id]], row_of[image_id])
+    assert len(update.index_tensors["datapoint_to_token"]) == len(update.index_tensors["hashed_dataset"]) \
+        == len(corpus_ids)
+    # Served: every added and changed image is its own nearest neighbour; no removed id comes back.
+    probes = np.concatenate([added, new_rows[changed]])
+    found = top_ids(update.index_tensors, update.ids, probes)
+    assert [row[0] for row in found] == [f"new_{i}".encode() for i in range(100)] + list(ids[changed])
+    removed_ids = set(ids[removed].tolist())
+    assert not removed_ids & set(found.ravel().tolist())
+    assert update.trial.meets(export_config.min_recall)
+    report = update.report(export_config.min_recall, 300)
+    assert report["updated"] == update.counts and report["params"] == PARAMS.as_dict()
+
+
+def test_no_update_when_a_rebuild_is_due(saved, export_config):
+    saved_index, ids, rows, centres = saved
+    rng = np.random.default_rng(2)
+    grown_ids = np.concatenate([ids, ids_of(f"new_{i}" for i in range(300))])
+    grown_rows = np.concatenate([rows, unit_rows(rng, 300, centres)])
+
+    def update(corpus_ids, corpus_rows, config=export_config, params=PARAMS, since=0):
+        return scann_update.update_index(saved_index, ids, rows, corpus_ids, corpus_rows, K, corpus_rows[:200],
+                                         params, config, since)
+
+    assert update(grown_ids, grown_rows).why == ""
+    # More than a fifth of the index changed since its build, counting earlier updates.
+    assert "more than 20%" in update(grown_ids, grown_rows, since=200).why
+    # Auto leaves: 2,300 images call for an exact index, not this tree.
+    auto = dataclasses.replace(export_config, scann=dataclasses.replace(
+        export_config.scann, num_leaves=None, quantization="auto", dimensions_per_block=None))
+    assert "a rebuild would use brute force" in update(grown_ids, grown_rows, config=auto).why
+    # A pinned depth other than the index's.
+    pinned = dataclasses.replace(export_config, scann=dataclasses.replace(export_config.scann,
+                                                                          num_leaves_to_search=3))
+    assert "num_leaves_to_search is 3" in update(grown_ids, grown_rows, config=pinned).why
+    # The kept depth misses min_recall on the updated index.
+    shallow = dataclasses.replace(PARAMS, num_leaves_to_search=1, num_reordering_candidates=K)
+    strict = dataclasses.replace(export_config, min_recall=0.999)
+    assert "short of export.min_recall" in update(grown_ids, grown_rows, config=strict, params=shallow).why
+    # Only partitioned AH indexes are updated.
+    exact = ScannParams(num_leaves=1, num_leaves_to_search=1, quantization="none")
+    assert "only a partitioned AH index" in update(grown_ids, grown_rows, params=exact).why

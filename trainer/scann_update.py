@@ -1,0 +1,233 @@
+"""Updating a built ScaNN index instead of rebuilding it: `clicklens reindex` after a small catalog change.
+
+    saved = read_saved_index(W/export/retrieval_scann/<v>)   # the searcher's tensors and image ids
+    update = update_index(saved, previous_rows, ids, embeddings, k, queries, config.export, since_build)
+    if update.index_tensors is not None:                     # else update.why says why a rebuild is needed
+        index = ScannIndex.from_tensors(update.index_tensors, update.ids, k, update.params)
+
+A rebuild trains the partitioner (k-means) and the AH codebook again and
+encodes every image: 1.5 s at 100,000 images, half a minute at a million.
+Adding 1,000 images needs only their leaf and their codes.  ScaNN's own
+mutation API does exactly that (`upsert` / `delete` of scann's pybind
+searcher: a new point goes to its nearest leaf and is encoded with the
+existing codebook), so the replaced version's searcher is loaded into the
+pybind searcher from the tensors saved in its SavedModel, changed, and
+serialized back into the tensors `ScannIndex` saves.  The served model is the
+same kind of model a rebuild writes; only its point order differs (new points
+at the end, a deleted point's place taken by the last one).
+
+An update is made only when a rebuild would choose the same layout (same
+quantization and block size; the leaf count derived for the new corpus size
+within LEAF_COUNT_TOLERANCE of the kept one), when the rows changed since the
+index was last built are at most MAX_SHARE_SINCE_BUILD of the new corpus
+(k-means fitted on older images drifts from the catalog as it changes), and it is
+kept only when the replaced version's search depth still meets
+export.min_recall on the tuning queries against exact search.  Otherwise
+`clicklens reindex` rebuilds and tunes as `clicklens export` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+import uuid
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from clicklens import compat  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+from scann.scann_ops.py import scann_ops, scann_ops_pybind
+
+from clicklens.workdir import join
+from trainer import scann_index, scann_tuning
+from trainer.ranking import exact_top_k
+from trainer.scann_index import AH, STATE_FIELDS, ScannParams
+
+logger = logging.getLogger(__name__)
+
+LEAF_COUNT_TOLERANCE = 1.25
+MAX_SHARE_SINCE_BUILD = 0.2
+UPSERT_BATCH = 1024
+
+# Where the searcher sits in a retrieval_scann checkpoint: export_signatures.Retrieval.top_k is the
+# ScannIndex, whose `state` holds the searcher's tensors and `identifiers` the image id of each point.
+_STATE_KEY = "top_k/state/{}/.ATTRIBUTES/VARIABLE_VALUE"
+_IDS_KEY = "top_k/identifiers/.ATTRIBUTES/VARIABLE_VALUE"
+
+# The pybind searcher's files (scann_ops_pybind serialize / load_searcher) for the tensors of a
+# partitioned AH index with re-scoring, the only layout that is updated.
+_PROTO_FILES = {"scann_config": "scann_config.pb", "serialized_partitioner": "serialized_partitioner.pb",
+                "ah_codebook": "ah_codebook.pb"}
+_ARRAY_FILES = {"datapoint_to_token": "datapoint_to_token.npy", "hashed_dataset": "hashed_dataset.npy",
+                "dataset": "dataset.npy"}
+_ASSET_TYPES = {"ah_codebook": "AH_CENTERS", "serialized_partitioner": "PARTITIONER",
+                "datapoint_to_token": "TOKENIZATION_NPY", "hashed_dataset": "AH_DATASET_NPY",
+                "dataset": "DATASET_NPY"}
+# tensors_to_scann's argument order (the dataset first), unlike scann_to_tensors'.
+_OP_ORDER: Sequence[str] = ("dataset",) + tuple(f for f in STATE_FIELDS if f != "dataset")
+
+
+@dataclasses.dataclass
+class SavedIndex:
+    """A retrieval_scann version's searcher: its tensors ({STATE_FIELDS name: array}) and each point's image id."""
+
+    tensors: Dict[str, np.ndarray]
+    ids: np.ndarray  # bytes [N], in the searcher's point order
+
+
+@dataclasses.dataclass
+class Update:
+    """The outcome of `update_index`: the updated searcher's tensors and ids, or why a rebuild is needed."""
+
+    why: str = ""  # non-empty: not updated
+    index_tensors: Optional[Dict[str, np.ndarray]] = None
+    ids: Optional[np.ndarray] = None
+    params: Optional[ScannParams] = None
+    trial: Optional[scann_tuning.Trial] = None
+    counts: Dict[str, int] = dataclasses.field(default_factory=dict)
+    rows_since_build: int = 0
+    seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def report(self, min_recall: float, num_queries: int) -> Dict[str, object]:
+        """JSON-ready, in the shape of scann_tuning.Tuning.report, plus what the update changed."""
+        trial = self.trial
+        return {"params": self.params.as_dict(), "auto_keys": [], "min_recall": min_recall,
+                "met_min_recall": trial.meets(min_recall), "recall": round(trial.recall, 4),
+                "recall_standard_error": round(trial.recall_standard_error, 4),
+                "queries_per_second": round(trial.queries_per_second, 1),
+                "queries_per_cpu_second": round(trial.queries_per_cpu_second, 1),
+                "tuning_queries": num_queries, "carried_over": True, "updated": dict(self.counts),
+                "rows_since_build": self.rows_since_build,
+                "build_seconds": round(self.seconds.get("update", 0.0), 2),
+                "tuning_seconds": round(self.seconds.get("check", 0.0), 2), "tried": [trial.as_dict()]}
+
+
+def read_saved_index(version_dir: str) -> SavedIndex:
+    """The searcher tensors and ids of a retrieval_scann version, read from its checkpoint (no graph loaded)."""
+    reader = tf.train.load_checkpoint(join(version_dir, "variables", "variables"))
+    tensors = {field: reader.get_tensor(_STATE_KEY.format(field)) for field in STATE_FIELDS}
+    return SavedIndex(tensors, reader.get_tensor(_IDS_KEY))
+
+
+def layout_mismatch(previous: ScannParams, corpus_size: int, dim: int, k: int, scann_config) -> str:
+    """Why the index `previous` describes is not the one a rebuild over `corpus_size` images would choose
+    ("" when it is)."""
+    if previous.num_leaves == 1 or previous.quantization != AH:
+        return f"the index is {previous.describe()}: only a partitioned AH index is updated"
+    layout, _ = scann_tuning.choose_layout(corpus_size, dim, k, scann_config)
+    if (layout.quantization, layout.dimensions_per_block) != (previous.quantization, previous.dimensions_per_block):
+        return f"a rebuild would use {layout.describe()}"
+    ratio = max(layout.num_leaves, previous.num_leaves) / min(layout.num_leaves, previous.num_leaves)
+    if ratio > LEAF_COUNT_TOLERANCE or (scann_config.num_leaves is not None
+                                        and scann_config.num_leaves != previous.num_leaves):
+        return f"{corpus_size} images call for {layout.num_leaves} leaves, the index has {previous.num_leaves}"
+    for key in ("num_leaves_to_search", "num_reordering_candidates", "dimensions_per_block"):
+        pinned = getattr(scann_config, key)
+        if pinned not in (None, "auto") and pinned != getattr(previous, key):
+            return f"export.scann.{key} is {pinned}, the index was built with {getattr(previous, key)}"
+    return ""
+
+
+def update_index(saved: SavedIndex, previous_ids: np.ndarray, previous_rows: np.ndarray, ids: np.ndarray,
+                 rows: np.ndarray, k: int, queries: np.ndarray, previous: ScannParams, export_config,
+                 rows_since_build: int) -> Update:
+    """The replaced version's searcher (`saved`, built over `previous_ids` / `previous_rows`) changed to hold
+    exactly `ids` / `rows` (see the module docstring), checked on `queries`; `rows_since_build`: the rows
+    changed by earlier updates since it was built."""
+    start = time.perf_counter()
+    why = layout_mismatch(previous, len(ids), rows.shape[1], k, export_config.scann)
+    if why:
+        return Update(why=why)
+    if set(saved.ids.tolist()) != set(previous_ids.tolist()) or len(saved.ids) != len(previous_ids):
+        return Update(why="the saved index does not hold the kept corpus rows")
+    old_row = {image_id: i for i, image_id in enumerate(previous_ids.tolist())}
+    upserts = changed_or_new(old_row, previous_rows, ids, rows)
+    kept = set(ids.tolist())
+    deletes = [image_id for image_id in saved.ids.tolist() if image_id not in kept]
+    counts = {"added": sum(1 for i in upserts if ids[i] not in old_row), "removed": len(deletes)}
+    counts["changed"] = len(upserts) - counts["added"]
+    since_build = rows_since_build + len(upserts) + len(deletes)
+    if since_build > MAX_SHARE_SINCE_BUILD * len(ids):
+        return Update(why=f"{since_build} rows changed since the index was built, more than "
+                          f"{MAX_SHARE_SINCE_BUILD:.0%} of {len(ids)}", counts=counts)
+
+    with tempfile.TemporaryDirectory(prefix="clicklens-scann-") as folder:
+        searcher = load_pybind(saved, os.path.join(folder, "before"))
+        with scann_index.native_stderr_to_log("scann"):
+            if deletes:
+                searcher.delete(deletes)
+            for chunk in range(0, len(upserts), UPSERT_BATCH):
+                rows_of = upserts[chunk:chunk + UPSERT_BATCH]
+                searcher.upsert([ids[i] for i in rows_of], rows[rows_of], batch_size=len(rows_of))
+        tensors = serialize_pybind(searcher, saved.tensors, os.path.join(folder, "after"))
+        updated_ids = np.array(searcher.docids, dtype=object)
+    seconds = {"update": time.perf_counter() - start}
+
+    start = time.perf_counter()
+    trial = check_recall(tensors, previous, queries, k)
+    seconds["check"] = time.perf_counter() - start
+    if not trial.meets(export_config.min_recall):
+        return Update(why=f"the kept search depth ({previous.describe()}) reaches recall@{k} {trial.recall:.4f} on the "
+                          f"updated index, short of export.min_recall {export_config.min_recall}", counts=counts)
+    return Update(index_tensors=tensors, ids=updated_ids, params=previous, trial=trial, counts=counts,
+                  rows_since_build=since_build, seconds=seconds)
+
+
+def changed_or_new(old_row: Dict[bytes, int], previous_rows: np.ndarray, ids: np.ndarray,
+                   rows: np.ndarray) -> List[int]:
+    """Positions in `ids` of the images not in the old index or whose embedding differs from their old row."""
+    positions = np.array([old_row.get(image_id, -1) for image_id in ids.tolist()])
+    known = positions >= 0
+    same = np.zeros(len(ids), bool)
+    same[known] = (previous_rows[positions[known]] == rows[known]).all(axis=1)
+    return np.flatnonzero(~same).tolist()
+
+
+def load_pybind(saved: SavedIndex, folder: str) -> scann_ops_pybind.ScannSearcher:
+    """scann's pybind searcher over the saved tensors (written as the files its `load_searcher` reads)."""
+    os.makedirs(folder)
+    for field, name in _PROTO_FILES.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(saved.tensors[field].reshape(-1)[0])
+    for field, name in _ARRAY_FILES.items():
+        np.save(os.path.join(folder, name), saved.tensors[field])
+    with open(os.path.join(folder, "scann_assets.pbtxt"), "w") as f:
+        for field, asset_type in _ASSET_TYPES.items():
+            name = _PROTO_FILES.get(field) or _ARRAY_FILES[field]
+            f.write(f'assets {{\n  asset_type: {asset_type}\n  asset_path: "{os.path.join(folder, name)}"\n}}\n')
+    with scann_index.native_stderr_to_log("scann"):
+        searcher = scann_ops_pybind.load_searcher(folder)
+    return scann_ops_pybind.ScannSearcher(searcher.searcher, docids=list(saved.ids.tolist()))
+
+
+def serialize_pybind(searcher: scann_ops_pybind.ScannSearcher, like: Dict[str, np.ndarray],
+                     folder: str) -> Dict[str, np.ndarray]:
+    """The tensors of a pybind searcher ({STATE_FIELDS name: array}); the fields it has no file for (its int8
+    variant's, unused by this layout) are taken from `like`."""
+    os.makedirs(folder)
+    searcher.searcher.serialize(folder, False)
+    tensors = dict(like)
+    for field, name in _PROTO_FILES.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            tensors[field] = np.array([f.read()], dtype=object)
+    for field, name in _ARRAY_FILES.items():
+        tensors[field] = np.load(os.path.join(folder, name))
+    return tensors
+
+
+def check_recall(tensors: Dict[str, np.ndarray], params: ScannParams, queries: np.ndarray,
+                 k: int) -> scann_tuning.Trial:
+    """recall@k (and the speed of that one pass) of `params` on a searcher made from `tensors`, against exact
+    search over the same points."""
+    handle = scann_ops.tensors_to_scann(*[tf.constant(tensors[f]) for f in _OP_ORDER],
+                                        shared_name=f"scann-update-{uuid.uuid4().hex}")
+    searcher = scann_ops.ScannSearcher(handle)
+    try:
+        exact = exact_top_k(tensors["dataset"], queries, k)
+        return scann_tuning.measure(searcher, params, queries, exact, k, repeats=0)
+    finally:
+        scann_index.release(searcher)
