@@ -16,10 +16,12 @@
    embedded again (and the log says so).
 3. embed: prepared as the pipeline stores them (clicklens/images.py PngPreparer) and embedded by the
    exported image_encoder's graph; an image that does not decode is dead-lettered (`corrupt_image`).
-4. index: the ScaNN layout derived for the new corpus size, built, with the replaced index's search
-   depth kept when it still meets export.min_recall (trainer/scann_tuning.py); brute force over all rows.
-5. write: both retrieval models as one new version (each under a temporary name, renamed into place:
-   trainer/export.py:save_version), then the corpus embeddings, the dead letters and the report.
+4. index: the replaced ScaNN index updated in place (scann's upsert / delete) while a rebuild would
+   choose the same layout and little has changed since its build (trainer/scann_update.py); else the
+   layout derived for the new corpus size, built, with the replaced index's search depth kept when it
+   still meets export.min_recall (trainer/scann_tuning.py).  Brute force over all rows.
+5. write: both retrieval models as one new version (under temporary names, renamed into place together:
+   trainer/export.py:publish_together), then the corpus embeddings, the dead letters and the report.
 
 A running server polls the model folders and hot-loads the new versions (serving/model_registry.py:
 loaded and warmed up before they take traffic); the search page's /images/ route re-reads the catalog.
@@ -27,8 +29,9 @@ The encoders are not rewritten: their newest version stays what export wrote.
 
 `clicklens reindex --watch` stays up and runs a pass whenever the catalog file changes (checked every
 --poll-seconds), keeping between passes what a one-off run loads each time (`WarmState`): TensorFlow,
-the encoders (loaded again when a newer export appears), the newest corpus rows, the embedded
-tuning queries and the catalog's parse (a catalog that only grew has only its new lines parsed).
+the encoders (loaded again when a newer export appears), the newest corpus rows (those it wrote last,
+not read back), the embedded tuning queries and the catalog's parse (a catalog that only grew has only
+its new lines parsed); its first pass warms up what the first new images run.
 """
 
 from __future__ import annotations
@@ -223,8 +226,9 @@ def check_image_source(config, encoders: SavedEncoders) -> None:
 
 class WarmState:
     """What a reindex pass loads, kept for the next pass of the same process (`--watch`): the newest
-    encoders, the newest corpus rows and the embedded tuning queries.  Each is loaded again when a newer
-    version is on disk (a new export, or a version written by someone else)."""
+    encoders, the newest corpus rows, the embedded tuning queries and the catalog's parse.  Each is loaded
+    again when a newer version is on disk (a new export, or a version written by someone else), and the
+    catalog is parsed whole again when it changed other than by growing."""
 
     def __init__(self):
         self._encoders: Optional[SavedEncoders] = None
