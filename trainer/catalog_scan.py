@@ -211,16 +211,15 @@ def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional
         for chunk, chunk_results in zip(chunks, pool.map(hash_chunk, [[(e, s) for _, e, s in c] for c in chunks])):
             for (i, _, _), result in zip(chunk, chunk_results):
                 results[i] = result
+                scan.files_read += isinstance(result, tuple) and result[2]
             done += len(chunk)
             if log_prefix and (done % LOG_EVERY < READ_CHUNK or done == len(entries)):
                 logger.info("%s: %d / %d catalog images hashed (%d files read, the others' size and "
-                            "modification time unchanged)", log_prefix, done, len(entries),
-                            sum(1 for r in results if isinstance(r, tuple) and r[2]))
+                            "modification time unchanged)", log_prefix, done, len(entries), scan.files_read)
     for entry, result in zip(entries, results):
         if isinstance(result, BadRecord):
             scan.dead_letters.append(image_dead_letter(entry, result.reason, result.detail))
         else:
-            content, stat, was_read = result
+            content, stat, _ = result
             scan.images.append(ScannedImage(entry, content, stat))
-            scan.files_read += was_read
     return scan

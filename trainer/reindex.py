@@ -59,7 +59,7 @@ from clicklens.errors import BadRecord, ClicklensError
 from clicklens.shutdown import stop_on_signals
 from clicklens.workdir import Workdir, join
 from trainer import export, scann_tuning, scann_update
-from trainer.catalog_scan import CatalogScan, ParsedCatalog, ScannedImage, read_input, scan_catalog
+from trainer.catalog_scan import READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, read_input, scan_catalog
 from trainer.corpus import Corpus
 from trainer.ranking import exact_top_k
 from trainer.saved_encoders import SavedEncoders, load_saved_encoders
@@ -68,7 +68,6 @@ from trainer.scann_index import ScannIndex, ScannParams
 logger = logging.getLogger(__name__)
 
 EMBED_CHUNK = 256  # images read, prepared and embedded at a time
-READ_THREADS = 8
 LOG_EVERY = 5_000
 
 
@@ -313,7 +312,8 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     seconds["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     path = catalog_path(config, workdir)
-    scan = scan_catalog(path, p.image_source, p.feature_dim, known=None if rehash or kept is None else kept.hash_by_stat,
+    known = None if rehash or kept is None else kept.hash_by_stat
+    scan = scan_catalog(path, p.image_source, p.feature_dim, known=known,
                         log_prefix="reindex", allow_outside_uris=p.allow_outside_uris,
                         previous=warm.parsed_catalog(path))
     warm.keep_parsed_catalog(path, scan.parsed)

@@ -1,8 +1,9 @@
 """Updating a built ScaNN index instead of rebuilding it: `clicklens reindex` after a small catalog change.
 
     saved = read_saved_index(W/export/retrieval_scann/<v>)   # the searcher's tensors and image ids
-    update = update_index(saved, previous_rows, ids, embeddings, k, queries, config.export, since_build)
-    if update.index_tensors is not None:                     # else update.why says why a rebuild is needed
+    update = update_index(saved, previous_ids, previous_rows, ids, rows, k, queries, params, config.export,
+                          rows_since_build)                  # params: the replaced index's ScannParams
+    if not update.why:                                       # else it says why a rebuild is needed
         index = ScannIndex.from_tensors(update.index_tensors, update.ids, k, update.params)
 
 A rebuild trains the partitioner (k-means) and the AH codebook again and
