@@ -117,6 +117,37 @@ def test_an_appended_catalog_is_parsed_from_where_the_last_parse_ended(tmp_path,
         str(path))[:3]
 
 
+def test_a_grown_catalog_trusts_unchanged_lines_until_their_files_are_checked(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    path = tmp_path / "catalog.jsonl"
+    lines = []
+    for i in range(4):
+        (images / f"img_{i}.png").write_bytes(b"png %d" % i)
+        lines.append(CatalogEntry(f"img_{i}", f"images/img_{i}.png").to_json())
+    path.write_text("\n".join(lines[:3]) + "\n")
+    first = catalog_scan.scan_catalog(str(path), "image", 0)
+    assert first.files_read == 3 and first.files_trusted == 0
+
+    stated = []
+    real_stat = catalog_scan.stat_file
+    monkeypatch.setattr(catalog_scan, "stat_file", lambda p: stated.append(p) or real_stat(p))
+    (images / "aaa.png").write_bytes(b"another png")
+    duplicate = CatalogEntry("img_0", "images/aaa.png").to_json()  # sorts before img_0's own line: replaces it
+    path.write_text("\n".join(lines + [duplicate]) + "\n")
+    trusted = {image.entry.image_id: image for image in first.images}
+    grown = catalog_scan.scan_catalog(str(path), "image", 0, previous=first.parsed, trusted=trusted)
+    assert [i.entry.image_id for i in grown.images] == ["img_0", "img_1", "img_2", "img_3"]
+    assert grown.files_trusted == 2  # img_1 and img_2: img_0's kept line is another one now
+    assert sorted(pathlib.Path(p).name for p in stated) == ["aaa.png", "img_3.png"]
+    assert grown.images[0].hash == catalog_scan.content_hash(b"another png")
+    assert catalog_scan.changed_files(grown) == []
+
+    (images / "img_1.png").write_bytes(b"replaced under an unchanged line")
+    (images / "img_2.png").unlink()
+    assert catalog_scan.changed_files(grown) == ["img_1", "img_2"]
+
+
 def test_reindex_without_an_export_names_the_missing_folder(tmp_path, capsys):
     from clicklens import cli
 
@@ -477,6 +508,76 @@ def test_watch_reindexes_each_catalog_change_and_follows_a_new_export(demo_expor
             thread.join(60)
     assert not thread.is_alive()
     assert any("stopped watching after" in m for m in caplog.messages)
+
+
+def test_watch_finds_a_file_replaced_under_an_unchanged_line_after_publishing(demo_exported, small_config,
+                                                                           tmp_path, caplog):
+    w = copy_workdir(demo_exported, tmp_path / "w")
+    old_version, old_rows = corpus_embeddings.read_latest(w.corpus_embeddings)
+    size = small_config.demo_data.image_size
+    run_verb("reindex", w.root)  # records this copy's file stats, so the watch's first pass reads nothing
+    stop = threading.Event()
+    thread = threading.Thread(target=watch, args=(small_config, w, False, 0.1, stop))
+    with caplog.at_level(logging.INFO, logger="trainer.reindex"):
+        thread.start()
+        try:
+            deadline = time.time() + 120
+            while not any("reindex: wrote" in m for m in caplog.messages):
+                assert thread.is_alive() and time.time() < deadline, "no first pass"
+                time.sleep(0.05)
+            first = report(w)
+            assert first["version"] is None and first["files_trusted"] == 0
+            replaced = old_rows.ids[7].decode()
+            (pathlib.Path(w.images) / f"{replaced}.png").write_bytes(draw_png(12, size, shape="ring", color="red"))
+            add_images(w, size, NEW_IMAGES[:1])  # the catalog grows; the replaced image's line is unchanged
+            while servables.latest_version(w.export_model(servables.RETRIEVAL_SCANN))[0] < old_version + 2:
+                assert thread.is_alive() and time.time() < deadline, "no pass after the change"
+                time.sleep(0.05)
+            deadline = time.time() + 60
+            while report(w).get("version") != old_version + 2:  # the report is written after the models
+                assert time.time() < deadline
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join(60)
+    second = report(w)
+    # The first pass after the change trusted the unchanged lines and added the new image; checking their
+    # files once it had published found the replaced one, and the next pass stat'ed every file again.
+    assert any("1 files changed under unchanged catalog lines" in m for m in caplog.messages)
+    assert (second["changed"], second["added"], second["embedded"], second["files_trusted"]) == (1, 0, 1, 0)
+    assert not thread.is_alive()
+
+
+def test_the_exact_model_is_published_before_the_scann_index_is_made(demo_exported, small_config, tmp_path,
+                                                                     monkeypatch, caplog):
+    from trainer import export, reindex
+
+    w = copy_workdir(demo_exported, tmp_path / "w")
+    old_version, _ = corpus_embeddings.read_latest(w.corpus_embeddings)
+    add_images(w, small_config.demo_data.image_size, NEW_IMAGES[:1])
+    real_index = export.scann_retrieval_index
+    seen = []
+
+    def failing_index(*args, **kwargs):
+        seen.append(servables.latest_version(w.export_model(servables.RETRIEVAL_BRUTEFORCE))[0])
+        raise RuntimeError("no index today")
+
+    monkeypatch.setattr(export, "scann_retrieval_index", failing_index)
+    monkeypatch.setattr(reindex, "updated_scann_index", lambda *args: (None, {}, 0))
+    with caplog.at_level(logging.ERROR, logger="trainer.reindex"), pytest.raises(RuntimeError, match="no index"):
+        reindex.reindex(small_config, w)
+    assert seen == [old_version + 1]  # already renamed into place when the index was being made
+    assert servables.latest_version(w.export_model(servables.RETRIEVAL_SCANN))[0] == old_version
+    assert corpus_embeddings.read_latest(w.corpus_embeddings)[0] == old_version
+    assert any(f"retrieval_bruteforce version {old_version + 1} is published, but retrieval_scann failed" in m
+               for m in caplog.messages)
+
+    monkeypatch.setattr(export, "scann_retrieval_index", real_index)
+    version, r = reindex.reindex(small_config, w)  # the next pass writes both, from the kept rows
+    assert version == old_version + 2 and r["previous_version"] == old_version and r["added"] == 1
+    for name in servables.RETRIEVAL_MODELS:
+        assert servables.latest_version(w.export_model(name))[0] == version
+    assert not list(pathlib.Path(w.export).rglob(".tmp-*"))
 
 
 def test_a_running_server_hot_loads_the_reindexed_version_with_zero_failures(demo_exported, small_config, tmp_path):

@@ -127,3 +127,20 @@ def test_no_update_when_a_rebuild_is_due(saved, export_config):
     # Only partitioned AH indexes are updated.
     exact = ScannParams(num_leaves=1, num_leaves_to_search=1, quantization="none")
     assert "only a partitioned AH index" in update(grown_ids, grown_rows, params=exact).why
+
+
+def test_a_kept_depth_short_of_min_recall_searches_deeper_instead_of_rebuilding(saved, export_config):
+    saved_index, ids, rows, centres = saved
+    rng = np.random.default_rng(2)
+    grown_ids = np.concatenate([ids, ids_of(f"new_{i}" for i in range(300))])
+    grown_rows = np.concatenate([rows, unit_rows(rng, 300, centres)])
+    one_leaf = dataclasses.replace(PARAMS, num_leaves_to_search=1)
+    config = dataclasses.replace(export_config, min_recall=0.95)
+    update = scann_update.update_index(saved_index, ids, rows, grown_ids, grown_rows, K, grown_rows[:200],
+                                       one_leaf, config, 0)
+    assert update.why == ""
+    assert [t.params.num_leaves_to_search for t in update.trials] == [1, 2]  # 1 misses, the next step meets
+    assert not update.trials[0].meets(0.95) and update.trial.meets(0.95)
+    assert update.params == dataclasses.replace(one_leaf, num_leaves_to_search=2)
+    report = update.report(0.95, 200)
+    assert report["params"]["num_leaves_to_search"] == 2 and len(report["tried"]) == 2

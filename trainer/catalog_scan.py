@@ -62,6 +62,7 @@ class CatalogScan:
     dead_letters: List[Dict[str, object]]
     lines: int
     files_read: int = 0  # files read and hashed (the others' stat matched `known`)
+    files_trusted: int = 0  # local files not stat'ed: their catalog line is unchanged since `trusted` (below)
     allow_outside_uris: bool = False  # pipeline.allow_outside_uris
     parsed: Optional["ParsedCatalog"] = None  # the catalog's parse, for the next scan of the same file
 
@@ -127,6 +128,9 @@ class ParsedCatalog:
         """(one entry per image id, in the order ids first appear; dead letters, duplicate ids included)."""
         entries, dead = [], list(self.dead)
         for same_id in self.by_id.values():
+            if len(same_id) == 1:  # nearly every id: no sort, no dead letter to add
+                entries.append(same_id[0])
+                continue
             kept, duplicates = first_entry(same_id)
             entries.append(kept)
             dead.extend(dead_letter("catalog", "duplicate_image_id", d.to_json()) for d in duplicates)
@@ -164,12 +168,17 @@ def parse_entries(path: str, previous: Optional[ParsedCatalog] = None
 
 def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional[Dict[str, str]] = None,
                  threads: int = READ_THREADS, log_prefix: Optional[str] = None,
-                 allow_outside_uris: bool = False, previous: Optional[ParsedCatalog] = None) -> CatalogScan:
+                 allow_outside_uris: bool = False, previous: Optional[ParsedCatalog] = None,
+                 trusted: Optional[Dict[str, ScannedImage]] = None) -> CatalogScan:
     """Parses the catalog at `path` and hashes every image's raw input (see the module docstring).
 
     `known` maps file_stat() records to the hashes taken with them: a file whose
     stat is there is not read again.  `previous`: the `parsed` of an earlier
-    scan of the same file (parse_entries).
+    scan of the same file (parse_entries).  `trusted`: that scan's images by id;
+    a local image whose entry is the very one parsed then (its line unchanged)
+    keeps that scan's hash and stat without a stat now, and `changed_files`
+    must check them afterwards (`clicklens reindex --watch` does, after
+    publishing).
     """
     entries, dead, lines, parsed = parse_entries(path, previous)
     scan = CatalogScan(path, image_source, feature_dim, [], dead, lines, allow_outside_uris=allow_outside_uris,
@@ -199,8 +208,17 @@ def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional
     results: List[object] = [None] * len(entries)
     pending: List[Tuple[int, CatalogEntry, Optional[str]]] = []
     remote = "://" in path
+    trusted = trusted or {}
     for i, entry in enumerate(entries):
-        stat = None if remote or "://" in entry.uri else stat_of(entry)
+        if remote or "://" in entry.uri:
+            pending.append((i, entry, None))
+            continue
+        before = trusted.get(entry.image_id)
+        if before is not None and before.entry is entry:
+            results[i] = before
+            scan.files_trusted += 1
+            continue
+        stat = stat_of(entry)
         if stat and stat in known:
             results[i] = (known[stat], stat, False)
         else:
@@ -217,9 +235,21 @@ def scan_catalog(path: str, image_source: str, feature_dim: int, known: Optional
                 logger.info("%s: %d / %d catalog images hashed (%d files read, the others' size and "
                             "modification time unchanged)", log_prefix, done, len(entries), scan.files_read)
     for entry, result in zip(entries, results):
-        if isinstance(result, BadRecord):
+        if isinstance(result, ScannedImage):
+            scan.images.append(result)
+        elif isinstance(result, BadRecord):
             scan.dead_letters.append(image_dead_letter(entry, result.reason, result.detail))
         else:
             content, stat, _ = result
             scan.images.append(ScannedImage(entry, content, stat))
     return scan
+
+
+def changed_files(scan: CatalogScan) -> List[str]:
+    """Ids of the scan's local images whose file no longer has the stat (path, size, modification time) the
+    scan recorded: replaced, touched or gone since."""
+    if "://" in scan.path:
+        return []
+    resolve = uri_resolver(scan.path)
+    return [image.entry.image_id for image in scan.images
+            if image.stat and "://" not in image.entry.uri and stat_file(resolve(image.entry.uri)) != image.stat]

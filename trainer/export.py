@@ -169,19 +169,30 @@ def top_ids(retrieval: sigs.Retrieval, query_embeddings: np.ndarray) -> np.ndarr
 # The four servables.
 
 
-def retrieval_servables(config, encoders, corpus: Corpus,
-                        scann_top_k: scann_index.ScannIndex) -> Dict[str, Servable]:
-    """retrieval_scann and retrieval_bruteforce over `corpus`, signatures traced.
+def bruteforce_servable(config, encoders, corpus: Corpus) -> Servable:
+    """retrieval_bruteforce over `corpus` (exact search: no index to build), signatures traced.
 
     `encoders` is a sigs.Encoders, or anything with its embed_queries /
     embed_images / image_spec (trainer/saved_encoders.py: the exported ones).
     """
     k = effective_k(config.export.k, len(corpus.ids))
-    scann = sigs.Retrieval(encoders, scann_top_k, k, name=S.RETRIEVAL_SCANN)
     brute = sigs.Retrieval(encoders, bruteforce_index(corpus.embeddings, corpus.ids, k, config.export.hamming), k,
                            binary=config.export.hamming, name=S.RETRIEVAL_BRUTEFORCE)
-    return {S.RETRIEVAL_SCANN: Servable(scann, scann.signatures(), SCANN_SAVE_OPTIONS),
-            S.RETRIEVAL_BRUTEFORCE: Servable(brute, brute.signatures())}
+    return Servable(brute, brute.signatures())
+
+
+def scann_servable(config, encoders, corpus: Corpus, scann_top_k: scann_index.ScannIndex) -> Servable:
+    """retrieval_scann over `corpus` with the built index `scann_top_k`, signatures traced."""
+    scann = sigs.Retrieval(encoders, scann_top_k, effective_k(config.export.k, len(corpus.ids)),
+                           name=S.RETRIEVAL_SCANN)
+    return Servable(scann, scann.signatures(), SCANN_SAVE_OPTIONS)
+
+
+def retrieval_servables(config, encoders, corpus: Corpus,
+                        scann_top_k: scann_index.ScannIndex) -> Dict[str, Servable]:
+    """retrieval_scann and retrieval_bruteforce over `corpus`, signatures traced."""
+    return {S.RETRIEVAL_SCANN: scann_servable(config, encoders, corpus, scann_top_k),
+            S.RETRIEVAL_BRUTEFORCE: bruteforce_servable(config, encoders, corpus)}
 
 
 def build_servables(config, encoders: sigs.Encoders, corpus: Corpus,

@@ -19,9 +19,11 @@
 4. index: the replaced ScaNN index updated in place (scann's upsert / delete) while a rebuild would
    choose the same layout and little has changed since its build (trainer/scann_update.py); else the
    layout derived for the new corpus size, built, with the replaced index's search depth kept when it
-   still meets export.min_recall (trainer/scann_tuning.py).  Brute force over all rows.
-5. write: both retrieval models as one new version (under temporary names, renamed into place together:
-   trainer/export.py:publish_together), then the corpus embeddings, the dead letters and the report.
+   still meets export.min_recall (trainer/scann_tuning.py).  Brute force needs no index.
+5. write: retrieval_bruteforce as soon as the corpus is assembled (it has no index to build, so a polling
+   server loads it while step 4 runs), then retrieval_scann, each written under a temporary name and
+   renamed into place (trainer/export.py:publish_together); then the corpus embeddings, the dead letters
+   and the report.  Both models get the same new version number.
 
 A running server polls the model folders and hot-loads the new versions (serving/model_registry.py:
 loaded and warmed up before they take traffic); the search page's /images/ route re-reads the catalog.
@@ -59,7 +61,8 @@ from clicklens.errors import BadRecord, ClicklensError
 from clicklens.shutdown import stop_on_signals
 from clicklens.workdir import Workdir, join
 from trainer import export, scann_tuning, scann_update
-from trainer.catalog_scan import READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, read_input, scan_catalog
+from trainer.catalog_scan import (READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, changed_files, read_input,
+                                  scan_catalog)
 from trainer.corpus import Corpus
 from trainer.ranking import exact_top_k
 from trainer.saved_encoders import SavedEncoders, load_saved_encoders
@@ -234,14 +237,35 @@ class WarmState:
         self._queries: Optional[np.ndarray] = None
         self._kept: Optional[KeptRows] = None
         self._warmed_up = False
-        self._catalogs: Dict[str, ParsedCatalog] = {}
+        self._scans: Dict[str, CatalogScan] = {}
+        self._trusted: Dict[str, Dict[str, ScannedImage]] = {}
 
     def parsed_catalog(self, path: str) -> Optional[ParsedCatalog]:
         """The previous pass's parse of the catalog at `path` (only appended lines are parsed again)."""
-        return self._catalogs.get(path)
+        scan = self._scans.get(path)
+        return scan.parsed if scan is not None else None
 
-    def keep_parsed_catalog(self, path: str, parsed: Optional[ParsedCatalog]) -> None:
-        self._catalogs = {path: parsed} if parsed is not None else {}
+    def trusted_images(self, path: str) -> Optional[Dict[str, ScannedImage]]:
+        """The previous pass's images of the catalog at `path`, by id: an image whose line is unchanged keeps
+        its hash without a stat (catalog_scan.scan_catalog's `trusted`), until `stale_images` says otherwise."""
+        return self._trusted.get(path)
+
+    def keep_scan(self, path: str, scan: CatalogScan) -> None:
+        self._scans = {path: scan}
+        self._trusted = {path: {image.entry.image_id: image for image in scan.images}}
+
+    def stale_images(self, path: str) -> List[str]:
+        """Ids of the last scan's images whose file changed since it was stat'ed (catalog_scan.changed_files);
+        when there are any, the next pass stats every file again."""
+        scan = self._scans.get(path)
+        changed = changed_files(scan) if scan is not None and scan.files_trusted else []
+        if changed:
+            self.distrust()
+        return changed
+
+    def distrust(self) -> None:
+        """The next pass stats every file (the parse is kept)."""
+        self._trusted = {}
 
     def encoders(self, workdir: Workdir) -> SavedEncoders:
         """The newest exported encoders; ClicklensError naming the folder when nothing is exported."""
@@ -315,8 +339,8 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     known = None if rehash or kept is None else kept.hash_by_stat
     scan = scan_catalog(path, p.image_source, p.feature_dim, known=known,
                         log_prefix="reindex", allow_outside_uris=p.allow_outside_uris,
-                        previous=warm.parsed_catalog(path))
-    warm.keep_parsed_catalog(path, scan.parsed)
+                        previous=warm.parsed_catalog(path), trusted=None if rehash else warm.trusted_images(path))
+    warm.keep_scan(path, scan)
     dead = list(scan.dead_letters)
     seconds["scan"] = time.perf_counter() - t
     plan = Plan(scan, kept, reuse)
@@ -325,7 +349,8 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
                 previous_version if previous is not None else "-", len(plan.to_embed))
     report: Dict[str, object] = {
         "previous_version": previous_version, "catalog": path, "catalog_lines": scan.lines,
-        "image_encoder_version": encoders.version, "reembedded_all": not reuse, "files_read": scan.files_read}
+        "image_encoder_version": encoders.version, "reembedded_all": not reuse, "files_read": scan.files_read,
+        "files_trusted": scan.files_trusted}
     t = time.perf_counter()
     new_embeddings, new_hashes, sample = embed_new(scan, plan.to_embed, encoders, p.image_size, p.max_image_pixels,
                                                    dead)
@@ -355,27 +380,39 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
         _write_report(workdir, report)
         return None, report
 
-    t = time.perf_counter()
-    previous_params = ScannParams(**previous.scann) if previous is not None and previous.scann else None
-    queries = warm.query_embeddings(config, workdir)
-    seconds["queries"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scann, scann_report, rows_since_build = None, {}, 0
-    if reuse and previous_params is not None:
-        scann, scann_report, rows_since_build = updated_scann_index(config, workdir, previous_version, previous,
-                                                                    previous_params, corpus, queries)
-    if scann is None:
-        scann, scann_report = export.scann_retrieval_index(config, corpus, queries, previous=previous_params)
-    servables = export.retrieval_servables(config, encoders, corpus, scann)
-    seconds["index"] = time.perf_counter() - t
-
+    # The exact model needs no index: it is published first, so a polling server loads it while the ScaNN
+    # index is updated (both loads, one after the other, were most of the time until a new image is found).
     t = time.perf_counter()
     version = export.choose_version(workdir, config.export.version)
+    paths = export.publish_together({S.RETRIEVAL_BRUTEFORCE: export.bruteforce_servable(config, encoders, corpus)},
+                                    workdir, version, corpus.sample_image)
+    seconds["exact"] = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        previous_params = ScannParams(**previous.scann) if previous is not None and previous.scann else None
+        queries = warm.query_embeddings(config, workdir)
+        seconds["queries"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scann, scann_report, rows_since_build = None, {}, 0
+        if reuse and previous_params is not None:
+            scann, scann_report, rows_since_build = updated_scann_index(config, workdir, previous_version, previous,
+                                                                        previous_params, corpus, queries)
+        if scann is None:
+            scann, scann_report = export.scann_retrieval_index(config, corpus, queries, previous=previous_params)
+        seconds["index"] = time.perf_counter() - t
+        t = time.perf_counter()
+        paths.update(export.publish_together(
+            {S.RETRIEVAL_SCANN: export.scann_servable(config, encoders, corpus, scann)}, workdir, version,
+            corpus.sample_image))
+    except BaseException:
+        logger.error("reindex: %s version %d is published, but %s failed and stays at its previous version "
+                     "(the next pass writes both again)", S.RETRIEVAL_BRUTEFORCE, version, S.RETRIEVAL_SCANN)
+        raise
     rows_written = corpus_embeddings.CorpusEmbeddings(
         corpus.ids, np.array([h.encode("ascii") for h in hashes], dtype=bytes), corpus.embeddings, encoders.version,
         encoders.image_source, "reindex", scann_report["params"], np.array([s.encode("utf-8") for s in stats],
                                                                            dtype=bytes), rows_since_build)
-    paths = write_version(workdir, version, servables, rows_written, corpus.sample_image)
+    paths["corpus_embeddings"] = corpus_embeddings.write(workdir.corpus_embeddings, version, rows_written)
     warm.keep_written(KeptRows(version, rows_written, (ids, hashes, stats)))
     if dead:
         report["dead_letters_file"] = workdir.reindex_dead_letters(version)
@@ -413,8 +450,8 @@ def updated_scann_index(config, workdir: Workdir, previous_version: int,
     logger.info("reindex: ScaNN index of version %d updated (%s) in %.1f s, %s: recall@%d %.4f (min_recall %.2f); "
                 "%d rows changed since it was built", previous_version,
                 ", ".join(f"{n} {what}" for what, n in update.counts.items()), update.seconds["update"],
-                params.describe(), k, update.trial.recall, config.export.min_recall, update.rows_since_build)
-    index = ScannIndex.from_tensors(update.index_tensors, update.ids, k, params)
+                update.params.describe(), k, update.trial.recall, config.export.min_recall, update.rows_since_build)
+    index = ScannIndex.from_tensors(update.index_tensors, update.ids, k, update.params)
     report = {**update.report(config.export.min_recall, len(tuning_queries)), "corpus_derived_queries": derived}
     return index, report, update.rows_since_build
 
@@ -449,15 +486,6 @@ def assemble(scan: CatalogScan, plan: Plan, previous: Optional[corpus_embeddings
     return ids, embeddings, hashes, stats
 
 
-def write_version(workdir: Workdir, version: int, servables: Dict[str, export.Servable],
-                  rows: corpus_embeddings.CorpusEmbeddings, sample_image) -> Dict[str, str]:
-    """Both retrieval models as `version`, written under temporary names and renamed into place together (a
-    polling server finds both at once), then the corpus embeddings of that version; returns the paths written."""
-    paths = export.publish_together(servables, workdir, version, sample_image)
-    paths["corpus_embeddings"] = corpus_embeddings.write(workdir.corpus_embeddings, version, rows)
-    return paths
-
-
 def _count_reasons(dead: List[dict]) -> Dict[str, object]:
     by_reason = collections.Counter(f"{d['source']}/{d['reason']}" for d in dead)
     return {"total": len(dead), "by_reason": dict(sorted(by_reason.items()))}
@@ -483,8 +511,9 @@ def watch(config, workdir: Workdir, rehash: bool, poll_seconds: float, stop: thr
     """Runs a reindex pass at start and then whenever the catalog file changes, until `stop` is set; returns
     the number of passes.  A pass that fails (a bad catalog, no export yet) is logged and the watch goes on.
 
-    Only the catalog file is watched: an image file replaced in place under an unchanged catalog line is
-    found by the next pass the catalog triggers (or a one-off `clicklens reindex`)."""
+    Only the catalog file is watched.  A pass after the catalog grew does not stat the files of unchanged
+    lines (a stat each is most of a pass over a large catalog); it stats them once the new version is
+    published, and when a file was replaced under an unchanged line, the next pass stats them all again."""
     warm = WarmState()
     path = catalog_path(config, workdir)
     seen: object = ()  # never a signature: the first check runs a pass
@@ -497,9 +526,17 @@ def watch(config, workdir: Workdir, rehash: bool, poll_seconds: float, stop: thr
             passes += 1
             try:
                 reindex(config, workdir, rehash=rehash, warm=warm)
+                stale = warm.stale_images(path)
+                if stale:
+                    logger.info("reindex: %d files changed under unchanged catalog lines (e.g. %s): another pass",
+                                len(stale), stale[0])
+                    seen = ()
+                    continue
             except ClicklensError as err:
+                warm.distrust()
                 logger.error("reindex: pass %d failed: %s; watching on", passes, err)
             except Exception:  # noqa: BLE001  (a long-running watch outlives one bad pass)
+                warm.distrust()
                 logger.exception("reindex: pass %d failed; watching on", passes)
         stop.wait(poll_seconds)
     logger.info("reindex: stopped watching after %d passes", passes)

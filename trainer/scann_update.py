@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 LEAF_COUNT_TOLERANCE = 1.25
 MAX_SHARE_SINCE_BUILD = 0.2
+DEEPER_LEAF_STEPS = 3  # deeper settings tried when the kept depth misses min_recall on the updated index
 UPSERT_BATCH = 1024
 
 # Where the searcher sits in a retrieval_scann checkpoint: export_signatures.Retrieval.top_k is the
@@ -92,6 +93,7 @@ class Update:
     counts: Dict[str, int] = dataclasses.field(default_factory=dict)
     rows_since_build: int = 0
     seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+    trials: List[scann_tuning.Trial] = dataclasses.field(default_factory=list)  # the depths checked, in order
 
     def report(self, min_recall: float, num_queries: int) -> Dict[str, object]:
         """JSON-ready, in the shape of scann_tuning.Tuning.report, plus what the update changed."""
@@ -104,7 +106,8 @@ class Update:
                 "tuning_queries": num_queries, "carried_over": True, "updated": dict(self.counts),
                 "rows_since_build": self.rows_since_build,
                 "build_seconds": round(self.seconds.get("update", 0.0), 2),
-                "tuning_seconds": round(self.seconds.get("check", 0.0), 2), "tried": [trial.as_dict()]}
+                "tuning_seconds": round(self.seconds.get("check", 0.0), 2),
+                "tried": [t.as_dict() for t in self.trials or [trial]]}
 
 
 def read_saved_index(version_dir: str) -> SavedIndex:
@@ -169,13 +172,32 @@ def update_index(saved: SavedIndex, previous_ids: np.ndarray, previous_rows: np.
     seconds = {"update": time.perf_counter() - start}
 
     start = time.perf_counter()
-    trial = check_recall(tensors, previous, queries, k)
+    min_recall = export_config.min_recall
+    trials = check_recall(tensors, deeper_depths(previous, export_config.scann), queries, k, min_recall)
     seconds["check"] = time.perf_counter() - start
-    if not trial.meets(export_config.min_recall):
-        return Update(why=f"the kept search depth ({previous.describe()}) reaches recall@{k} {trial.recall:.4f} on the "
-                          f"updated index, short of export.min_recall {export_config.min_recall}", counts=counts)
-    return Update(index_tensors=tensors, ids=updated_ids, params=previous, trial=trial, counts=counts,
-                  rows_since_build=since_build, seconds=seconds)
+    trial = trials[-1]
+    if not trial.meets(min_recall):
+        return Update(why=f"the kept search depth ({previous.describe()}) and {len(trials) - 1} deeper ones reach at "
+                          f"most recall@{k} {max(t.recall for t in trials):.4f} on the updated index (standard error "
+                          f"{trial.recall_standard_error:.4f}), short of export.min_recall {min_recall} by "
+                          f"{scann_tuning.RECALL_MARGIN_SE:g} standard errors", counts=counts)
+    if trial.params != previous:
+        logger.info("scann update: the kept depth (%s) reaches recall@%d %.4f on the updated index, short of "
+                    "export.min_recall %.2f by %g standard errors: searching %d leaves instead", previous.describe(),
+                    k, trials[0].recall, min_recall, scann_tuning.RECALL_MARGIN_SE, trial.params.num_leaves_to_search)
+    return Update(index_tensors=tensors, ids=updated_ids, params=trial.params, trial=trial, counts=counts,
+                  rows_since_build=since_build, seconds=seconds, trials=trials)
+
+
+def deeper_depths(params: ScannParams, scann_config) -> List[ScannParams]:
+    """`params`, then up to DEEPER_LEAF_STEPS settings that search more leaves (scann_tuning.leaf_steps), unless
+    export.scann pins the leaves searched.  An index tuned to just meet min_recall can fall short of it by a hair
+    once points are added: searching a little deeper keeps the update instead of rebuilding."""
+    depths = [params]
+    if scann_config.num_leaves_to_search in (None, "auto"):
+        steps = [s for s in scann_tuning.leaf_steps(params.num_leaves) if s > params.num_leaves_to_search]
+        depths += [dataclasses.replace(params, num_leaves_to_search=s) for s in steps[:DEEPER_LEAF_STEPS]]
+    return depths
 
 
 def changed_or_new(old_row: Dict[bytes, int], previous_rows: np.ndarray, ids: np.ndarray,
@@ -220,15 +242,20 @@ def serialize_pybind(searcher: scann_ops_pybind.ScannSearcher, like: Dict[str, n
     return tensors
 
 
-def check_recall(tensors: Dict[str, np.ndarray], params: ScannParams, queries: np.ndarray,
-                 k: int) -> scann_tuning.Trial:
-    """recall@k (and the speed of that one pass) of `params` on a searcher made from `tensors`, against exact
-    search over the same points."""
+def check_recall(tensors: Dict[str, np.ndarray], depths: Sequence[ScannParams], queries: np.ndarray, k: int,
+                 min_recall: float) -> List[scann_tuning.Trial]:
+    """The trials (recall@k against exact search over the same points, and the speed of that one pass) of
+    `depths` in order on a searcher made from `tensors`, up to the first that meets `min_recall`."""
     handle = scann_ops.tensors_to_scann(*[tf.constant(tensors[f]) for f in _OP_ORDER],
                                         shared_name=f"scann-update-{uuid.uuid4().hex}")
     searcher = scann_ops.ScannSearcher(handle)
     try:
         exact = exact_top_k(tensors["dataset"], queries, k)
-        return scann_tuning.measure(searcher, params, queries, exact, k, repeats=0)
+        trials = []
+        for params in depths:
+            trials.append(scann_tuning.measure(searcher, params, queries, exact, k, repeats=0))
+            if trials[-1].meets(min_recall):
+                break
+        return trials
     finally:
         scann_index.release(searcher)
