@@ -134,13 +134,26 @@ def test_a_kept_depth_short_of_min_recall_searches_deeper_instead_of_rebuilding(
     rng = np.random.default_rng(2)
     grown_ids = np.concatenate([ids, ids_of(f"new_{i}" for i in range(300))])
     grown_rows = np.concatenate([rows, unit_rows(rng, 300, centres)])
-    one_leaf = dataclasses.replace(PARAMS, num_leaves_to_search=1)
-    config = dataclasses.replace(export_config, min_recall=0.95)
-    update = scann_update.update_index(saved_index, ids, rows, grown_ids, grown_rows, K, grown_rows[:200],
-                                       one_leaf, config, 0)
-    assert update.why == ""
-    assert [t.params.num_leaves_to_search for t in update.trials] == [1, 2]  # 1 misses, the next step meets
-    assert not update.trials[0].meets(0.95) and update.trial.meets(0.95)
-    assert update.params == dataclasses.replace(one_leaf, num_leaves_to_search=2)
-    report = update.report(0.95, 200)
-    assert report["params"]["num_leaves_to_search"] == 2 and len(report["tried"]) == 2
+    queries = unit_rows(np.random.default_rng(3), 200, centres)  # not corpus points: their neighbours span leaves
+    one_leaf = dataclasses.replace(PARAMS, num_leaves_to_search=1, num_reordering_candidates=50)
+
+    def update(min_recall):
+        return scann_update.update_index(saved_index, ids, rows, grown_ids, grown_rows, K, queries, one_leaf,
+                                         dataclasses.replace(export_config, min_recall=min_recall), 0)
+
+    # Unreachable: the kept depth and the three deeper steps are all tried, then a rebuild is asked for.
+    unreachable = update(1.01)
+    assert "and 3 deeper ones" in unreachable.why
+    assert [t.params.num_leaves_to_search for t in unreachable.trials] == [1, 2, 3, 4]
+    # A min_recall between what one leaf and what the best deeper step reach (2 standard errors off each).
+    bounds = [t.recall - 2 * t.recall_standard_error for t in unreachable.trials]
+    assert max(bounds[1:]) > bounds[0], f"one leaf already as good as more: {bounds}"
+    min_recall = (bounds[0] + max(bounds[1:])) / 2
+    deepened = update(min_recall)
+    assert deepened.why == ""
+    depths = [t.params.num_leaves_to_search for t in deepened.trials]
+    assert depths[0] == 1 and depths[-1] > 1
+    assert all(not t.meets(min_recall) for t in deepened.trials[:-1]) and deepened.trial.meets(min_recall)
+    assert deepened.params == dataclasses.replace(one_leaf, num_leaves_to_search=depths[-1])
+    report = deepened.report(min_recall, len(queries))
+    assert report["params"]["num_leaves_to_search"] == depths[-1] and len(report["tried"]) == len(depths)

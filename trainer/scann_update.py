@@ -180,7 +180,7 @@ def update_index(saved: SavedIndex, previous_ids: np.ndarray, previous_rows: np.
         return Update(why=f"the kept search depth ({previous.describe()}) and {len(trials) - 1} deeper ones reach at "
                           f"most recall@{k} {max(t.recall for t in trials):.4f} on the updated index (standard error "
                           f"{trial.recall_standard_error:.4f}), short of export.min_recall {min_recall} by "
-                          f"{scann_tuning.RECALL_MARGIN_SE:g} standard errors", counts=counts)
+                          f"{scann_tuning.RECALL_MARGIN_SE:g} standard errors", counts=counts, trials=trials)
     if trial.params != previous:
         logger.info("scann update: the kept depth (%s) reaches recall@%d %.4f on the updated index, short of "
                     "export.min_recall %.2f by %g standard errors: searching %d leaves instead", previous.describe(),
