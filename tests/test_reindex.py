@@ -563,7 +563,7 @@ def test_the_exact_model_is_published_before_the_scann_index_is_made(demo_export
         raise RuntimeError("no index today")
 
     monkeypatch.setattr(export, "scann_retrieval_index", failing_index)
-    monkeypatch.setattr(reindex, "updated_scann_index", lambda *args: (None, {}, 0))
+    monkeypatch.setattr(reindex, "updated_scann_index", lambda *args: (None, {}, 0, None))
     with caplog.at_level(logging.ERROR, logger="trainer.reindex"), pytest.raises(RuntimeError, match="no index"):
         reindex.reindex(small_config, w)
     assert seen == [old_version + 1]  # already renamed into place when the index was being made

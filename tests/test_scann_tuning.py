@@ -187,6 +187,10 @@ def test_exact_reference_and_corpus_queries():
     corpus, queries = clustered(rng, 5000), clustered(rng, 7)
     expected = np.argsort(-(queries @ corpus.T), axis=1)[:, :10]
     np.testing.assert_array_equal(ranking.exact_top_k(corpus, queries, 10), expected)
+    # Rows added after the first 4,000: only they are scored, with the same top k as a whole pass.
+    previous = ranking.exact_top_k(corpus[:4000], queries, 10)
+    np.testing.assert_array_equal(ranking.exact_top_k_grown(corpus, queries, 10, previous, 4000), expected)
+    assert ranking.exact_top_k_grown(corpus[:4000], queries, 10, previous, 4000) is previous
     derived = scann_tuning.corpus_queries(corpus, 100)
     assert derived.shape == (100, 16) and np.isfinite(derived).all()
     # Near the corpus but not on it: a derived query's best match is not (always) an exact copy of itself.

@@ -14,7 +14,7 @@ from clicklens import compat  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
 from tests.conftest import DEMO_CONFIG
-from trainer import scann_index, scann_update
+from trainer import ranking, scann_index, scann_update
 from trainer.scann_index import ScannIndex, ScannParams
 
 DIM, K = 16, 5
@@ -157,3 +157,31 @@ def test_a_kept_depth_short_of_min_recall_searches_deeper_instead_of_rebuilding(
     assert deepened.params == dataclasses.replace(one_leaf, num_leaves_to_search=depths[-1])
     report = deepened.report(min_recall, len(queries))
     assert report["params"]["num_leaves_to_search"] == depths[-1] and len(report["tried"]) == len(depths)
+
+
+def test_a_watch_updates_the_index_it_kept_as_it_would_the_one_read_back(saved, export_config, monkeypatch):
+    saved_index, ids, rows, centres = saved
+    rng = np.random.default_rng(4)
+    first_ids = np.concatenate([ids, ids_of(f"a_{i}" for i in range(50))])
+    first_rows = np.concatenate([rows, unit_rows(rng, 50, centres)])
+    queries = first_rows[:200]
+    first = scann_update.update_index(saved_index, ids, rows, first_ids, first_rows, K, queries, PARAMS,
+                                      export_config, 0)
+    second_ids = np.concatenate([first_ids, ids_of(f"b_{i}" for i in range(50))])
+    second_rows = np.concatenate([first_rows, unit_rows(rng, 50, centres)])
+
+    read_back = scann_update.update_index(scann_update.SavedIndex(first.index_tensors, first.ids), first_ids,
+                                          first_rows, second_ids, second_rows, K, queries, PARAMS, export_config, 50)
+    scored = []
+    real = ranking.exact_top_k
+    for module in (ranking, scann_update):
+        monkeypatch.setattr(module, "exact_top_k", lambda rows_, *a: scored.append(len(rows_)) or real(rows_, *a))
+    monkeypatch.setattr(scann_update, "load_pybind", lambda *a: pytest.fail("the kept searcher was read back"))
+    kept = scann_update.update_index(first.saved, first_ids, first_rows, second_ids, second_rows, K, queries, PARAMS,
+                                     export_config, 50)
+    assert scored == [50]  # only the rows added since the kept check
+    np.testing.assert_array_equal(kept.ids, read_back.ids)
+    for field in ("dataset", "hashed_dataset", "datapoint_to_token"):
+        np.testing.assert_array_equal(kept.index_tensors[field], read_back.index_tensors[field])
+    assert kept.trial.recall == read_back.trial.recall
+    np.testing.assert_array_equal(kept.saved.exact.top, read_back.saved.exact.top)

@@ -52,6 +52,20 @@ def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarr
     return best_ids
 
 
+def exact_top_k_grown(embeddings: np.ndarray, queries: np.ndarray, k: int, previous_top: np.ndarray,
+                      previous_rows: int) -> np.ndarray:
+    """exact_top_k(embeddings, queries, k), given `previous_top`: exact_top_k over `embeddings[:previous_rows]`
+    (rows that have not changed since).  Only the rows after them are scored; a new row ties after an old one."""
+    k = min(k, len(embeddings))
+    if len(embeddings) == previous_rows:
+        return previous_top
+    new_top = exact_top_k(embeddings[previous_rows:], queries, k) + previous_rows
+    candidates = np.concatenate([previous_top, new_top], axis=1)
+    scores = np.einsum("qd,qcd->qc", queries, embeddings[candidates])
+    keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, keep, axis=1)
+
+
 def ranking_metrics(rankings: Sequence[Sequence[str]], relevance: Sequence[Mapping[str, float]]) -> Dict[str, float]:
     """recall@K, MRR and graded NDCG@10 averaged over queries (rankings[i] scored by relevance[i])."""
     sums = collections.Counter()

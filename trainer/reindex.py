@@ -228,7 +228,8 @@ def check_image_source(config, encoders: SavedEncoders) -> None:
 
 class WarmState:
     """What a reindex pass loads, kept for the next pass of the same process (`--watch`): the newest
-    encoders, the newest corpus rows, the embedded tuning queries and the catalog's parse.  Each is loaded
+    encoders, the newest corpus rows, the embedded tuning queries, the catalog's parse and scan, and the ScaNN
+    index the pass updated (scann's pybind searcher and the exact top k of its check).  Each is loaded
     again when a newer version is on disk (a new export, or a version written by someone else), and the
     catalog is parsed whole again when it changed other than by growing."""
 
@@ -236,6 +237,7 @@ class WarmState:
         self._encoders: Optional[SavedEncoders] = None
         self._queries: Optional[np.ndarray] = None
         self._kept: Optional[KeptRows] = None
+        self._scann: Optional[Tuple[int, scann_update.SavedIndex]] = None
         self._warmed_up = False
         self._scans: Dict[str, CatalogScan] = {}
         self._trusted: Dict[str, Dict[str, ScannedImage]] = {}
@@ -299,9 +301,17 @@ class WarmState:
             self._kept = KeptRows(max(found), corpus_embeddings.read(found[max(found)]))
         return self._kept
 
-    def keep_written(self, kept: KeptRows) -> None:
-        """The rows this process just wrote: the next pass starts from them without reading them back."""
+    def keep_written(self, kept: KeptRows, scann: Optional[scann_update.SavedIndex] = None) -> None:
+        """The rows this process just wrote, and the ScaNN index it updated for them: the next pass starts from
+        them without reading them back."""
         self._kept = kept
+        self._scann = (kept.version, scann) if scann is not None else None
+
+    def take_scann_index(self, version: int) -> Optional[scann_update.SavedIndex]:
+        """The ScaNN index this process wrote as `version` (its pybind searcher and the exact reference of its
+        check), handed over once: the update changes the searcher in place."""
+        kept, self._scann = self._scann, None
+        return kept[1] if kept is not None and kept[0] == version else None
 
 
 def reindex(config, workdir: Workdir, rehash: bool = False,
@@ -393,10 +403,11 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
         queries = warm.query_embeddings(config, workdir)
         seconds["queries"] = time.perf_counter() - t
         t = time.perf_counter()
-        scann, scann_report, rows_since_build = None, {}, 0
+        scann, scann_report, rows_since_build, updated = None, {}, 0, None
         if reuse and previous_params is not None:
-            scann, scann_report, rows_since_build = updated_scann_index(config, workdir, previous_version, previous,
-                                                                        previous_params, corpus, queries)
+            scann, scann_report, rows_since_build, updated = updated_scann_index(
+                config, workdir, previous_version, previous, previous_params, corpus, queries,
+                warm.take_scann_index(previous_version))
         if scann is None:
             scann, scann_report = export.scann_retrieval_index(config, corpus, queries, previous=previous_params)
         seconds["index"] = time.perf_counter() - t
@@ -413,7 +424,7 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
         encoders.image_source, "reindex", scann_report["params"], np.array([s.encode("utf-8") for s in stats],
                                                                            dtype=bytes), rows_since_build)
     paths["corpus_embeddings"] = corpus_embeddings.write(workdir.corpus_embeddings, version, rows_written)
-    warm.keep_written(KeptRows(version, rows_written, (ids, hashes, stats)))
+    warm.keep_written(KeptRows(version, rows_written, (ids, hashes, stats)), updated)
     if dead:
         report["dead_letters_file"] = workdir.reindex_dead_letters(version)
         write_dead_letters(report["dead_letters_file"], dead)
@@ -430,30 +441,33 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
 
 def updated_scann_index(config, workdir: Workdir, previous_version: int,
                         previous: corpus_embeddings.CorpusEmbeddings, params: ScannParams, corpus: Corpus,
-                        queries: np.ndarray) -> Tuple[Optional[ScannIndex], Dict[str, object], int]:
-    """(index, report, rows changed since its build) of the replaced version's ScaNN index updated to hold
-    `corpus` (trainer/scann_update.py), or (None, {}, 0) when it must be rebuilt (the log says why)."""
+                        queries: np.ndarray, kept: Optional[scann_update.SavedIndex] = None
+                        ) -> Tuple[Optional[ScannIndex], Dict[str, object], int, Optional[scann_update.SavedIndex]]:
+    """(index, report, rows changed since its build, the updated index to keep for a next pass) of the replaced
+    version's ScaNN index updated to hold `corpus` (trainer/scann_update.py), or (None, {}, 0, None) when it must
+    be rebuilt (the log says why).  `kept`: that version's index as the pass that wrote it left it (a watch),
+    instead of reading it back from its checkpoint."""
     folder = join(workdir.export_model(S.RETRIEVAL_SCANN), str(previous_version))
     k = export.effective_k(config.export.k, len(corpus.ids))
     tuning_queries, derived = scann_tuning.tuning_queries(queries, corpus.embeddings)
     try:
-        saved = scann_update.read_saved_index(folder)
+        saved = kept or scann_update.read_saved_index(folder)
     except (tf.errors.OpError, ValueError) as err:
         logger.info("reindex: rebuilding the ScaNN index: cannot read the one of version %d (%s)", previous_version,
                     str(err).splitlines()[0])
-        return None, {}, 0
+        return None, {}, 0, None
     update = scann_update.update_index(saved, previous.ids, previous.embeddings, corpus.ids, corpus.embeddings, k,
                                        tuning_queries, params, config.export, previous.scann_rows_since_build)
     if update.why:
         logger.info("reindex: rebuilding the ScaNN index: %s", update.why)
-        return None, {}, 0
+        return None, {}, 0, None
     logger.info("reindex: ScaNN index of version %d updated (%s) in %.1f s, %s: recall@%d %.4f (min_recall %.2f); "
                 "%d rows changed since it was built", previous_version,
                 ", ".join(f"{n} {what}" for what, n in update.counts.items()), update.seconds["update"],
                 update.params.describe(), k, update.trial.recall, config.export.min_recall, update.rows_since_build)
     index = ScannIndex.from_tensors(update.index_tensors, update.ids, k, update.params)
     report = {**update.report(config.export.min_recall, len(tuning_queries)), "corpus_derived_queries": derived}
-    return index, report, update.rows_since_build
+    return index, report, update.rows_since_build, update.saved
 
 
 def assemble(scan: CatalogScan, plan: Plan, previous: Optional[corpus_embeddings.CorpusEmbeddings],

@@ -45,7 +45,7 @@ from scann.scann_ops.py import scann_ops, scann_ops_pybind
 
 from clicklens.workdir import join
 from trainer import scann_index, scann_tuning
-from trainer.ranking import exact_top_k
+from trainer.ranking import exact_top_k, exact_top_k_grown
 from trainer.scann_index import AH, STATE_FIELDS, ScannParams
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,34 @@ _OP_ORDER: Sequence[str] = ("dataset",) + tuple(f for f in STATE_FIELDS if f != 
 
 
 @dataclasses.dataclass
+class ExactReference:
+    """The exact top k of the recall check: positions in a dataset's point order, for `queries`."""
+
+    queries: np.ndarray
+    k: int
+    top: np.ndarray  # int64 [Q, k]
+
+    def grown(self, previous_dataset: np.ndarray, dataset: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+        """exact_top_k(dataset, queries, k), scoring only the rows added after `previous_dataset` (the one this
+        was taken over) when `dataset` starts with it and the queries are the same; else every row."""
+        n = len(previous_dataset)
+        if (k == self.k and queries.shape == self.queries.shape and np.array_equal(queries, self.queries)
+                and len(dataset) >= n and np.array_equal(dataset[:n], previous_dataset)):
+            return exact_top_k_grown(dataset, queries, k, self.top, n)
+        return exact_top_k(dataset, queries, k)
+
+
+@dataclasses.dataclass
 class SavedIndex:
-    """A retrieval_scann version's searcher: its tensors ({STATE_FIELDS name: array}) and each point's image id."""
+    """A retrieval_scann version's searcher: its tensors ({STATE_FIELDS name: array}) and each point's image id.
+
+    A watch keeps the one it wrote last with the pybind `searcher` that holds it and the `exact` reference of its
+    recall check, so that the next update neither reads it back nor scores the unchanged rows again."""
 
     tensors: Dict[str, np.ndarray]
     ids: np.ndarray  # bytes [N], in the searcher's point order
+    searcher: Optional[scann_ops_pybind.ScannSearcher] = None
+    exact: Optional[ExactReference] = None
 
 
 @dataclasses.dataclass
@@ -94,6 +117,7 @@ class Update:
     rows_since_build: int = 0
     seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
     trials: List[scann_tuning.Trial] = dataclasses.field(default_factory=list)  # the depths checked, in order
+    saved: Optional[SavedIndex] = None  # the updated index, its pybind searcher and exact reference (for a watch)
 
     def report(self, min_recall: float, num_queries: int) -> Dict[str, object]:
         """JSON-ready, in the shape of scann_tuning.Tuning.report, plus what the update changed."""
@@ -160,7 +184,7 @@ def update_index(saved: SavedIndex, previous_ids: np.ndarray, previous_rows: np.
                           f"{MAX_SHARE_SINCE_BUILD:.0%} of {len(ids)}", counts=counts)
 
     with tempfile.TemporaryDirectory(prefix="clicklens-scann-") as folder:
-        searcher = load_pybind(saved, os.path.join(folder, "before"))
+        searcher = saved.searcher or load_pybind(saved, os.path.join(folder, "before"))
         with scann_index.native_stderr_to_log("scann"):
             if deletes:
                 searcher.delete(deletes)
@@ -173,7 +197,11 @@ def update_index(saved: SavedIndex, previous_ids: np.ndarray, previous_rows: np.
 
     start = time.perf_counter()
     min_recall = export_config.min_recall
-    trials = check_recall(tensors, deeper_depths(previous, export_config.scann), queries, k, min_recall)
+    if saved.exact is not None:
+        exact = saved.exact.grown(saved.tensors["dataset"], tensors["dataset"], queries, k)
+    else:
+        exact = exact_top_k(tensors["dataset"], queries, k)
+    trials = check_recall(tensors, deeper_depths(previous, export_config.scann), queries, exact, k, min_recall)
     seconds["check"] = time.perf_counter() - start
     trial = trials[-1]
     if not trial.meets(min_recall):
@@ -186,7 +214,8 @@ def update_index(saved: SavedIndex, previous_ids: np.ndarray, previous_rows: np.
                     "export.min_recall %.2f by %g standard errors: searching %d leaves instead", previous.describe(),
                     k, trials[0].recall, min_recall, scann_tuning.RECALL_MARGIN_SE, trial.params.num_leaves_to_search)
     return Update(index_tensors=tensors, ids=updated_ids, params=trial.params, trial=trial, counts=counts,
-                  rows_since_build=since_build, seconds=seconds, trials=trials)
+                  rows_since_build=since_build, seconds=seconds, trials=trials,
+                  saved=SavedIndex(tensors, updated_ids, searcher, ExactReference(queries, k, exact)))
 
 
 def deeper_depths(params: ScannParams, scann_config) -> List[ScannParams]:
@@ -242,15 +271,14 @@ def serialize_pybind(searcher: scann_ops_pybind.ScannSearcher, like: Dict[str, n
     return tensors
 
 
-def check_recall(tensors: Dict[str, np.ndarray], depths: Sequence[ScannParams], queries: np.ndarray, k: int,
-                 min_recall: float) -> List[scann_tuning.Trial]:
-    """The trials (recall@k against exact search over the same points, and the speed of that one pass) of
-    `depths` in order on a searcher made from `tensors`, up to the first that meets `min_recall`."""
+def check_recall(tensors: Dict[str, np.ndarray], depths: Sequence[ScannParams], queries: np.ndarray,
+                 exact: np.ndarray, k: int, min_recall: float) -> List[scann_tuning.Trial]:
+    """The trials (recall@k against `exact`, the exact top k over the same points, and the speed of that one
+    pass) of `depths` in order on a searcher made from `tensors`, up to the first that meets `min_recall`."""
     handle = scann_ops.tensors_to_scann(*[tf.constant(tensors[f]) for f in _OP_ORDER],
                                         shared_name=f"scann-update-{uuid.uuid4().hex}")
     searcher = scann_ops.ScannSearcher(handle)
     try:
-        exact = exact_top_k(tensors["dataset"], queries, k)
         trials = []
         for params in depths:
             trials.append(scann_tuning.measure(searcher, params, queries, exact, k, repeats=0))
