@@ -162,7 +162,12 @@ class ModelRegistry:
             self._thread.join(timeout=60)
 
     def _poll_loop(self) -> None:
-        while not self._stop.wait(self._poll_seconds):
+        # Polls start every poll_seconds, not poll_seconds after the last one ended: a poll that spent a second
+        # loading one model's version is followed at once by the next, which finds what appeared meanwhile (as
+        # tensorflow_model_server's file-system source keeps polling on its own thread while versions load).
+        started = time.monotonic()
+        while not self._stop.wait(max(0.0, started + self._poll_seconds - time.monotonic())):
+            started = time.monotonic()
             try:
                 self.poll()
             except Exception:  # a broken poll must not kill the poller; the next one retries

@@ -625,3 +625,26 @@ def test_no_metrics_page_when_monitoring_is_off(saved, tmp_path):
         assert _http(server.http_port, "GET", "/ready")[0] == 200
     finally:
         server.stop(grace=1.0)
+
+
+def test_polls_keep_their_cadence_when_a_load_outlasts_the_interval(monkeypatch):
+    from serving.model_registry import ModelRegistry
+
+    registry = ModelRegistry([], poll_seconds=1.0)
+    starts, ends = [], []
+
+    def poll():
+        starts.append(time.monotonic())
+        if len(starts) == 2:
+            time.sleep(1.5)  # a version that takes longer to load than the interval
+        ends.append(time.monotonic())
+
+    monkeypatch.setattr(registry, "poll", poll)
+    registry.start()
+    deadline = time.monotonic() + 30
+    while len(ends) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    registry.stop()
+    assert len(ends) >= 3
+    assert starts[1] - ends[0] > 0.7  # a quick poll is followed by the interval
+    assert starts[2] - ends[1] < 0.5  # a long one by the next poll at once: what appeared meanwhile loads now

@@ -60,7 +60,7 @@ from clicklens.dead_letters import image_dead_letter, write_dead_letters
 from clicklens.errors import BadRecord, ClicklensError
 from clicklens.shutdown import stop_on_signals
 from clicklens.workdir import Workdir, join
-from trainer import export, scann_tuning, scann_update
+from trainer import export, scann_index, scann_tuning, scann_update
 from trainer.catalog_scan import (READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, changed_files, read_input,
                                   scan_catalog)
 from trainer.corpus import Corpus
@@ -307,6 +307,25 @@ class WarmState:
         self._kept = kept
         self._scann = (kept.version, scann) if scann is not None else None
 
+    def preload_scann_index(self, config, workdir: Workdir) -> None:
+        """Reads the newest version's ScaNN index ahead of a change (scann_update.load_saved_index), when it is
+        one an update could change in place, so that the first pass with new images does not."""
+        kept = self._kept
+        if kept is None or (self._scann is not None and self._scann[0] == kept.version) or not kept.rows.scann:
+            return
+        params = ScannParams(**kept.rows.scann)
+        if params.num_leaves == 1 or params.quantization != scann_index.AH:
+            return
+        queries, _ = scann_tuning.tuning_queries(self.query_embeddings(config, workdir), kept.rows.embeddings)
+        folder = join(workdir.export_model(S.RETRIEVAL_SCANN), str(kept.version))
+        try:
+            saved = scann_update.load_saved_index(folder, queries, export.effective_k(config.export.k, len(kept.rows.ids)))
+        except (tf.errors.OpError, ValueError, OSError) as err:  # the pass that needs it reads it (or rebuilds)
+            logger.info("reindex: could not read the ScaNN index of version %d ahead: %s", kept.version,
+                        str(err).splitlines()[0])
+            return
+        self._scann = (kept.version, saved)
+
     def take_scann_index(self, version: int) -> Optional[scann_update.SavedIndex]:
         """The ScaNN index this process wrote as `version` (its pybind searcher and the exact reference of its
         check), handed over once: the update changes the searcher in place."""
@@ -387,6 +406,8 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
         report.update(version=None, unchanged_since=previous_version)
         logger.info("reindex: the usable images are exactly those of version %d: no new version written",
                     previous_version)
+        if watching:
+            warm.preload_scann_index(config, workdir)
         _write_report(workdir, report)
         return None, report
 

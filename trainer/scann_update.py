@@ -141,6 +141,16 @@ def read_saved_index(version_dir: str) -> SavedIndex:
     return SavedIndex(tensors, reader.get_tensor(_IDS_KEY))
 
 
+def load_saved_index(version_dir: str, queries: np.ndarray, k: int) -> SavedIndex:
+    """A retrieval_scann version's index read from its checkpoint, loaded into scann's pybind searcher, with the
+    exact top k of `queries` over it: what an update of it needs, made ahead (a watch with nothing to do)."""
+    saved = read_saved_index(version_dir)
+    with tempfile.TemporaryDirectory(prefix="clicklens-scann-") as folder:
+        saved.searcher = load_pybind(saved, os.path.join(folder, "before"))
+    saved.exact = ExactReference(queries, k, exact_top_k(saved.tensors["dataset"], queries, k))
+    return saved
+
+
 def layout_mismatch(previous: ScannParams, corpus_size: int, dim: int, k: int, scann_config) -> str:
     """Why the index `previous` describes is not the one a rebuild over `corpus_size` images would choose
     ("" when it is)."""
