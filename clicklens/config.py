@@ -397,6 +397,9 @@ class ServingConfig:
     max_request_bytes: int = _field(4 * 1024 * 1024, min=1024)
     max_batch: int = _field(256, min=1)
     poll_seconds: float = _field(2.0, min=0.1, help="How often new model versions are looked for.")
+    num_load_threads: int = _field(0, min=0, max=64, help="Versions loaded at once, on their own threads, while "
+                                   "polling goes on (TF Serving's --num_load_threads); 0 loads them one after "
+                                   "another within the poll that found them.")
     workers: int = _field(8, min=1, max=256, help="gRPC worker threads (for every method but batched Predicts, "
                                                   "which wait for their batch on the event loop), and the most "
                                                   "Predicts in flight at once, so also the most gRPC requests one "

@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import grpc
@@ -118,8 +119,10 @@ class ModelRegistry:
 
     def __init__(self, configs: Sequence[ModelConfig], poll_seconds: float = 2.0, max_batch: int = 256,
                  metrics: Optional[Metrics] = None, max_load_attempts: int = MAX_LOAD_ATTEMPTS,
-                 load_retry_seconds: Optional[float] = None, warmup: bool = True):
-        """`poll_seconds` <= 0 polls once, at start (tensorflow_model_server's --file_system_poll_wait_seconds=0)."""
+                 load_retry_seconds: Optional[float] = None, warmup: bool = True, num_load_threads: int = 0):
+        """`poll_seconds` <= 0 polls once, at start (tensorflow_model_server's --file_system_poll_wait_seconds=0).
+        `num_load_threads` > 0 loads versions on that many threads while polling goes on (its --num_load_threads);
+        0 loads them one after another within the poll that found them."""
         self._configs = {c.name: c for c in configs}
         self._labels: Dict[str, Dict[str, int]] = {c.name: dict(c.version_labels) for c in configs}
         self._poll_seconds = poll_seconds
@@ -136,6 +139,9 @@ class ModelRegistry:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.changes = 0  # versions loaded or retired so far
+        self._loader = (ThreadPoolExecutor(num_load_threads, thread_name_prefix="model-loader")
+                        if num_load_threads > 0 else None)
+        self._loading: Dict[Tuple[str, int], Future] = {}  # versions on a loader thread now
 
 
     @property
@@ -151,7 +157,7 @@ class ModelRegistry:
 
     def start(self) -> None:
         """Loads what is on disk now, then keeps polling in a background thread."""
-        self.poll()
+        self.poll(wait=True)
         if self._poll_seconds > 0:
             self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
             self._thread.start()
@@ -160,6 +166,8 @@ class ModelRegistry:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._loader is not None:
+            self._loader.shutdown(wait=True, cancel_futures=True)
 
     def _poll_loop(self) -> None:
         # Polls start every poll_seconds, not poll_seconds after the last one ended: a poll that spent a second
@@ -177,23 +185,29 @@ class ModelRegistry:
         """Calls `listener()` after every poll (e.g. to update health statuses)."""
         self._listeners.append(listener)
 
-    def poll(self) -> None:
-        """One pass over every model: load new aspired versions, then retire unwanted ones."""
+    def poll(self, wait: bool = False) -> None:
+        """One pass over every model: load new aspired versions, then retire unwanted ones.  With loader
+        threads, the loads run there and the versions they replace are retired by a later poll; `wait`: return
+        only once the loads this poll started have ended."""
+        started: List[Future] = []
         with self._poll_lock:
             for name, config in list(self._configs.items()):
                 if self._stop.is_set():
                     return
-                self._poll_model(name, config)
+                started += self._poll_model(name, config)
+        for future in started if wait else ():
+            future.result()
         for listener in self._listeners:
             listener()
 
-    def _poll_model(self, name: str, config: ModelConfig) -> None:
+    def _poll_model(self, name: str, config: ModelConfig) -> List[Future]:
         folders = servables.version_dirs(config.base_path)
         on_disk = list(folders)
         aspired = aspired_versions(config, on_disk)
         status = self._status[name]
+        started = []
         for version in aspired:
-            if version in self._serving[name]:
+            if version in self._serving[name] or (name, version) in self._loading:
                 continue
             st = status.setdefault(version, VersionStatus())
             if st.attempts >= self._max_attempts:
@@ -202,13 +216,14 @@ class ModelRegistry:
                 logger.info("model %s version %d changed on disk since it failed to load: loading it again",
                             name, version)
                 st.attempts = 0
-            loaded = self._load(name, version, folders[version], st)
-            if loaded is not None:
-                with self._lock:
-                    self._serving[name] = {**self._serving[name], version: loaded}
-                self.changes += 1
-                st.state = State.AVAILABLE
-                logger.info("model %s version %d is available", name, version)
+            if self._loader is None:
+                self._install(name, version, self._load(name, version, folders[version], st), st)
+                continue
+            st.state = State.LOADING  # from now on, not when the loader thread gets to it
+            with self._lock:
+                future = self._loader.submit(self._load_on_thread, name, version, folders[version], st)
+                self._loading[(name, version)] = future
+            started.append(future)
         # Retire versions no longer aspired, but never the last available one
         # while nothing aspired is available (availability-preserving, as TF Serving).
         serving = self._serving[name]
@@ -224,9 +239,31 @@ class ModelRegistry:
                 status[version].state = State.END
                 logger.info("model %s version %d is unloaded", name, version)
         # A version deleted from disk and not served is forgotten (GetModelStatus no longer lists it).
-        gone = [v for v in status if v not in on_disk and v not in self._serving[name]]
+        gone = [v for v in status if v not in on_disk and v not in self._serving[name]
+                and (name, v) not in self._loading]
         if gone:
             self._status[name] = {v: st for v, st in status.items() if v not in gone}
+        return started
+
+    def _install(self, name: str, version: int, loaded: Optional[LoadedVersion], st: VersionStatus) -> None:
+        if loaded is None:
+            return
+        with self._lock:
+            if name not in self._serving:  # the model left the config while this version loaded
+                return
+            self._serving[name] = {**self._serving[name], version: loaded}
+            self.changes += 1
+        st.state = State.AVAILABLE
+        logger.info("model %s version %d is available", name, version)
+
+    def _load_on_thread(self, name: str, version: int, path: str, st: VersionStatus) -> None:
+        try:
+            self._install(name, version, self._load(name, version, path, st), st)
+        finally:
+            with self._lock:
+                self._loading.pop((name, version), None)
+        for listener in self._listeners:
+            listener()
 
     def reconfigure(self, configs: Sequence[ModelConfig]) -> List[str]:
         """Serves `configs` from now on: models no longer listed are unloaded (their versions stay in
@@ -248,7 +285,7 @@ class ModelRegistry:
                 self._labels = {c.name: dict(c.version_labels) for c in configs.values()}
             if removed:
                 self.changes += 1
-        self.poll()
+        self.poll(wait=True)
         return [name for name in added if not self.is_available(name)]
 
     def failed_models(self) -> List[str]:

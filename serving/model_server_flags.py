@@ -53,6 +53,7 @@ FLAGS: Dict[str, Flag] = {
     "model_config_file_poll_wait_seconds": Flag("int", 0, "re-read --model_config_file this often; 0: never"),
     "file_system_poll_wait_seconds": Flag("int", 1, "look for new versions this often; 0: only at start"),
     "max_num_load_retries": Flag("int", 5, "retries after a failed load"),
+    "num_load_threads": Flag("int", 0, "versions loaded at once while polling goes on; 0: one after another"),
     "load_retry_interval_micros": Flag("int", 60_000_000, "wait between load retries"),
     "enable_model_warmup": Flag("bool", True, "replay assets.extra/tf_serving_warmup_requests before serving"),
     "enable_batching": Flag("bool", False, "merge concurrent requests into batches"),
@@ -167,7 +168,7 @@ def _checked(given: Dict[str, object]) -> None:
         if not 0 <= value(given, name) <= 65535:
             raise FlagError(f"--{name}: must be a port number (0-65535), got {value(given, name)}")
     for name in ("rest_api_timeout_in_ms", "max_num_load_retries", "load_retry_interval_micros",
-                 "model_config_file_poll_wait_seconds", "grpc_max_threads", "rest_api_num_threads"):
+                 "model_config_file_poll_wait_seconds", "grpc_max_threads", "rest_api_num_threads", "num_load_threads"):
         if value(given, name) < 0:
             raise FlagError(f"--{name}: must not be negative, got {value(given, name)}")
     if value(given, "saved_model_tags") != "serve":
@@ -213,6 +214,8 @@ def settings(argv: Sequence[str], serving, standalone: bool = True,
         changes["http_timeout_seconds"] = min(3600.0, max(0.05, value(given, "rest_api_timeout_in_ms") / 1000.0))
     if value(given, "grpc_max_threads"):
         changes["workers"] = min(256, value(given, "grpc_max_threads"))
+    if wanted("num_load_threads"):
+        changes["num_load_threads"] = min(64, value(given, "num_load_threads"))
     if wanted("file_system_poll_wait_seconds"):
         changes["poll_seconds"] = float(value(given, "file_system_poll_wait_seconds"))
     labels_flag = "allow_version_labels_for_unavailable_models"

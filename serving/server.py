@@ -68,7 +68,7 @@ class ModelServer:
                                       poll_seconds=serving_config.poll_seconds,
                                       max_batch=serving_config.max_batch, metrics=self.metrics,
                                       max_load_attempts=o.max_load_attempts, load_retry_seconds=o.load_retry_seconds,
-                                      warmup=o.enable_model_warmup)
+                                      warmup=o.enable_model_warmup, num_load_threads=serving_config.num_load_threads)
         self.config_poller = (ConfigPoller(o.model_config_file, o.model_config_poll_seconds, self.reconfigure,
                                            list(models))
                               if o.model_config_file and o.model_config_poll_seconds > 0 else None)

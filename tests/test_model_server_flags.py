@@ -60,14 +60,15 @@ def test_batching_monitoring_and_grpc_flags(tmp_path):
                       "--monitoring_config_file=/m.txt", "--grpc_socket_path=/tmp/s.sock", "--grpc_max_threads=16",
                       "--grpc_channel_arguments=grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb",
                       "--max_num_load_retries=0", "--load_retry_interval_micros=1000",
-                      "--file_system_poll_wait_seconds=0", "--rest_api_timeout_in_ms=5000"], ServingConfig())
+                      "--file_system_poll_wait_seconds=0", "--rest_api_timeout_in_ms=5000", "--num_load_threads=2"],
+                     ServingConfig())
     s, o = found.serving, found.options
     assert s.batching.enabled and s.batching.batching_parameters_file == "/b.txt"
     assert s.monitoring.monitoring_config_file == "/m.txt" and s.workers == 16
     assert o.grpc_socket_path == "/tmp/s.sock"
     assert o.grpc_channel_arguments == (("grpc.max_connection_age_ms", 2000), ("grpc.lb_policy_name", "grpclb"))
     assert (o.max_load_attempts, o.load_retry_seconds) == (1, 0.001)
-    assert s.poll_seconds == 0.0 and s.http_timeout_seconds == 5.0
+    assert s.poll_seconds == 0.0 and s.http_timeout_seconds == 5.0 and s.num_load_threads == 2
     # As tensorflow_model_server: the batching file only counts with --enable_batching.
     assert not settings([f"--model_base_path={tmp_path}", "--batching_parameters_file=/b.txt"],
                         ServingConfig()).serving.batching.batching_parameters_file

@@ -633,7 +633,7 @@ def test_polls_keep_their_cadence_when_a_load_outlasts_the_interval(monkeypatch)
     registry = ModelRegistry([], poll_seconds=1.0)
     starts, ends = [], []
 
-    def poll():
+    def poll(wait=False):
         starts.append(time.monotonic())
         if len(starts) == 2:
             time.sleep(1.5)  # a version that takes longer to load than the interval
@@ -648,3 +648,48 @@ def test_polls_keep_their_cadence_when_a_load_outlasts_the_interval(monkeypatch)
     assert len(ends) >= 3
     assert starts[1] - ends[0] > 0.7  # a quick poll is followed by the interval
     assert starts[2] - ends[1] < 0.5  # a long one by the next poll at once: what appeared meanwhile loads now
+
+
+def test_load_threads_load_a_version_while_another_is_still_loading(saved, tmp_path, monkeypatch):
+    from serving import model_registry
+    from serving.model_registry import ModelRegistry, State
+
+    bases = {}
+    for name in ("slow", "quick"):
+        bases[name] = tmp_path / name
+        shutil.copytree(saved.path, bases[name] / "1")
+    config_path = str(tmp_path / "models.config")
+    models_config.write(config_path, models_config.build({n: str(b) for n, b in bases.items()}, 1))
+    configs = models_config.read(config_path)
+    release = threading.Event()
+    real_load = saved_models.load
+
+    def load(path):
+        if path.endswith("slow/2"):
+            assert release.wait(WAIT_SECONDS), "the slow load was never released"
+        return real_load(path)
+
+    monkeypatch.setattr(model_registry.saved_models, "load", load)
+    registry = ModelRegistry(configs, poll_seconds=3600, num_load_threads=2)
+    registry.start()  # waits for version 1 of both
+    try:
+        assert registry.get("slow").version == registry.get("quick").version == 1
+        shutil.copytree(saved.path, bases["slow"] / "2")
+        registry.poll()  # hands slow/2 to a loader thread and returns: it waits for `release`
+        assert registry.status("slow", 2)[0][1].state == State.LOADING
+        shutil.copytree(saved.path, bases["quick"] / "2")
+        registry.poll(wait=True)  # quick/2 loads on the other thread, not after slow/2
+        assert registry.get("quick").version == 2
+        assert registry.get("slow").version == 1 and registry.status("slow", 2)[0][1].state == State.LOADING
+        registry.poll(wait=True)  # a poll while slow/2 loads does not start it again
+        release.set()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while registry.get("slow").version != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        registry.poll(wait=True)  # retires the versions the new ones replace
+        assert [v for v, _ in registry.status("slow") if _.state == State.AVAILABLE] == [2]
+        assert [v for v, _ in registry.status("quick") if _.state == State.AVAILABLE] == [2]
+    finally:
+        release.set()
+        registry.stop()
