@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import grpc
 
@@ -141,7 +141,7 @@ class ModelRegistry:
         self.changes = 0  # versions loaded or retired so far
         self._loader = (ThreadPoolExecutor(num_load_threads, thread_name_prefix="model-loader")
                         if num_load_threads > 0 else None)
-        self._loading: Dict[Tuple[str, int], Future] = {}  # versions on a loader thread now
+        self._loading: Set[Tuple[str, int]] = set()  # versions on a loader thread now
 
 
     @property
@@ -221,9 +221,8 @@ class ModelRegistry:
                 continue
             st.state = State.LOADING  # from now on, not when the loader thread gets to it
             with self._lock:
-                future = self._loader.submit(self._load_on_thread, name, version, folders[version], st)
-                self._loading[(name, version)] = future
-            started.append(future)
+                self._loading.add((name, version))
+            started.append(self._loader.submit(self._load_on_thread, name, version, folders[version], st))
         # Retire versions no longer aspired, but never the last available one
         # while nothing aspired is available (availability-preserving, as TF Serving).
         serving = self._serving[name]
@@ -261,7 +260,7 @@ class ModelRegistry:
             self._install(name, version, self._load(name, version, path, st), st)
         finally:
             with self._lock:
-                self._loading.pop((name, version), None)
+                self._loading.discard((name, version))
         for listener in self._listeners:
             listener()
 

@@ -60,7 +60,7 @@ from clicklens.dead_letters import image_dead_letter, write_dead_letters
 from clicklens.errors import BadRecord, ClicklensError
 from clicklens.shutdown import stop_on_signals
 from clicklens.workdir import Workdir, join
-from trainer import export, scann_index, scann_tuning, scann_update
+from trainer import export, scann_tuning, scann_update
 from trainer.catalog_scan import (READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, changed_files, read_input,
                                   scan_catalog)
 from trainer.corpus import Corpus
@@ -239,27 +239,32 @@ class WarmState:
         self._kept: Optional[KeptRows] = None
         self._scann: Optional[Tuple[int, scann_update.SavedIndex]] = None
         self._warmed_up = False
-        self._scans: Dict[str, CatalogScan] = {}
-        self._trusted: Dict[str, Dict[str, ScannedImage]] = {}
+        self._scan: Optional[CatalogScan] = None  # the previous pass's
+        self._trusting = False  # whether its images may be trusted (catalog_scan.scan_catalog's `trusted`)
+
+    def _last_scan(self, path: str) -> Optional[CatalogScan]:
+        return self._scan if self._scan is not None and self._scan.path == path else None
 
     def parsed_catalog(self, path: str) -> Optional[ParsedCatalog]:
         """The previous pass's parse of the catalog at `path` (only appended lines are parsed again)."""
-        scan = self._scans.get(path)
+        scan = self._last_scan(path)
         return scan.parsed if scan is not None else None
 
     def trusted_images(self, path: str) -> Optional[Dict[str, ScannedImage]]:
         """The previous pass's images of the catalog at `path`, by id: an image whose line is unchanged keeps
         its hash without a stat (catalog_scan.scan_catalog's `trusted`), until `stale_images` says otherwise."""
-        return self._trusted.get(path)
+        scan = self._last_scan(path)
+        if scan is None or not self._trusting:
+            return None
+        return {image.entry.image_id: image for image in scan.images}
 
-    def keep_scan(self, path: str, scan: CatalogScan) -> None:
-        self._scans = {path: scan}
-        self._trusted = {path: {image.entry.image_id: image for image in scan.images}}
+    def keep_scan(self, scan: CatalogScan) -> None:
+        self._scan, self._trusting = scan, True
 
     def stale_images(self, path: str) -> List[str]:
         """Ids of the last scan's images whose file changed since it was stat'ed (catalog_scan.changed_files);
         when there are any, the next pass stats every file again."""
-        scan = self._scans.get(path)
+        scan = self._last_scan(path)
         changed = changed_files(scan) if scan is not None and scan.files_trusted else []
         if changed:
             self.distrust()
@@ -267,7 +272,7 @@ class WarmState:
 
     def distrust(self) -> None:
         """The next pass stats every file (the parse is kept)."""
-        self._trusted = {}
+        self._trusting = False
 
     def encoders(self, workdir: Workdir) -> SavedEncoders:
         """The newest exported encoders; ClicklensError naming the folder when nothing is exported."""
@@ -313,8 +318,7 @@ class WarmState:
         kept = self._kept
         if kept is None or (self._scann is not None and self._scann[0] == kept.version) or not kept.rows.scann:
             return
-        params = ScannParams(**kept.rows.scann)
-        if params.num_leaves == 1 or params.quantization != scann_index.AH:
+        if not scann_update.updatable(ScannParams(**kept.rows.scann)):
             return
         queries, _ = scann_tuning.tuning_queries(self.query_embeddings(config, workdir), kept.rows.embeddings)
         folder = join(workdir.export_model(S.RETRIEVAL_SCANN), str(kept.version))
@@ -369,7 +373,7 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     scan = scan_catalog(path, p.image_source, p.feature_dim, known=known,
                         log_prefix="reindex", allow_outside_uris=p.allow_outside_uris,
                         previous=warm.parsed_catalog(path), trusted=None if rehash else warm.trusted_images(path))
-    warm.keep_scan(path, scan)
+    warm.keep_scan(scan)
     dead = list(scan.dead_letters)
     seconds["scan"] = time.perf_counter() - t
     plan = Plan(scan, kept, reuse)

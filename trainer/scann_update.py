@@ -151,10 +151,15 @@ def load_saved_index(version_dir: str, queries: np.ndarray, k: int) -> SavedInde
     return saved
 
 
+def updatable(params: ScannParams) -> bool:
+    """Whether an index built with `params` can be updated in place: a partitioned AH index."""
+    return params.num_leaves > 1 and params.quantization == AH
+
+
 def layout_mismatch(previous: ScannParams, corpus_size: int, dim: int, k: int, scann_config) -> str:
     """Why the index `previous` describes is not the one a rebuild over `corpus_size` images would choose
     ("" when it is)."""
-    if previous.num_leaves == 1 or previous.quantization != AH:
+    if not updatable(previous):
         return f"the index is {previous.describe()}: only a partitioned AH index is updated"
     layout, _ = scann_tuning.choose_layout(corpus_size, dim, k, scann_config)
     if (layout.quantization, layout.dimensions_per_block) != (previous.quantization, previous.dimensions_per_block):
