@@ -400,6 +400,9 @@ class ServingConfig:
     num_load_threads: int = _field(0, min=0, max=64, help="Versions loaded at once, on their own threads, while "
                                    "polling goes on (TF Serving's --num_load_threads); 0 loads them one after "
                                    "another within the poll that found them.")
+    num_warmup_threads: int = _field(1, min=1, max=64, help="Warmup requests of one version replayed at once "
+                                     "(TF Serving's ModelWarmupOptions.num_model_warmup_threads, default 1): with "
+                                     "2, a retrieval model's text and image signatures warm up side by side.")
     workers: int = _field(8, min=1, max=256, help="gRPC worker threads (for every method but batched Predicts, "
                                                   "which wait for their batch on the event loop), and the most "
                                                   "Predicts in flight at once, so also the most gRPC requests one "

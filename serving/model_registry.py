@@ -99,19 +99,33 @@ def aspired_versions(config: ModelConfig, on_disk: Sequence[int]) -> List[int]:
     return list(on_disk)[-max(num, 1):]
 
 
-def replay_warmup(loaded: LoadedVersion, max_batch: int) -> int:
-    """Runs the version's assets.extra warmup requests (as TF Serving does); returns how many ran."""
+def replay_warmup(loaded: LoadedVersion, max_batch: int, num_threads: int = 1) -> int:
+    """Runs the version's assets.extra warmup requests (as TF Serving does); returns how many ran.
+
+    With `num_threads` > 1 (TF Serving's ModelWarmupOptions.num_model_warmup_threads) that many run at once:
+    a first call's cost is mostly TensorFlow optimizing and instantiating the signature's graph, outside the
+    GIL, so the requests of two signatures warm up side by side on two cores.
+    """
     path = join(loaded.path, servables.WARMUP_FILE)
     if not tf.io.gfile.exists(path):
         return 0
-    count = 0
+    requests = []
     for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         if log.WhichOneof("log_type") != "predict_log":
             raise ValueError(f"{path}: only predict_log warmup records are supported")
-        predict_proto(loaded.model, log.predict_log.request, max_batch)
-        count += 1
-    return count
+        requests.append(log.predict_log.request)
+
+    def replay(request) -> None:
+        predict_proto(loaded.model, request, max_batch)
+
+    if num_threads > 1 and len(requests) > 1:
+        with ThreadPoolExecutor(min(num_threads, len(requests)), thread_name_prefix="model-warmup") as pool:
+            list(pool.map(replay, requests))  # re-raises the first failure
+    else:
+        for request in requests:
+            replay(request)
+    return len(requests)
 
 
 class ModelRegistry:
@@ -119,16 +133,19 @@ class ModelRegistry:
 
     def __init__(self, configs: Sequence[ModelConfig], poll_seconds: float = 2.0, max_batch: int = 256,
                  metrics: Optional[Metrics] = None, max_load_attempts: int = MAX_LOAD_ATTEMPTS,
-                 load_retry_seconds: Optional[float] = None, warmup: bool = True, num_load_threads: int = 0):
+                 load_retry_seconds: Optional[float] = None, warmup: bool = True, num_load_threads: int = 0,
+                 num_warmup_threads: int = 1):
         """`poll_seconds` <= 0 polls once, at start (tensorflow_model_server's --file_system_poll_wait_seconds=0).
         `num_load_threads` > 0 loads versions on that many threads while polling goes on (its --num_load_threads);
-        0 loads them one after another within the poll that found them."""
+        0 loads them one after another within the poll that found them.  `num_warmup_threads`: warmup requests
+        of one version replayed at once (replay_warmup)."""
         self._configs = {c.name: c for c in configs}
         self._labels: Dict[str, Dict[str, int]] = {c.name: dict(c.version_labels) for c in configs}
         self._poll_seconds = poll_seconds
         self._max_attempts = max(1, max_load_attempts)
         self._retry_seconds = load_retry_seconds
         self._warmup = warmup
+        self._warmup_threads = max(1, num_warmup_threads)
         self._max_batch = max_batch
         self._metrics = metrics or Metrics()
         self._listeners: List[Callable[[], None]] = []
@@ -139,10 +156,16 @@ class ModelRegistry:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.changes = 0  # versions loaded or retired so far
+        self.retirements = 0  # of which retired (or unloaded with their model)
         self._loader = (ThreadPoolExecutor(num_load_threads, thread_name_prefix="model-loader")
                         if num_load_threads > 0 else None)
         self._loading: Set[Tuple[str, int]] = set()  # versions on a loader thread now
 
+
+    def loading(self) -> bool:
+        """True while a version loads on a loader thread."""
+        with self._lock:
+            return bool(self._loading)
 
     @property
     def model_names(self) -> List[str]:
@@ -234,6 +257,7 @@ class ModelRegistry:
             with self._lock:
                 self._serving[name] = {v: lv for v, lv in serving.items() if v not in retire}
             self.changes += 1
+            self.retirements += 1
             for version in retire:
                 status[version].state = State.END
                 logger.info("model %s version %d is unloaded", name, version)
@@ -284,6 +308,7 @@ class ModelRegistry:
                 self._labels = {c.name: dict(c.version_labels) for c in configs.values()}
             if removed:
                 self.changes += 1
+                self.retirements += 1
         self.poll(wait=True)
         return [name for name in added if not self.is_available(name)]
 
@@ -315,7 +340,7 @@ class ModelRegistry:
             loaded = LoadedVersion(name, version, path, model, saved_models.signature_defs(path))
             start = time.perf_counter()
             try:
-                warmed = replay_warmup(loaded, self._max_batch) if self._warmup else 0
+                warmed = replay_warmup(loaded, self._max_batch, self._warmup_threads) if self._warmup else 0
             except Exception as err:
                 code = err.code if isinstance(err, ServingError) else grpc.StatusCode.UNKNOWN
                 self._metrics.warmup(path, code, time.perf_counter() - start, 0)

@@ -68,13 +68,14 @@ class ModelServer:
                                       poll_seconds=serving_config.poll_seconds,
                                       max_batch=serving_config.max_batch, metrics=self.metrics,
                                       max_load_attempts=o.max_load_attempts, load_retry_seconds=o.load_retry_seconds,
-                                      warmup=o.enable_model_warmup, num_load_threads=serving_config.num_load_threads)
+                                      warmup=o.enable_model_warmup, num_load_threads=serving_config.num_load_threads,
+                                      num_warmup_threads=serving_config.num_warmup_threads)
         self.config_poller = (ConfigPoller(o.model_config_file, o.model_config_poll_seconds, self.reconfigure,
                                            list(models))
                               if o.model_config_file and o.model_config_poll_seconds > 0 else None)
         self.health = Health(self.registry)
         self.registry.add_listener(self.health.update)
-        self._frozen_at = -1
+        self._frozen_at = self._retired_at = -1
         self.registry.add_listener(self._freeze_loaded_objects)
         self.grpc_port: Optional[int] = None
         self.http_port: Optional[int] = None
@@ -89,12 +90,19 @@ class ModelServer:
         """Moves the loaded models' Python objects out of the cyclic GC's reach after each load or retirement.
 
         A loaded SavedModel is hundreds of thousands of long-lived objects that every full collection would walk
-        again (several % of the CPU per request); unfreezing first lets retired versions be collected."""
-        if self.registry.changes != self._frozen_at:
-            self._frozen_at = self.registry.changes
+        again (several % of the CPU per request).  After a load only the objects made since the last freeze are
+        collected and frozen; after a retirement everything is unfrozen first, so the retired version's objects
+        can be collected.  While another version loads this waits for that load's end: a collection holds the
+        GIL, and stalled the other load by a quarter of a second."""
+        registry = self.registry
+        if registry.changes == self._frozen_at or registry.loading():
+            return
+        self._frozen_at = registry.changes
+        if registry.retirements != self._retired_at:
+            self._retired_at = registry.retirements
             gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+        gc.collect()
+        gc.freeze()
 
     def start(self) -> None:
         """Binds both ports, loads the models, checks the version labels, then takes traffic."""

@@ -465,8 +465,8 @@ def test_watch_reindexes_each_catalog_change_and_follows_a_new_export(demo_expor
     stop = threading.Event()
     thread = threading.Thread(target=watch, args=(small_config, w, False, 0.1, stop))
 
-    def newest_scann():
-        return servables.latest_version(w.export_model(servables.RETRIEVAL_SCANN))[0]
+    def reported(version):  # the pass that wrote `version` has ended (its report is written last)
+        return pathlib.Path(w.reindex_report).exists() and report(w).get("version") == version
 
     def wait_for(condition, what):
         deadline = time.time() + 120
@@ -481,7 +481,7 @@ def test_watch_reindexes_each_catalog_change_and_follows_a_new_export(demo_expor
             wait_for(lambda: pathlib.Path(w.reindex_report).exists(), "the first pass")
             assert report(w)["version"] is None  # nothing changed since the export
             add_images(w, small_config.demo_data.image_size, NEW_IMAGES[:1])
-            wait_for(lambda: newest_scann() == old_version + 1, "a pass over the added image")
+            wait_for(lambda: reported(old_version + 1), "a pass over the added image")
             r = report(w)
             assert (r["added"], r["embedded"], r["reembedded_all"]) == (1, 1, False)
             # A catalog that cannot be read fails its pass; the watch goes on and the next change is indexed.
@@ -499,7 +499,7 @@ def test_watch_reindexes_each_catalog_change_and_follows_a_new_export(demo_expor
             staged = tmp_path / "catalog.jsonl"
             staged.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             staged.replace(w.catalog)  # at once: no pass sees half of it
-            wait_for(lambda: newest_scann() == old_version + 3, "a pass with the new encoders")
+            wait_for(lambda: reported(old_version + 3), "a pass with the new encoders")
             r = report(w)
             assert r["reembedded_all"] and r["image_encoder_version"] == old_version + 2
             assert r["images"] == len(old_rows.ids) + 2
@@ -548,32 +548,39 @@ def test_watch_finds_a_file_replaced_under_an_unchanged_line_after_publishing(de
     assert not thread.is_alive()
 
 
-def test_the_exact_model_is_published_before_the_scann_index_is_made(demo_exported, small_config, tmp_path,
-                                                                     monkeypatch, caplog):
+def test_retrieval_scann_is_published_first_and_the_exact_model_even_when_the_scann_step_fails(
+        demo_exported, small_config, tmp_path, monkeypatch, caplog):
     from trainer import export, reindex
 
     w = copy_workdir(demo_exported, tmp_path / "w")
     old_version, _ = corpus_embeddings.read_latest(w.corpus_embeddings)
     add_images(w, small_config.demo_data.image_size, NEW_IMAGES[:1])
-    real_index = export.scann_retrieval_index
-    seen = []
+    real_index, real_publish = export.scann_retrieval_index, export.publish_together
+    published = []
+
+    def publish_together(servables_by_name, *args):
+        published.extend(servables_by_name)
+        return real_publish(servables_by_name, *args)
 
     def failing_index(*args, **kwargs):
-        seen.append(servables.latest_version(w.export_model(servables.RETRIEVAL_BRUTEFORCE))[0])
         raise RuntimeError("no index today")
 
+    monkeypatch.setattr(export, "publish_together", publish_together)
     monkeypatch.setattr(export, "scann_retrieval_index", failing_index)
     monkeypatch.setattr(reindex, "updated_scann_index", lambda *args: (None, {}, 0, None))
     with caplog.at_level(logging.ERROR, logger="trainer.reindex"), pytest.raises(RuntimeError, match="no index"):
         reindex.reindex(small_config, w)
-    assert seen == [old_version + 1]  # already renamed into place when the index was being made
+    assert published == [servables.RETRIEVAL_BRUTEFORCE]
+    assert servables.latest_version(w.export_model(servables.RETRIEVAL_BRUTEFORCE))[0] == old_version + 1
     assert servables.latest_version(w.export_model(servables.RETRIEVAL_SCANN))[0] == old_version
     assert corpus_embeddings.read_latest(w.corpus_embeddings)[0] == old_version
     assert any(f"retrieval_bruteforce version {old_version + 1} is published, but retrieval_scann failed" in m
                for m in caplog.messages)
 
     monkeypatch.setattr(export, "scann_retrieval_index", real_index)
+    published.clear()
     version, r = reindex.reindex(small_config, w)  # the next pass writes both, from the kept rows
+    assert published == [servables.RETRIEVAL_SCANN, servables.RETRIEVAL_BRUTEFORCE]  # the slower load first
     assert version == old_version + 2 and r["previous_version"] == old_version and r["added"] == 1
     for name in servables.RETRIEVAL_MODELS:
         assert servables.latest_version(w.export_model(name))[0] == version

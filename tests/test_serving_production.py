@@ -693,3 +693,32 @@ def test_load_threads_load_a_version_while_another_is_still_loading(saved, tmp_p
     finally:
         release.set()
         registry.stop()
+
+
+def test_warmup_threads_replay_a_versions_requests_side_by_side(saved, tmp_path, monkeypatch):
+    from serving import model_registry
+
+    folder = tmp_path / "m" / "1"
+    shutil.copytree(saved.path, folder)
+    _write_warmup(str(folder), [_text_request([b"warm"]), _text_request([b"warmer", b"warmest"])])
+    loaded = LoadedVersion(MODEL, 1, str(folder), saved_models.load(str(folder)), {})
+    both_running = threading.Barrier(2, timeout=WAIT_SECONDS)
+    real_predict, threads = model_registry.predict_proto, set()
+
+    def predict_side_by_side(model, request, max_batch):
+        threads.add(threading.current_thread().name)
+        both_running.wait()  # broken (and the test failed) unless the other request runs meanwhile
+        return real_predict(model, request, max_batch)
+
+    monkeypatch.setattr(model_registry, "predict_proto", predict_side_by_side)
+    assert model_registry.replay_warmup(loaded, 16, num_threads=2) == 2
+    assert len(threads) == 2 and all(name.startswith("model-warmup") for name in threads)
+
+    one_at_a_time = []
+    monkeypatch.setattr(model_registry, "predict_proto",
+                        lambda model, request, max_batch: one_at_a_time.append(threading.current_thread().name)
+                        or real_predict(model, request, max_batch))
+    assert model_registry.replay_warmup(loaded, 16) == 2  # TF Serving's default: one thread, the loader's own
+    assert one_at_a_time == [threading.current_thread().name] * 2
+    with pytest.raises(ConfigError, match="serving.num_warmup_threads"):
+        config_from_dict({"serving": {"num_warmup_threads": 0}})

@@ -150,7 +150,8 @@ def embed_new(scan: CatalogScan, images: List[ScannedImage], encoders: SavedEnco
 
     Each is read again (READ_THREADS at a time: a remote catalog is latency-bound), prepared as the
     pipeline stores it (EMBED_CHUNK images a call) and embedded by the exported image_encoder; what cannot
-    be read or decoded is dead-lettered.
+    be read or decoded is dead-lettered.  The next chunk is read and prepared while one is embedded: both
+    are TensorFlow calls outside the GIL, so they share two cores.
     """
     preparer = None
     if scan.image_source != "features":
@@ -164,19 +165,26 @@ def embed_new(scan: CatalogScan, images: List[ScannedImage], encoders: SavedEnco
         except BadRecord as err:
             return err
 
+    def read_and_prepare(chunk: List[ScannedImage]):
+        raws = list(readers.map(read, chunk))
+        readable = [(image, raw) for image, raw in zip(chunk, raws) if not isinstance(raw, BadRecord)]
+        if preparer is None:
+            values = [np.asarray(raw, np.float32) for _, raw in readable]
+        else:
+            values = preparer.many([raw for _, raw in readable])
+        return chunk, raws, readable, values
+
     embeddings: Dict[str, np.ndarray] = {}
     hashes: Dict[str, str] = {}
     sample = None
     done = 0
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        for start in range(0, len(images), EMBED_CHUNK):
-            chunk = images[start:start + EMBED_CHUNK]
-            raws = list(pool.map(read, chunk))
-            readable = [(image, raw) for image, raw in zip(chunk, raws) if not isinstance(raw, BadRecord)]
-            if preparer is None:
-                values = [np.asarray(raw, np.float32) for _, raw in readable]
-            else:
-                values = preparer.many([raw for _, raw in readable])
+    chunks = [images[start:start + EMBED_CHUNK] for start in range(0, len(images), EMBED_CHUNK)]
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as readers, ThreadPoolExecutor(max_workers=1) as ahead:
+        next_chunk = ahead.submit(read_and_prepare, chunks[0]) if chunks else None
+        for position in range(len(chunks)):
+            chunk, raws, readable, values = next_chunk.result()
+            if position + 1 < len(chunks):
+                next_chunk = ahead.submit(read_and_prepare, chunks[position + 1])
             ids, kept = [], []
             for (image, raw), value in zip(readable, values):
                 if isinstance(value, Exception):
@@ -415,13 +423,15 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
         _write_report(workdir, report)
         return None, report
 
-    # The exact model needs no index: it is published first, so a polling server loads it while the ScaNN
-    # index is updated (both loads, one after the other, were most of the time until a new image is found).
-    t = time.perf_counter()
+    # retrieval_scann is published first: a server takes longest to load it (the ScaNN state, then the
+    # searcher built from it), so it loads it while the exact model is written.  The exact model needs no
+    # index, so it is published even when the ScaNN step fails.
     version = export.choose_version(workdir, config.export.version)
-    paths = export.publish_together({S.RETRIEVAL_BRUTEFORCE: export.bruteforce_servable(config, encoders, corpus)},
-                                    workdir, version, corpus.sample_image)
-    seconds["exact"] = time.perf_counter() - t
+
+    def publish_exact() -> Dict[str, str]:
+        exact = export.bruteforce_servable(config, encoders, corpus)
+        return export.publish_together({S.RETRIEVAL_BRUTEFORCE: exact}, workdir, version, corpus.sample_image)
+
     try:
         t = time.perf_counter()
         previous_params = ScannParams(**previous.scann) if previous is not None and previous.scann else None
@@ -437,13 +447,19 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
             scann, scann_report = export.scann_retrieval_index(config, corpus, queries, previous=previous_params)
         seconds["index"] = time.perf_counter() - t
         t = time.perf_counter()
-        paths.update(export.publish_together(
+        paths = export.publish_together(
             {S.RETRIEVAL_SCANN: export.scann_servable(config, encoders, corpus, scann)}, workdir, version,
-            corpus.sample_image))
-    except BaseException:
+            corpus.sample_image)
+        seconds["scann"] = time.perf_counter() - t
+    except Exception:
+        publish_exact()
         logger.error("reindex: %s version %d is published, but %s failed and stays at its previous version "
                      "(the next pass writes both again)", S.RETRIEVAL_BRUTEFORCE, version, S.RETRIEVAL_SCANN)
         raise
+    t = time.perf_counter()
+    paths.update(publish_exact())
+    seconds["exact"] = time.perf_counter() - t
+    t = time.perf_counter()
     rows_written = corpus_embeddings.CorpusEmbeddings(
         corpus.ids, np.array([h.encode("ascii") for h in hashes], dtype=bytes), corpus.embeddings, encoders.version,
         encoders.image_source, "reindex", scann_report["params"], np.array([s.encode("utf-8") for s in stats],
@@ -532,8 +548,10 @@ def _count_reasons(dead: List[dict]) -> Dict[str, object]:
 
 def _write_report(workdir: Workdir, report: Dict[str, object]) -> None:
     tf.io.gfile.makedirs(workdir.export)
-    with tf.io.gfile.GFile(workdir.reindex_report, "w") as f:
+    staged = workdir.reindex_report + ".tmp"
+    with tf.io.gfile.GFile(staged, "w") as f:
         json.dump(report, f, indent=2)
+    tf.io.gfile.rename(staged, workdir.reindex_report, overwrite=True)  # a reader never sees half a report
     logger.info("reindex: wrote %s", workdir.reindex_report)
 
 

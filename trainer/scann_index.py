@@ -154,9 +154,9 @@ def search(searcher: scann_ops.ScannSearcher, queries: np.ndarray, k: int,
            params: ScannParams) -> Tuple[np.ndarray, np.ndarray]:
     """(indices int32 [Q, k], scores float32 [Q, k]) of a batch of queries, searched as deep as `params` says."""
     leaves, reorder = search_depth(params)
-    result = searcher.search_batched_parallel(queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder,
-                                              leaves_to_search=leaves)
-    return result.indices.numpy(), result.distances.numpy()
+    indices, distances = searcher.search_batched_parallel(queries, final_num_neighbors=k,
+                                                          pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)
+    return np.asarray(indices), np.asarray(distances)
 
 
 class ScannIndex(tf.Module):
