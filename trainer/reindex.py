@@ -20,10 +20,10 @@
    choose the same layout and little has changed since its build (trainer/scann_update.py); else the
    layout derived for the new corpus size, built, with the replaced index's search depth kept when it
    still meets export.min_recall (trainer/scann_tuning.py).  Brute force needs no index.
-5. write: retrieval_bruteforce as soon as the corpus is assembled (it has no index to build, so a polling
-   server loads it while step 4 runs), then retrieval_scann, each written under a temporary name and
-   renamed into place (trainer/export.py:publish_together); then the corpus embeddings, the dead letters
-   and the report.  Both models get the same new version number.
+5. write: retrieval_scann as soon as its index is ready (a server takes longest to load it, so it loads it
+   while the rest is written), then retrieval_bruteforce (published even when step 4 fails: it has no
+   index), each written under a temporary name and renamed into place (trainer/export.py:publish_together);
+   then the corpus embeddings, the dead letters and the report.  Both models get the same new version number.
 
 A running server polls the model folders and hot-loads the new versions (serving/model_registry.py:
 loaded and warmed up before they take traffic); the search page's /images/ route re-reads the catalog.

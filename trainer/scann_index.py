@@ -150,9 +150,11 @@ def search_depth(params: ScannParams) -> Tuple[int, int]:
     return leaves, reorder
 
 
-def search(searcher: scann_ops.ScannSearcher, queries: np.ndarray, k: int,
-           params: ScannParams) -> Tuple[np.ndarray, np.ndarray]:
-    """(indices int32 [Q, k], scores float32 [Q, k]) of a batch of queries, searched as deep as `params` says."""
+def search(searcher, queries: np.ndarray, k: int, params: ScannParams) -> Tuple[np.ndarray, np.ndarray]:
+    """(indices int32 [Q, k], scores float32 [Q, k]) of a batch of queries, searched as deep as `params` says.
+
+    `searcher`: ScaNN's TF-op `scann_ops.ScannSearcher`, or a pybind `scann_ops_pybind.ScannSearcher` without
+    docids (scann_update's check), whose results are point positions as well."""
     leaves, reorder = search_depth(params)
     indices, distances = searcher.search_batched_parallel(queries, final_num_neighbors=k,
                                                           pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)
