@@ -16,7 +16,8 @@
    end: every failed request is counted.
 5. --new images are drawn and appended to the catalog; `clicklens reindex` is timed, and so is the time
    until they are searchable (with --watch: a `clicklens reindex --watch` started before the images are
-   appended, its first pass done, so TensorFlow and the encoders are already loaded; its time is from
+   appended, its first pass done, so TensorFlow and the encoders are already loaded and the retrieval
+   models' graphs kept (trainer/saved_graphs.py); its time is from
    the append until the pass has written the new version): both retrieval models answer at the new
    version, and a by-image query of --probes of them finds each one first from retrieval_bruteforce
    (exact), and retrieval_scann returns at least one of them in its top k (the old index holds none of
@@ -546,7 +547,8 @@ def main(argv=None) -> int:
           f"{export_searchable:19.1f}")
     print(f"full export / reindex: {ratio_cmd:.1f}x (commands), {ratio:.2f}x (until searchable); target >= 10x: "
           f"{'met' if ratio >= 10 else 'NOT met'}")
-    print(f"reindex: reused {report['reused']:,}, embedded {report['embedded']:,}, stages (s) {report['seconds']}; "
+    print(f"reindex: reused {report['reused']:,}, embedded {report['embedded']:,}, graphs {report.get('graphs')}, "
+          f"stages (s) {report['seconds']}; "
           f"ScaNN {scann['params']} ({'updated: ' + str(scann['updated']) if 'updated' in scann else 'rebuilt'}), "
           f"recall@{report['k']} "
           f"{scann['recall']}; by image, retrieval_scann has {reindex_share:.0%} of the {len(probes)} probes in "

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import run_verb
+from tests.conftest import DEMO_CONFIG, SMALL_WORLD, run_verb
 from clicklens import compat  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (the retrieval graphs' tokenizer ops, to load them here)
@@ -29,6 +29,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from clicklens import corpus_embeddings, models_config, servables
 from clicklens.catalog import CatalogEntry
+from clicklens.config import load_config
 from clicklens.demo_data import images as demo_images
 from clicklens.images import PngPreparer
 from clicklens.workdir import Workdir
@@ -328,13 +329,17 @@ def test_files_whose_stat_is_unchanged_are_not_read_again(demo_exported, small_c
     assert r["files_read"] == readable and r["version"] is None  # every file read; nothing had changed
 
 
+# A partitioned AH index (updated in place by reindex), every leaf searched and most points re-scored exactly, so
+# that the approximate index finds what exact search finds: on this 300-image world a depth tuned to min_recall 0.5
+# re-scores as few as 40.
+UPDATABLE_AH = ["export.scann.quantization=ah", "export.scann.dimensions_per_block=2", "export.min_recall=0.5",
+                "export.scann.num_leaves_to_search=10", "export.scann.num_reordering_candidates=200"]
+
+
 def test_a_partitioned_ah_index_is_updated_in_place_until_a_rebuild_is_due(demo_exported, small_config, tmp_path,
                                                                             caplog):
     w = copy_workdir(demo_exported, tmp_path / "w")
-    # Every leaf searched and most points re-scored exactly, so that the approximate index finds what exact
-    # search finds: on this 300-image world a depth tuned to min_recall 0.5 re-scores as few as 40.
-    ah = ["export.scann.quantization=ah", "export.scann.dimensions_per_block=2", "export.min_recall=0.5",
-          "export.scann.num_leaves_to_search=10", "export.scann.num_reordering_candidates=200"]
+    ah = UPDATABLE_AH
     size = small_config.demo_data.image_size
     prepare = PngPreparer(small_config.pipeline.image_size)
     add_images(w, size, NEW_IMAGES[:1])
@@ -548,24 +553,24 @@ def test_watch_finds_a_file_replaced_under_an_unchanged_line_after_publishing(de
     assert not thread.is_alive()
 
 
-def test_retrieval_scann_is_published_first_and_the_exact_model_even_when_the_scann_step_fails(
+def test_retrieval_bruteforce_is_published_before_the_scann_step_and_stays_when_it_fails(
         demo_exported, small_config, tmp_path, monkeypatch, caplog):
     from trainer import export, reindex
 
     w = copy_workdir(demo_exported, tmp_path / "w")
     old_version, _ = corpus_embeddings.read_latest(w.corpus_embeddings)
     add_images(w, small_config.demo_data.image_size, NEW_IMAGES[:1])
-    real_index, real_publish = export.scann_retrieval_index, export.publish_together
+    real_index, real_publish = export.scann_retrieval_index, export.publish_staged
     published = []
 
-    def publish_together(servables_by_name, *args):
-        published.extend(servables_by_name)
-        return real_publish(servables_by_name, *args)
+    def publish_staged(staged):
+        published.extend(staged)
+        return real_publish(staged)
 
     def failing_index(*args, **kwargs):
         raise RuntimeError("no index today")
 
-    monkeypatch.setattr(export, "publish_together", publish_together)
+    monkeypatch.setattr(export, "publish_staged", publish_staged)
     monkeypatch.setattr(export, "scann_retrieval_index", failing_index)
     monkeypatch.setattr(reindex, "updated_scann_index", lambda *args: (None, {}, 0, None))
     with caplog.at_level(logging.ERROR, logger="trainer.reindex"), pytest.raises(RuntimeError, match="no index"):
@@ -580,10 +585,70 @@ def test_retrieval_scann_is_published_first_and_the_exact_model_even_when_the_sc
     monkeypatch.setattr(export, "scann_retrieval_index", real_index)
     published.clear()
     version, r = reindex.reindex(small_config, w)  # the next pass writes both, from the kept rows
-    assert published == [servables.RETRIEVAL_SCANN, servables.RETRIEVAL_BRUTEFORCE]  # the slower load first
+    assert published == [servables.RETRIEVAL_BRUTEFORCE, servables.RETRIEVAL_SCANN]  # loaded while the index is made
     assert version == old_version + 2 and r["previous_version"] == old_version and r["added"] == 1
     for name in servables.RETRIEVAL_MODELS:
         assert servables.latest_version(w.export_model(name))[0] == version
+    assert not list(pathlib.Path(w.export).rglob(".tmp-*"))
+
+
+def test_a_watch_writes_later_versions_with_the_graph_it_saved_and_new_variables(demo_exported, tmp_path, caplog):
+    from serving import saved_models
+    from trainer import reindex
+
+    w = copy_workdir(demo_exported, tmp_path / "w")
+    config = load_config(DEMO_CONFIG, [*SMALL_WORLD, *UPDATABLE_AH])
+    size = config.demo_data.image_size
+    prepare = PngPreparer(config.pipeline.image_size)
+    old_version, old_rows = corpus_embeddings.read_latest(w.corpus_embeddings)
+    warm = reindex.WarmState()
+    assert reindex.reindex(config, w, warm=warm)[0] is None  # nothing changed: the graphs are prepared
+    versions, added, graphs = [], {}, []
+    for names in (NEW_IMAGES[:1], NEW_IMAGES[1:]):
+        added.update(add_images(w, size, names))
+        gone = old_rows.ids[len(versions)].decode()
+        remove_images(w, [gone])
+        version, r = reindex.reindex(config, w, warm=warm)
+        versions.append(version)
+        graphs.append(r["graphs"])
+    # The exact model's graph was prepared while the watch had nothing to do.  The export's ScaNN index is not
+    # one that is updated: the first pass builds an AH index and traces its model, the second updates that index
+    # (the same search depth) and reuses its graph.
+    assert graphs == [{servables.RETRIEVAL_SCANN: "traced", servables.RETRIEVAL_BRUTEFORCE: "reused"},
+                      {servables.RETRIEVAL_SCANN: "reused", servables.RETRIEVAL_BRUTEFORCE: "reused"}]
+    expected = ({i.decode() for i in old_rows.ids} - {i.decode() for i in old_rows.ids[:2]}) | set(added)
+    for name in servables.RETRIEVAL_MODELS:
+        folders = [pathlib.Path(w.export_model(name)) / str(v) for v in versions]
+        assert (folders[0] / "saved_model.pb").read_bytes() == (folders[1] / "saved_model.pb").read_bytes()
+        assert tf.saved_model.experimental.read_fingerprint(str(folders[1])).checkpoint_hash != \
+            tf.saved_model.experimental.read_fingerprint(str(folders[0])).checkpoint_hash
+        # Both versions loaded side by side, as a server holds them: each answers from its own variables (and
+        # ScaNN from its own searcher), although their graphs are the same.
+        before, after = (saved_models.load(str(f)) for f in folders)
+        assert {i.decode() for i in after.top_k.identifiers.numpy()} == expected
+        for image_id, png in added.items():
+            assert image_id in top_ids(after, prepare(png))
+            assert (image_id in top_ids(before, prepare(png))) == (image_id not in dict(NEW_IMAGES[1:]))
+        gone_png = (pathlib.Path(w.images) / f"{old_rows.ids[1].decode()}.png").read_bytes()
+        assert old_rows.ids[1].decode() not in top_ids(after, prepare(gone_png))
+        assert old_rows.ids[1].decode() in top_ids(before, prepare(gone_png))
+
+    # A model whose graph would differ (another k) is traced again; so is one whose checkpoint would not be what
+    # the kept graph restores (never expected: the log says so).
+    add_images(w, size, [("another_star", dict(shape="star"))])
+    other_k = dataclasses.replace(config, export=dataclasses.replace(config.export, k=7))
+    _, r = reindex.reindex(other_k, w, warm=warm)
+    assert r["graphs"] == {servables.RETRIEVAL_SCANN: "traced", servables.RETRIEVAL_BRUTEFORCE: "traced"}
+    _, brute = latest(w, servables.RETRIEVAL_BRUTEFORCE)
+    assert len(top_ids(brute, prepare(added["new_star"]))) == 7
+    kept = warm.graphs._graphs[servables.RETRIEVAL_BRUTEFORCE]
+    warm.graphs._graphs[servables.RETRIEVAL_BRUTEFORCE] = kept._replace(
+        checkpoint_dtypes={**kept.checkpoint_dtypes, "top_k/extra/.ATTRIBUTES/VARIABLE_VALUE": tf.float32})
+    add_images(w, size, [("another_cross", dict(shape="cross"))])
+    with caplog.at_level(logging.WARNING, logger="trainer.saved_graphs"):
+        _, r = reindex.reindex(other_k, w, warm=warm)
+    assert r["graphs"][servables.RETRIEVAL_BRUTEFORCE] == "traced"
+    assert any("1 checkpoint keys differ from the kept graph's" in m for m in caplog.messages)
     assert not list(pathlib.Path(w.export).rglob(".tmp-*"))
 
 

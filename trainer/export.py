@@ -169,23 +169,37 @@ def top_ids(retrieval: sigs.Retrieval, query_embeddings: np.ndarray) -> np.ndarr
 # The four servables.
 
 
-def bruteforce_servable(config, encoders, corpus: Corpus) -> Servable:
-    """retrieval_bruteforce over `corpus` (exact search: no index to build), signatures traced.
+def bruteforce_retrieval(config, encoders, corpus: Corpus) -> sigs.Retrieval:
+    """The retrieval_bruteforce module over `corpus` (exact search: no index to build), not yet traced.
 
     `encoders` is a sigs.Encoders, or anything with its embed_queries /
     embed_images / image_spec (trainer/saved_encoders.py: the exported ones).
     """
     k = effective_k(config.export.k, len(corpus.ids))
-    brute = sigs.Retrieval(encoders, bruteforce_index(corpus.embeddings, corpus.ids, k, config.export.hamming), k,
-                           binary=config.export.hamming, name=S.RETRIEVAL_BRUTEFORCE)
+    return sigs.Retrieval(encoders, bruteforce_index(corpus.embeddings, corpus.ids, k, config.export.hamming), k,
+                          binary=config.export.hamming, name=S.RETRIEVAL_BRUTEFORCE)
+
+
+def scann_retrieval(config, encoders, corpus: Corpus, scann_top_k: scann_index.ScannIndex) -> sigs.Retrieval:
+    """The retrieval_scann module over `corpus` with the built index `scann_top_k`, not yet traced."""
+    return sigs.Retrieval(encoders, scann_top_k, effective_k(config.export.k, len(corpus.ids)), name=S.RETRIEVAL_SCANN)
+
+
+def save_options(name: str) -> Optional[tf.saved_model.SaveOptions]:
+    """How model `name` is saved: retrieval_scann keeps ScaNN's ops in its graph."""
+    return SCANN_SAVE_OPTIONS if name == S.RETRIEVAL_SCANN else None
+
+
+def bruteforce_servable(config, encoders, corpus: Corpus) -> Servable:
+    """retrieval_bruteforce over `corpus`, signatures traced."""
+    brute = bruteforce_retrieval(config, encoders, corpus)
     return Servable(brute, brute.signatures())
 
 
 def scann_servable(config, encoders, corpus: Corpus, scann_top_k: scann_index.ScannIndex) -> Servable:
     """retrieval_scann over `corpus` with the built index `scann_top_k`, signatures traced."""
-    scann = sigs.Retrieval(encoders, scann_top_k, effective_k(config.export.k, len(corpus.ids)),
-                           name=S.RETRIEVAL_SCANN)
-    return Servable(scann, scann.signatures(), SCANN_SAVE_OPTIONS)
+    scann = scann_retrieval(config, encoders, corpus, scann_top_k)
+    return Servable(scann, scann.signatures(), save_options(S.RETRIEVAL_SCANN))
 
 
 def retrieval_servables(config, encoders, corpus: Corpus,
@@ -295,6 +309,11 @@ def publish_together(servables: Dict[str, Servable], workdir: Workdir, version: 
         for tmp, _ in staged.values():
             tf.io.gfile.rmtree(tmp)
         raise
+    return publish_staged(staged)
+
+
+def publish_staged(staged: Dict[str, Tuple[str, str]]) -> Dict[str, str]:
+    """Renames each model's staged version folder into place, back to back; {name: final folder}."""
     for name, (tmp, final) in staged.items():
         tf.io.gfile.rename(tmp, final)
         logger.info("wrote %s", final)

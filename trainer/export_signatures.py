@@ -147,10 +147,16 @@ class BruteForceIndex(tf.Module):
                  block_rows: int = BRUTE_FORCE_BLOCK_ROWS, name: str = "bruteforce"):
         super().__init__(name=name)
         candidates = np.asarray(candidates, np.float32)
-        self.blocks = [tf.Variable(candidates[start:start + block_rows].T, trainable=False, name=f"candidates_{i}")
+        # Of unknown length, so the traced graph is the same for any corpus (trainer/saved_graphs.py).
+        self.blocks = [tf.Variable(candidates[start:start + block_rows].T, trainable=False,
+                                   shape=tf.TensorShape([candidates.shape[1], None]), name=f"candidates_{i}")
                        for i, start in enumerate(range(0, len(candidates), block_rows))]
-        self.identifiers = tf.Variable(identifiers, trainable=False, name="identifiers")
+        self.identifiers = tf.Variable(identifiers, trainable=False, shape=tf.TensorShape([None]), name="identifiers")
         self.k = k
+
+    def graph_key(self) -> Tuple:
+        """What the traced graph reads as Python values (trainer/saved_graphs.py)."""
+        return ("bruteforce", self.k, len(self.blocks))
 
     def __call__(self, queries: tf.Tensor, k: Optional[int] = None) -> Tuple[tf.Tensor, tf.Tensor]:
         k = self.k if k is None else k
@@ -159,8 +165,8 @@ class BruteForceIndex(tf.Module):
         else:
             block_scores, block_indices, offset = [], [], 0
             for block in self.blocks:
-                rows = block.shape[1]
-                scores, indices = tf.math.top_k(tf.linalg.matmul(queries, block), min(k, rows))
+                rows = tf.shape(block)[1]
+                scores, indices = tf.math.top_k(tf.linalg.matmul(queries, block), tf.minimum(k, rows))
                 block_scores.append(scores)
                 block_indices.append(indices + offset)
                 offset += rows
@@ -184,6 +190,11 @@ class Retrieval(tf.Module):
         self.top_k = top_k
         self.k = k
         self.binary = binary
+
+    def graph_key(self) -> Tuple:
+        """What the traced signatures read as Python values: with the same key and the same encoders, two
+        modules save the same graph (trainer/saved_graphs.py)."""
+        return (self.name, self.k, self.binary, self.top_k.graph_key())
 
     def search_embeddings(self, embeddings: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Top-k for query embeddings (also used to measure recall without the encoders)."""

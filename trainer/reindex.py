@@ -16,14 +16,15 @@
    embedded again (and the log says so).
 3. embed: prepared as the pipeline stores them (clicklens/images.py PngPreparer) and embedded by the
    exported image_encoder's graph; an image that does not decode is dead-lettered (`corrupt_image`).
-4. index: the replaced ScaNN index updated in place (scann's upsert / delete) while a rebuild would
-   choose the same layout and little has changed since its build (trainer/scann_update.py); else the
-   layout derived for the new corpus size, built, with the replaced index's search depth kept when it
-   still meets export.min_recall (trainer/scann_tuning.py).  Brute force needs no index.
-5. write: retrieval_scann as soon as its index is ready (a server takes longest to load it, so it loads it
-   while the rest is written), then retrieval_bruteforce (published even when step 4 fails: it has no
-   index), each written under a temporary name and renamed into place (trainer/export.py:publish_together);
-   then the corpus embeddings, the dead letters and the report.  Both models get the same new version number.
+4. index: retrieval_bruteforce needs none: it is published first, so a server loads it meanwhile (and it is
+   published even when this step fails).  The replaced ScaNN index is updated in place (scann's upsert /
+   delete) while a rebuild would choose the same layout and little has changed since its build
+   (trainer/scann_update.py); else the layout derived for the new corpus size is built, with the replaced
+   index's search depth kept when it still meets export.min_recall (trainer/scann_tuning.py).
+5. write: retrieval_scann, then (at a lower CPU priority: trainer/lower_priority.py) the corpus embeddings, the
+   dead letters and the report.  Each model is written under a temporary name and renamed into place; a
+   watch writes a model whose graph is the one it saved last as that graph and a new checkpoint
+   (trainer/saved_graphs.py).  Both models get the same new version number.
 
 A running server polls the model folders and hot-loads the new versions (serving/model_registry.py:
 loaded and warmed up before they take traffic); the search page's /images/ route re-reads the catalog.
@@ -64,8 +65,10 @@ from trainer import export, scann_tuning, scann_update
 from trainer.catalog_scan import (READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, changed_files, read_input,
                                   scan_catalog)
 from trainer.corpus import Corpus
+from trainer.lower_priority import run_at_lower_priority
 from trainer.ranking import exact_top_k
 from trainer.saved_encoders import SavedEncoders, load_saved_encoders
+from trainer.saved_graphs import SavedGraphs
 from trainer.scann_index import ScannIndex, ScannParams
 
 logger = logging.getLogger(__name__)
@@ -247,6 +250,7 @@ class WarmState:
         self._kept: Optional[KeptRows] = None
         self._scann: Optional[Tuple[int, scann_update.SavedIndex]] = None
         self._warmed_up = False
+        self.graphs = SavedGraphs()  # the retrieval models' graphs, written again with new variables
         self._scan: Optional[CatalogScan] = None  # the previous pass's
         self._trusting = False  # whether its images may be trusted (catalog_scan.scan_catalog's `trusted`)
 
@@ -287,6 +291,7 @@ class WarmState:
         if self._encoders is None or S.latest_version(workdir.export_model(S.IMAGE_ENCODER))[0] != \
                 self._encoders.version:
             self._encoders, self._queries, self._warmed_up = load_saved_encoders(workdir), None, False
+            self.graphs.clear()
         return self._encoders
 
     def warm_up(self, config, workdir: Workdir, sample) -> None:
@@ -337,6 +342,19 @@ class WarmState:
                         str(err).splitlines()[0])
             return
         self._scann = (kept.version, saved)
+
+    def prepare_graphs(self, config, corpus: Corpus) -> None:
+        """Traces and saves (to a scratch folder) both retrieval models over the unchanged `corpus`, so that the
+        next pass writes their variables only (trainer/saved_graphs.py); ScaNN's when its index was read ahead."""
+        encoders = self._encoders
+        self.graphs.prepare(export.bruteforce_retrieval(config, encoders, corpus), corpus.sample_image)
+        kept = self._kept
+        if self._scann is None or kept is None or self._scann[0] != kept.version or not kept.rows.scann:
+            return
+        saved = self._scann[1]
+        index = ScannIndex.from_tensors(saved.tensors, saved.ids, export.effective_k(config.export.k, len(saved.ids)),
+                                        ScannParams(**kept.rows.scann))
+        self.graphs.prepare(export.scann_retrieval(config, encoders, corpus, index), corpus.sample_image)
 
     def take_scann_index(self, version: int) -> Optional[scann_update.SavedIndex]:
         """The ScaNN index this process wrote as `version` (its pybind searcher and the exact reference of its
@@ -420,18 +438,25 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
                     previous_version)
         if watching:
             warm.preload_scann_index(config, workdir)
+            warm.prepare_graphs(config, corpus)
         _write_report(workdir, report)
         return None, report
 
-    # retrieval_scann is published first: a server takes longest to load it (the ScaNN state, then the
-    # searcher built from it), so it loads it while the exact model is written.  The exact model needs no
-    # index, so it is published even when the ScaNN step fails.
+    # retrieval_bruteforce needs no index, so it is published first (its graph kept from the last version,
+    # that takes a tenth of a second): a server loads it while the ScaNN index is updated, and it is
+    # published even when the ScaNN step fails.
     version = export.choose_version(workdir, config.export.version)
+    graphs: Dict[str, str] = {}  # model -> "reused" (the graph of the last version this process saved) / "traced"
 
-    def publish_exact() -> Dict[str, str]:
-        exact = export.bruteforce_servable(config, encoders, corpus)
-        return export.publish_together({S.RETRIEVAL_BRUTEFORCE: exact}, workdir, version, corpus.sample_image)
+    def publish(module) -> Dict[str, str]:
+        name = module.name
+        staged, reused = warm.graphs.stage(module, workdir.export_model(name), version, corpus.sample_image)
+        graphs[name] = "reused" if reused else "traced"
+        return export.publish_staged({name: staged})
 
+    t = time.perf_counter()
+    paths = publish(export.bruteforce_retrieval(config, encoders, corpus))
+    seconds["exact"] = time.perf_counter() - t
     try:
         t = time.perf_counter()
         previous_params = ScannParams(**previous.scann) if previous is not None and previous.scann else None
@@ -447,24 +472,20 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
             scann, scann_report = export.scann_retrieval_index(config, corpus, queries, previous=previous_params)
         seconds["index"] = time.perf_counter() - t
         t = time.perf_counter()
-        paths = export.publish_together(
-            {S.RETRIEVAL_SCANN: export.scann_servable(config, encoders, corpus, scann)}, workdir, version,
-            corpus.sample_image)
+        paths.update(publish(export.scann_retrieval(config, encoders, corpus, scann)))
         seconds["scann"] = time.perf_counter() - t
     except Exception:
-        publish_exact()
         logger.error("reindex: %s version %d is published, but %s failed and stays at its previous version "
                      "(the next pass writes both again)", S.RETRIEVAL_BRUTEFORCE, version, S.RETRIEVAL_SCANN)
         raise
-    t = time.perf_counter()
-    paths.update(publish_exact())
-    seconds["exact"] = time.perf_counter() - t
+    # Both models are published: the rest waits for a server loading them on the same cores.
     t = time.perf_counter()
     rows_written = corpus_embeddings.CorpusEmbeddings(
         corpus.ids, np.array([h.encode("ascii") for h in hashes], dtype=bytes), corpus.embeddings, encoders.version,
         encoders.image_source, "reindex", scann_report["params"], np.array([s.encode("utf-8") for s in stats],
                                                                            dtype=bytes), rows_since_build)
-    paths["corpus_embeddings"] = corpus_embeddings.write(workdir.corpus_embeddings, version, rows_written)
+    paths["corpus_embeddings"] = run_at_lower_priority(corpus_embeddings.write, workdir.corpus_embeddings, version,
+                                                       rows_written)
     warm.keep_written(KeptRows(version, rows_written, (ids, hashes, stats)), updated)
     if dead:
         report["dead_letters_file"] = workdir.reindex_dead_letters(version)
@@ -472,11 +493,11 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     report.update(version=version, k=export.effective_k(config.export.k, len(ids)), scann=scann_report,
-                  paths=paths, seconds={k: round(v, 2) for k, v in seconds.items()})
+                  paths=paths, graphs=graphs, seconds={k: round(v, 2) for k, v in seconds.items()})
     _write_report(workdir, report)
-    logger.info("reindex: version %d of %s and %s over %d images in %.1f s; ScaNN %s", version,
+    logger.info("reindex: version %d of %s and %s over %d images in %.1f s (graphs %s); ScaNN %s", version,
                 S.RETRIEVAL_SCANN, S.RETRIEVAL_BRUTEFORCE, len(ids), seconds["total"],
-                ScannParams(**scann_report["params"]).describe())
+                ", ".join(f"{name} {how}" for name, how in graphs.items()), ScannParams(**scann_report["params"]).describe())
     return version, report
 
 
@@ -583,7 +604,7 @@ def watch(config, workdir: Workdir, rehash: bool, poll_seconds: float, stop: thr
             passes += 1
             try:
                 reindex(config, workdir, rehash=rehash, warm=warm)
-                stale = warm.stale_images(path)
+                stale = run_at_lower_priority(warm.stale_images, path)  # a server may be loading the new version
                 if stale:
                     logger.info("reindex: %d files changed under unchanged catalog lines (e.g. %s): another pass",
                                 len(stale), stale[0])

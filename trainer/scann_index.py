@@ -16,7 +16,7 @@ both per call: `ScannIndex` passes the tuned depth as op inputs
 the exact brute-force layout small corpora want, and pads a short result to k
 columns with empty ids instead of ScaNN's index 0.
 
-The searcher is stored as ScaNN's own tensors (`ScannState` variables: config,
+The searcher is stored as ScaNN's own tensors (`SearcherState` variables: config,
 partitioner, codes, the float32 corpus when re-scoring).  A loaded model
 recreates the searcher from them on its first call (`Scann>TensorsToScann`:
 about 2 s for 1M x 128; the warmup request pays it, and the benchmark before
@@ -53,7 +53,7 @@ ANISOTROPIC_THRESHOLD = 0.2
 TREE_TRAINING_ITERATIONS = 12
 # k-means on a sample: ScaNN's default 100k points, or 50 per leaf for larger trees (10M images: ~3,200 leaves).
 MIN_TRAINING_SAMPLE, TRAINING_POINTS_PER_LEAF = 100_000, 50
-# ScaNN's serialized searcher, in the order of scann_to_tensors and scann_ops.ScannState's constructor.
+# ScaNN's serialized searcher, in the order of scann_to_tensors (and of scann_ops.ScannState's attributes).
 STATE_FIELDS = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
                 "int8_dataset", "int8_multipliers", "dp_norms", "dataset")
 
@@ -161,6 +161,18 @@ def search(searcher, queries: np.ndarray, k: int, params: ScannParams) -> Tuple[
     return np.asarray(indices), np.asarray(distances)
 
 
+class SearcherState(tf.Module):
+    """ScaNN's serialized searcher (its tensors, STATE_FIELDS) as variables named as scann_ops.ScannState names
+    them, so checkpoints have the same keys, but of unknown shape: ScannState's record the shapes they were made
+    with, which would tie a saved graph to one corpus size (trainer/saved_graphs.py reuses a graph for the next
+    version of the corpus)."""
+
+    def __init__(self, tensors):
+        super().__init__(name="scann_state")
+        for field, value in zip(STATE_FIELDS, tensors, strict=True):
+            setattr(self, field, tf.Variable(value, trainable=False, shape=tf.TensorShape(None), name=field))
+
+
 class ScannIndex(tf.Module):
     """Top-k by dot product over a serialized ScaNN searcher: `index(queries) -> (scores, ids)`.
 
@@ -171,12 +183,13 @@ class ScannIndex(tf.Module):
     ids and NaN scores in the places ScaNN could not fill, never another image's id.
     """
 
-    def __init__(self, state: scann_ops.ScannState, identifiers: np.ndarray, k: int, params: ScannParams,
+    def __init__(self, state: SearcherState, identifiers: np.ndarray, k: int, params: ScannParams,
                  name: str = "scann"):
-        """`state`: the searcher's tensors (`ScannState`); `identifiers`: the image id of each of its points."""
+        """`state`: the searcher's tensors; `identifiers`: the image id of each of its points."""
         super().__init__(name=name)
         self.state = state
-        self.identifiers = tf.Variable(identifiers, trainable=False, name="identifiers")
+        # Of unknown length, as the state's variables are, so the traced graph is the same for any corpus.
+        self.identifiers = tf.Variable(identifiers, trainable=False, shape=tf.TensorShape([None]), name="identifiers")
         self.k = k
         self.params = params
         self._leaves, self._reorder = search_depth(params)
@@ -193,13 +206,19 @@ class ScannIndex(tf.Module):
     def from_searcher(cls, searcher: scann_ops.ScannSearcher, identifiers: np.ndarray, k: int,
                       params: ScannParams, name: str = "scann") -> "ScannIndex":
         """The index over a searcher built by `build_searcher` (which may then be `release`d)."""
-        return cls(searcher.serialize_to_module(), identifiers, k, params, name=name)
+        return cls(SearcherState(scann_ops.scann_to_tensors(searcher.searcher_handle)), identifiers, k, params,
+                   name=name)
 
     @classmethod
     def from_tensors(cls, tensors: Dict[str, np.ndarray], identifiers: np.ndarray, k: int, params: ScannParams,
                      name: str = "scann") -> "ScannIndex":
         """The index over a searcher's tensors ({STATE_FIELDS name: array}, e.g. from trainer/scann_update.py)."""
-        return cls(scann_ops.ScannState([tensors[f] for f in STATE_FIELDS]), identifiers, k, params, name=name)
+        return cls(SearcherState([tensors[f] for f in STATE_FIELDS]), identifiers, k, params, name=name)
+
+    def graph_key(self) -> Tuple:
+        """What the traced graph reads as Python values (trainer/saved_graphs.py); the searcher's layout and
+        data are in `state`."""
+        return ("scann", self.k, self._leaves, self._reorder, self._fewest_searched >= self.k)
 
     def _handle(self) -> tf.Tensor:
         """The searcher: built from the state on a loaded model's first call; afterwards returned at once."""
