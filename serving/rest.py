@@ -69,8 +69,9 @@ MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[
 REST_ENTRYPOINT = "REST"
 INT64_MAX = 2 ** 63 - 1  # TF Serving reads the version in the URL as an int64
 # A closing connection discards what the client still sends while it keeps arriving (a pause of
-# LINGER_IDLE_SECONDS ends it), for LINGER_MAX_SECONDS at most: nginx's lingering_timeout / lingering_time.
-LINGER_IDLE_SECONDS = 1.0
+# LINGER_IDLE_SECONDS ends it), for LINGER_MAX_SECONDS at most: nginx's lingering_timeout / lingering_time, at
+# nginx's defaults.
+LINGER_IDLE_SECONDS = 5.0
 LINGER_MAX_SECONDS = 30.0
 HTTP_STATUS = {  # tensorflow_model_server's mapping (a code not listed is 500)
     grpc.StatusCode.OK: 200,
@@ -263,6 +264,12 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
     metrics: Metrics
     health: Optional[Health] = None
     server: "RestServer"
+    _body_coming = False  # the last request's body is on its way (not asked for with Expect) and not read
+
+    def finish(self) -> None:
+        super().finish()
+        if self._body_coming:  # refused before its body was read: the client may not have sent it all yet
+            _discard_unread_input(self.connection, coming=True)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (BaseHTTPRequestHandler's name)
         logger.debug("%s %s", self.address_string(), format % args)
@@ -287,6 +294,9 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         # A body nobody reads would be taken for the next request: close after answering, unless it is read.
         self._close_after_response = ("Transfer-Encoding" in self.headers
                                       or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+        # A client that asks first (Expect: 100-continue) sends no body after a refusal; any other does.
+        self._body_coming = (self._close_after_response
+                             and self.headers.get("Expect", "").strip().lower() != "100-continue")
         return True
 
     def handle_expect_100(self) -> bool:
@@ -439,7 +449,7 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         except ConnectionError:
             raise ClientGone() from None
         self.connection.settimeout(self.timeout)
-        self._close_after_response = False
+        self._close_after_response = self._body_coming = False
         return b"".join(chunks)
 
     def _model_post(self, match: re.Match) -> Any:
@@ -505,12 +515,13 @@ def _has_input(sock: socket.socket) -> bool:
 
 
 def _discard_unread_input(sock: socket.socket, idle_seconds: float = LINGER_IDLE_SECONDS,
-                          max_seconds: float = LINGER_MAX_SECONDS) -> None:
-    """Before closing: if the client is still sending (a body that was refused or cut short), ends our side and
-    discards what arrives until it pauses for `idle_seconds` or `max_seconds` have passed; closing with unread
-    input would reset the connection, and the client could lose the answer it was just sent.  A slow client
-    (a large body on a busy machine) is not cut off while its bytes keep coming."""
-    if not _has_input(sock):
+                          max_seconds: float = LINGER_MAX_SECONDS, coming: bool = False) -> None:
+    """Before closing: if the client is still sending (a body that was refused or cut short; `coming`: one is
+    known to be on its way, though none may have arrived yet), ends our side and discards what arrives until it
+    pauses for `idle_seconds` or `max_seconds` have passed; closing with unread input would reset the connection,
+    and the client could lose the answer it was just sent.  A slow client (a large body on a busy machine) is not
+    cut off while its bytes keep coming."""
+    if not coming and not _has_input(sock):
         return
     with contextlib.suppress(OSError):  # the idle timeout ends it too (socket.timeout is an OSError)
         sock.shutdown(socket.SHUT_WR)

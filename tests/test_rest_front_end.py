@@ -441,6 +441,22 @@ def test_a_body_over_the_limit_is_refused_and_the_answer_reaches_a_client_still_
     _assert_still_serving(server.http_port)
 
 
+def test_a_refused_body_that_starts_only_after_the_answer_is_still_read_and_dropped(server):
+    # A client descheduled between its headers and its body (a busy machine): when the server answers, none of
+    # the body has arrived.  Closing then would reset the connection under the client's body; the server reads
+    # and drops it instead, until the client is done.
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=WAIT_SECONDS) as sock:
+        sock.sendall((_HEAD + f"Content-Length: {16 << 20}\r\n\r\n").encode())
+        response = http.client.HTTPResponse(sock, method="POST")
+        response.begin()
+        assert response.status == 400 and "max_request_bytes" in _error(response.read())
+        time.sleep(0.3)
+        sock.sendall(b"x" * (16 << 20))  # BrokenPipeError / ConnectionResetError had the server closed
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""  # the server closes once the body has ended
+    _assert_still_serving(server.http_port)
+
+
 def test_a_body_within_the_limit_is_read_exactly(server):
     body = _body(["exact"])
     status, _, reply = _exchange(server.http_port, (_HEAD + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
