@@ -22,9 +22,9 @@
    (trainer/scann_update.py); else the layout derived for the new corpus size is built, with the replaced
    index's search depth kept when it still meets export.min_recall (trainer/scann_tuning.py).
 5. write: retrieval_scann, then (at a lower CPU priority: trainer/lower_priority.py) the corpus embeddings, the
-   dead letters and the report.  Each model is written under a temporary name and renamed into place; a
-   watch writes a model whose graph is the one it saved last as that graph and a new checkpoint
-   (trainer/saved_graphs.py).  Both models get the same new version number.
+   dead letters and the report.  Each model is written under a temporary name and renamed into place; under
+   a watch, a model whose graph is the one the watch saved last is written as that graph plus a checkpoint of
+   its new variables (trainer/saved_graphs.py).  Both models get the same new version number.
 
 A running server polls the model folders and hot-loads the new versions (serving/model_registry.py:
 loaded and warmed up before they take traffic); the search page's /images/ route re-reads the catalog.
@@ -442,9 +442,8 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
         _write_report(workdir, report)
         return None, report
 
-    # retrieval_bruteforce needs no index, so it is published first (its graph kept from the last version,
-    # that takes a tenth of a second): a server loads it while the ScaNN index is updated, and it is
-    # published even when the ScaNN step fails.
+    # retrieval_bruteforce needs no index, so it is published first: a server loads it while the ScaNN index
+    # is updated, and it stays published when the ScaNN step fails.
     version = export.choose_version(workdir, config.export.version)
     graphs: Dict[str, str] = {}  # model -> "reused" (the graph of the last version this process saved) / "traced"
 
@@ -497,7 +496,8 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     _write_report(workdir, report)
     logger.info("reindex: version %d of %s and %s over %d images in %.1f s (graphs %s); ScaNN %s", version,
                 S.RETRIEVAL_SCANN, S.RETRIEVAL_BRUTEFORCE, len(ids), seconds["total"],
-                ", ".join(f"{name} {how}" for name, how in graphs.items()), ScannParams(**scann_report["params"]).describe())
+                ", ".join(f"{name} {how}" for name, how in graphs.items()),
+                ScannParams(**scann_report["params"]).describe())
     return version, report
 
 

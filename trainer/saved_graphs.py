@@ -7,7 +7,7 @@
 A retrieval model's graph does not depend on the corpus it holds: the corpus tensors (brute force's
 candidates, ScaNN's state, the image ids) are variables of unknown length, and what the trace reads as Python
 values (k, the number of brute-force blocks, ScaNN's search depth) is the module's `graph_key()`.  Yet
-tf.saved_model.save traces and serializes the signatures again on every call: 0.2-0.3 s a model, most of a
+tf.saved_model.save traces and serializes the signatures again on every call: 0.2-0.4 s a model, most of a
 reindex pass's writing.  So `stage` keeps the files of the last version it traced and saved for each model
 (saved_model.pb, the warmup requests in assets.extra/), and writes a model whose key and encoders are those
 of that version as those files plus a checkpoint of the module's variables (tf.train.Checkpoint, the format
