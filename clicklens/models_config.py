@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from clicklens.errors import ClicklensError
+from clicklens.workdir import write_text_atomically
 
 ModelConfig = model_server_config_pb2.ModelConfig
 logger = logging.getLogger(__name__)
@@ -36,10 +37,7 @@ def build(base_paths: Mapping[str, str], num_versions: int = 1) -> model_server_
 
 def write(path: str, config: model_server_config_pb2.ModelServerConfig) -> None:
     """Writes the config as protobuf text (atomically where the filesystem allows)."""
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text_format.MessageToString(config))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    write_text_atomically(path, text_format.MessageToString(config))
 
 
 def read(path: str) -> List[ModelConfig]:

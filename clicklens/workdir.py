@@ -33,6 +33,17 @@ def join(*parts: str) -> str:
     return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes `text` to `path` under a temporary name, then renames it into place, so a reader never sees half
+    of it (where the filesystem's rename is atomic: local disks, not gs://)."""
+    import tensorflow as tf
+
+    staged = path + ".tmp"
+    with tf.io.gfile.GFile(staged, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(staged, path, overwrite=True)
+
+
 def check_workdir(root: str, writable: bool) -> None:
     """Raises ClicklensError, in one line, when `root` cannot serve as a work directory.
 

@@ -161,7 +161,6 @@ class ModelRegistry:
                         if num_load_threads > 0 else None)
         self._loading: Set[Tuple[str, int]] = set()  # versions on a loader thread now
 
-
     def loading(self) -> bool:
         """True while a version loads on a loader thread."""
         with self._lock:

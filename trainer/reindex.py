@@ -60,7 +60,7 @@ from clicklens.corpus_embeddings import content_hash
 from clicklens.dead_letters import image_dead_letter, write_dead_letters
 from clicklens.errors import BadRecord, ClicklensError
 from clicklens.shutdown import stop_on_signals
-from clicklens.workdir import Workdir, join
+from clicklens.workdir import Workdir, join, write_text_atomically
 from trainer import export, scann_tuning, scann_update
 from trainer.catalog_scan import (READ_THREADS, CatalogScan, ParsedCatalog, ScannedImage, changed_files, read_input,
                                   scan_catalog)
@@ -569,10 +569,7 @@ def _count_reasons(dead: List[dict]) -> Dict[str, object]:
 
 def _write_report(workdir: Workdir, report: Dict[str, object]) -> None:
     tf.io.gfile.makedirs(workdir.export)
-    staged = workdir.reindex_report + ".tmp"
-    with tf.io.gfile.GFile(staged, "w") as f:
-        json.dump(report, f, indent=2)
-    tf.io.gfile.rename(staged, workdir.reindex_report, overwrite=True)  # a reader never sees half a report
+    write_text_atomically(workdir.reindex_report, json.dumps(report, indent=2))  # a reader never sees half of it
     logger.info("reindex: wrote %s", workdir.reindex_report)
 
 
