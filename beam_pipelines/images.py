@@ -11,6 +11,8 @@ good-image output, and the joins downstream drop what needs it.
 """
 
 
+from typing import Sequence
+
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -18,8 +20,8 @@ from apache_beam.metrics import Metrics
 from beam_pipelines.dead_letters import DEAD_LETTER, METRICS_NAMESPACE, dead_letter
 from beam_pipelines.parse import ReadLines
 from beam_pipelines.progress import LogProgress
-from clicklens.catalog import (CatalogEntry, first_entry, parse_catalog_line, prepare_image_input, read_image_input,
-                               resolve_uri)
+from clicklens.catalog import (CatalogEntry, first_entry, parse_catalog_line, read_image_input, resolve_uri,
+                               unusable_image)
 from clicklens.dead_letters import image_dead_letter  # noqa: F401  (defined in the core, shared with reindex)
 from clicklens.config import PipelineConfig
 from clicklens.errors import BadRecord
@@ -29,6 +31,8 @@ ENTRIES = "entries"
 IMAGES = "images"
 MAX_IMAGE_PIXELS = PipelineConfig().max_image_pixels
 BAD_IMAGE_IDS = "bad_image_ids"
+# Catalog images read and prepared per TensorFlow call (at most; Beam sizes the batches).
+LOAD_BATCH = 64
 
 
 def read_file(path: str) -> bytes:
@@ -79,7 +83,12 @@ class ReadCatalog(beam.PTransform):
 
 
 class LoadImageFn(beam.DoFn):
-    """CatalogEntry -> (image_id, PNG bytes or feature tuple); bad images to DEAD_LETTER."""
+    """A batch of CatalogEntry -> (image_id, PNG bytes or feature tuple) for each; bad images to DEAD_LETTER.
+
+    The readable images of a batch are prepared in one TensorFlow call
+    (PngPreparer.many: about twice the speed of a call per image); each comes
+    out byte for byte as a call of its own would give it.
+    """
 
     def __init__(self, catalog_path: str, image_source: str, image_size: int, feature_dim: int,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, allow_outside_uris: bool = False):
@@ -89,32 +98,43 @@ class LoadImageFn(beam.DoFn):
         self._size = image_size
         self._dim = feature_dim
         self._max_pixels = max_image_pixels
-        self._prepare_png = None
+        self._preparer = None
 
     def setup(self):
         if self._source != "features":
             # Imports TensorFlow: here, on the worker, not when the pipeline is built.
             from clicklens.images import png_preparer
 
-            self._prepare_png = png_preparer(self._size, self._max_pixels)
+            self._preparer = png_preparer(self._size, self._max_pixels)
 
     def _bad(self, entry: CatalogEntry, reason: str, detail: str = ""):
         Metrics.counter(METRICS_NAMESPACE, f"bad_image_{reason}").inc()
         return beam.pvalue.TaggedOutput(DEAD_LETTER, image_dead_letter(entry, reason, detail))
 
-    def process(self, entry: CatalogEntry):
+    def _where(self, entry: CatalogEntry) -> str:
+        return resolve_uri(entry.uri, self._catalog_path) if entry.uri else ""
+
+    def process(self, entries: Sequence[CatalogEntry]):
         # The one way of reading a catalog image (clicklens/catalog.py), shared with `clicklens reindex`.
-        try:
-            raw = read_image_input(entry, self._catalog_path, self._source, self._dim, read_file,
-                                   self._allow_outside)
-            where = resolve_uri(entry.uri, self._catalog_path) if entry.uri else ""
-            value = prepare_image_input(raw, self._source, self._prepare_png, where)
-        except BadRecord as err:
-            yield self._bad(entry, err.reason, err.detail)
+        readable = []
+        for entry in entries:
+            try:
+                readable.append((entry, read_image_input(entry, self._catalog_path, self._source, self._dim,
+                                                         read_file, self._allow_outside)))
+            except BadRecord as err:
+                yield self._bad(entry, err.reason, err.detail)
+        if self._source == "features":
+            for entry, raw in readable:
+                yield entry.image_id, raw
             return
-        if self._source != "features":
+        prepared = self._preparer.many([raw for _, raw in readable])
+        for (entry, _), value in zip(readable, prepared):
+            if isinstance(value, Exception):
+                err = unusable_image(value, self._where(entry))
+                yield self._bad(entry, err.reason, err.detail)
+                continue
             Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
-        yield entry.image_id, value
+            yield entry.image_id, value
 
 
 class LoadImages(beam.PTransform):
@@ -130,6 +150,7 @@ class LoadImages(beam.PTransform):
         loaded = (
             entries
             | "Reshuffle" >> beam.Reshuffle()  # spread file reads over workers
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=LOAD_BATCH)
             | "Load" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main=IMAGES)
         )
         return {IMAGES: loaded[IMAGES], DEAD_LETTER: loaded[DEAD_LETTER]}

@@ -11,9 +11,10 @@ optional precomputed feature vector (used when pipeline.image_source is
 
 Reading an entry's image is defined here once, for the pipeline's
 ReadCatalogImages and for `clicklens reindex`: `read_image_input` (the file's
-bytes, or the feature vector) and `prepare_image_input` (the prepared PNG the
-model sees), each raising BadRecord with the dead-letter reason (`no_uri`,
-`missing_image`, `corrupt_image`, `no_features`, `bad_feature_dim`);
+bytes, or the feature vector, raising BadRecord with the dead-letter reason:
+`no_uri`, `missing_image`, `no_features`, `bad_feature_dim`) and
+`unusable_image` (the BadRecord of bytes that clicklens.images.PngPreparer
+could not prepare: `corrupt_image`, `image_too_large`);
 `first_entry` is the rule that picks one entry when an id is listed twice.
 """
 
@@ -179,23 +180,6 @@ def read_image_input(entry: CatalogEntry, catalog_path: str, image_source: str, 
         return read_file(path)
     except Exception as err:  # noqa: BLE001  (any filesystem's not-found / permission error)
         raise BadRecord("missing_image", f"{path}: {type(err).__name__}") from None
-
-
-def prepare_image_input(raw: ImageInput, image_source: str, prepare_png: Optional[Callable[[bytes], bytes]],
-                        where: str = "") -> ImageInput:
-    """What the model sees of a raw image input: the prepared PNG (`prepare_png`, e.g.
-    clicklens.images.PngPreparer), or the feature vector unchanged.
-
-    Raises BadRecord(`corrupt_image`) when the bytes are not a decodable image,
-    BadRecord(`image_too_large`) when their header declares more pixels than
-    the preparer's limit; `where` (the file) goes into the detail.
-    """
-    if image_source == "features":
-        return raw
-    try:
-        return prepare_png(raw)
-    except Exception as err:  # noqa: BLE001  (InvalidArgumentError, or anything else: no image may stop a run)
-        raise unusable_image(err, where) from None
 
 
 def unusable_image(err: Exception, where: str = "") -> BadRecord:
