@@ -5,14 +5,19 @@
    (plain tfrs.tasks.Retrieval on query / image embeddings),
 3. the project's step with the graph term on (neighbours through the image tower,
    each distinct image of the batch once: trainer/distinct_images.py),
-4. the same with `training.image_chunk_size=0`: every slot through the tower in one call
-   (no de-duplication: the step before issue 14),
-5. the opt-in `training.graph_neighbor_gradient=false` (neighbours' forward pass only),
-6. the input pipeline alone (read, parse, tokenize, look up / decode the images), in the
+4. both steps with the distinct images in static chunks of `training.image_chunk_size`
+   (`training.dynamic_image_batch=false`, the way they always go on TPUs) instead of
+   one call of their exact number,
+5. the graph-on step with `training.image_chunk_size=0`: every slot through the tower in
+   one call (no de-duplication: the step before issue 14),
+6. the opt-in `training.graph_neighbor_gradient=false` (neighbours' forward pass only),
+7. the input pipeline alone (read, parse, tokenize, look up / decode the images), in the
    configured layout (`training.image_table`) and in the other one.
 
-All model figures use batches already in memory, so they measure the step;
-(6) shows whether the host keeps up.  Then the ratios the targets are about, the
+All model figures use batches already in memory, so they measure the step: each
+step is timed on its own, the models take turns (`--rounds`), and a rate is the
+batch size over the median step time;
+(7) shows whether the host keeps up.  Then the ratios the targets are about, the
 mean number of distinct images per batch, and the load average.
 
     .venv/bin/python benchmarks/train_throughput.py --workdir W [--config configs/demo.yaml] [--steps 50]
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import os
 import sys
 import time
@@ -55,13 +61,14 @@ class MinimalTfrsModel(tfrs.Model):
                          self.image_tower(features[model_input.IMAGE]), compute_metrics=False)
 
 
-def examples_per_second(model, batches, steps: int, batch_size: int) -> float:
-    """Trains `steps` steps on in-memory batches (after one warm-up execution)."""
-    data = tf.data.Dataset.from_tensor_slices(batches).repeat()
-    model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # trace + warm up
-    started = time.perf_counter()
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * batch_size / (time.perf_counter() - started)
+def step_seconds(step, batches, steps: int) -> list:
+    """Wall seconds of each of `steps` calls of a traced train step, over the in-memory batches in turn."""
+    seconds = []
+    for i in range(steps):
+        started = time.perf_counter()
+        step(batches[i % len(batches)])["loss"].numpy()
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def input_rate(config, workdir, tokenizer, steps: int, batch_size: int) -> float:
@@ -98,7 +105,7 @@ def main(argv=None) -> None:
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     graph_multiplier = config.training.graph_multiplier or 0.1
 
-    # (6) the input pipeline alone, in both layouts (the configured one is the one the models get).
+    # (7) the input pipeline alone, in both layouts (the configured one is the one the models get).
     layout = "image table" if config.training.image_table else "per-example PNGs"
     other = copy.deepcopy(config)
     other.training.image_table = not config.training.image_table
@@ -122,6 +129,8 @@ def main(argv=None) -> None:
     variants = {
         "project step, graph off": ["training.graph_multiplier=0"],
         "project step, graph on": [],
+        "graph off, static chunks": ["training.graph_multiplier=0", "training.dynamic_image_batch=false"],
+        "graph on, static chunks": ["training.dynamic_image_batch=false"],
         "graph on, no de-duplication": ["training.image_chunk_size=0"],
         "graph on, neighbours no gradient": ["training.graph_neighbor_gradient=false"],
     }
@@ -135,21 +144,29 @@ def main(argv=None) -> None:
                                                     tf.keras.models.clone_model(project.image_tower))
     for model in models.values():
         model.compile(make_optimizer(config.training), steps_per_execution=config.training.steps_per_execution)
-    # Alternating rounds, best of each: the figures are less at the mercy of other load on the machine.
-    step_rates = {name: 0.0 for name in models}
+    # Each step timed on its own, the models taking turns; a rate is the batch over the median step.
+    # (Timing whole model.fit calls gave rates in steps of 2x on the 2-core EPYC: one stall in a call
+    # moved the whole call's figure.)
+    steps = {name: tf.function(model.train_step) for name, model in models.items()}
+    for name, step in steps.items():
+        step(cached[0])  # trace + warm up
+    seconds = {name: [] for name in models}
     for _ in range(args.rounds):
-        for name, model in models.items():
-            step_rates[name] = max(step_rates[name], examples_per_second(model, batches, args.steps, batch_size))
-    rates = {**step_rates, **rates}
+        for name, step in steps.items():
+            seconds[name] += step_seconds(step, cached, args.steps)
+    rates = {**{name: batch_size / statistics.median(s) for name, s in seconds.items()}, **rates}
 
     base = rates["minimal TFRS model"]
     off = rates["project step, graph off"]
     print(f"batch {batch_size}, {args.steps} steps, {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'} "
-          f"inter-op threads, {os.cpu_count()} CPUs, image_chunk_size {config.training.image_chunk_size}")
+          f"inter-op threads, {os.cpu_count()} CPUs, image_chunk_size {config.training.image_chunk_size} "
+          f"(static chunks only), dynamic_image_batch {config.training.dynamic_image_batch}")
     for name, rate in rates.items():
         print(f"{name:36s} {rate:10.1f} examples/s   ({rate / base:5.2f} x minimal TFRS, {rate / off:5.2f} x graph off)")
     print(f"distinct images per graph-on batch: {distinct:.0f} of {slots} slots")
     print(f"graph on / graph off:               {rates['project step, graph on'] / off:5.2f}  (target >= 0.45)")
+    print(f"  the same, static chunks:          "
+          f"{rates['graph on, static chunks'] / rates['graph off, static chunks']:5.2f}")
     print(f"input pipeline ({layout}) / graph off: {rates[f'input pipeline ({layout})'] / off:5.2f}  (target >= 2)")
     print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 

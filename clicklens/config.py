@@ -280,8 +280,13 @@ class TrainingConfig:
                                                       "not also positives or hard negatives of the batch get a "
                                                       "forward pass only, their embeddings held constant.")
     image_chunk_size: int = _field(32, min=0, help="Each distinct image of a batch goes through the image tower "
-                                                   "once, this many per call; 0 = every slot in one call (no "
+                                                   "once; with static shapes (TPUs, or dynamic_image_batch: "
+                                                   "false) this many per call; 0 = every slot in one call (no "
                                                    "de-duplication).")
+    dynamic_image_batch: bool = _field(True, help="On CPUs and GPUs, a batch's distinct images go through the "
+                                                  "image tower in one call of their exact number (a batch size "
+                                                  "that changes from step to step).  false: in static chunks of "
+                                                  "image_chunk_size, as always under TPUStrategy.")
     early_stopping_patience: int = _field(0, min=0, help="Epochs without improvement before stopping; 0 turns "
                                                         "early stopping off.")
     early_stopping_metric: str = _field("recall@10", choices=["recall@10", "ndcg@10", "loss"],

@@ -3,7 +3,8 @@
 A real CNN tower (the trainer tests' config) on a batch where images repeat as
 positives, graph neighbours and hard negatives; the reference is the same model
 with `training.image_chunk_size=0` (every slot through the tower in one call, the
-step before de-duplication).
+step before de-duplication), against both ways of embedding the distinct
+images: one call of their exact number, and static chunks (TPUs).
 """
 
 import numpy as np
@@ -92,11 +93,14 @@ def test_distinct_groups_share_a_group_exactly_when_keys_are_equal():
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("graph_mode", [False, True])
-def test_losses_and_gradients_equal_every_slot_through_the_tower(towers, distance, graph_mode):
+@pytest.mark.parametrize("dynamic", [True, False], ids=["one_call", "static_chunks"])
+def test_losses_and_gradients_equal_every_slot_through_the_tower(towers, distance, graph_mode, dynamic):
     inputs = batch()
     reference = model_with(towers, f"training.graph_distance={distance}", "training.image_chunk_size=0")
-    # Chunks of 4: the 8 distinct images take two chunks of the six the 24 slots could need.
-    deduplicated = model_with(towers, f"training.graph_distance={distance}", "training.image_chunk_size=4")
+    # One call of the 8 distinct images, or chunks of 4: two chunks of the six the 24 slots could need.
+    deduplicated = model_with(towers, f"training.graph_distance={distance}", "training.image_chunk_size=4",
+                              f"training.dynamic_image_batch={str(dynamic).lower()}")
+    assert deduplicated.static_image_batch is not dynamic
     want_parts, want_grads = loss_and_gradients(reference, inputs, graph_mode)
     got_parts, got_grads = loss_and_gradients(deduplicated, inputs, graph_mode)
     assert want_parts["graph_loss"] > 0 and want_parts["retrieval_loss"] > 0
@@ -107,15 +111,32 @@ def test_losses_and_gradients_equal_every_slot_through_the_tower(towers, distanc
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
 
 
-def test_neighbours_without_gradient_keep_the_loss_and_drop_their_gradient_share(towers):
+@pytest.mark.parametrize("dynamic", [True, False], ids=["one_call", "static_chunks"])
+def test_neighbours_without_gradient_keep_the_loss_and_drop_their_gradient_share(towers, dynamic):
     inputs = batch()
     exact_parts, exact_grads = loss_and_gradients(model_with(towers), inputs, graph_mode=True)
-    frozen = model_with(towers, "training.graph_neighbor_gradient=false")
+    frozen = model_with(towers, "training.graph_neighbor_gradient=false",
+                        f"training.dynamic_image_batch={str(dynamic).lower()}")
     frozen_parts, frozen_grads = loss_and_gradients(frozen, inputs, graph_mode=True)
     assert frozen_parts == pytest.approx(exact_parts, rel=1e-4)
     image_tower_grads = len(frozen.query_tower.trainable_variables)
     assert any(not np.allclose(a, b, rtol=1e-4) for a, b in zip(frozen_grads[image_tower_grads:],
                                                                exact_grads[image_tower_grads:]))
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["one_call", "static_chunks"])
+def test_neighbours_without_gradient_when_every_neighbour_is_also_a_positive(towers, dynamic):
+    # Nothing is left for the forward-only pass: an empty batch, which oneDNN's convolutions refuse.
+    inputs = dict(batch())
+    keys = np.array([[12, 13], [11, E], [12, 11], [14, 11], [11, 12], [13, E]], np.int64)
+    inputs[I.NEIGHBOR_KEYS], inputs[I.NEIGHBOR_IMAGES] = tf.constant(keys), tf.constant(pixels_of(keys))
+    exact_parts, exact_grads = loss_and_gradients(model_with(towers), inputs, graph_mode=True)
+    frozen = model_with(towers, "training.graph_neighbor_gradient=false",
+                        f"training.dynamic_image_batch={str(dynamic).lower()}")
+    frozen_parts, frozen_grads = loss_and_gradients(frozen, inputs, graph_mode=True)
+    assert frozen_parts == pytest.approx(exact_parts, rel=1e-4)
+    for got, want in zip(frozen_grads, exact_grads):  # every neighbour is embedded with its gradient
+        assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
 
 
 def test_augmentation_gives_equal_keys_equal_pixels_and_keeps_padding_zero():

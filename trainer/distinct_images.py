@@ -8,16 +8,25 @@ each distinct image of a batch once.  So the tower runs on one representative
 slot per distinct key and every slot takes its group's embedding: the same
 embeddings, losses and gradients as running every slot, with less work.
 
-The number of distinct images varies from batch to batch, but every tensor
-here has a static shape (TPU-ready): the groups are found by sorting the keys,
-and the representatives go through the tower `chunk_size` at a time in a
-`tf.while_loop` that stops after the last chunk holding a real representative.
-Small chunks also keep a CNN's activations in the CPU's caches (on the 2-core
-demo machine chunks of 32 ran faster per image than one call over 512).
+The groups are found by sorting the keys, with static shapes.  The number of
+distinct images varies from batch to batch, and the representatives go
+through the tower in one of two ways:
+
+- in one call of exactly that many images (`static=False`, the default on
+  CPUs and GPUs): a batch dimension that changes from step to step, which
+  TensorFlow's CPU and GPU kernels take as it comes;
+- `chunk_size` at a time in a `tf.while_loop` that stops after the last
+  chunk holding a real representative (`static=True`): every tensor has a
+  static shape, as XLA on TPUs requires.
+
+Which is faster on a CPU depends on the CPU: on one 2-core machine chunks of
+32 ran 1.3x faster than one call (the activations stayed in its caches), on
+another (an AMD EPYC) one call ran 2.5x faster than the loop
+(benchmarks/train_throughput.py prints both).
 
 Layers that mix images in a batch (BatchNormalization in training mode) would
-see other statistics in chunks; `mixes_batch` tells the model to keep the
-one-call path for such towers.
+see other statistics in chunks, or over the distinct images alone;
+`mixes_batch` tells the model to send every slot in one call for such towers.
 """
 
 from __future__ import annotations
@@ -94,21 +103,44 @@ def embed_in_chunks(tower: tf.keras.Model, images: tf.Tensor, slots: tf.Tensor, 
     return tf.reshape(out.stack(), [steps * chunk_size, dim])
 
 
+def embed_in_one_call(tower: tf.keras.Model, images: tf.Tensor, slots: tf.Tensor, count: tf.Tensor,
+                      training) -> tf.Tensor:
+    """tower(images[slots[j]]) for j < count, in one call of `count` images -> [N, D].
+
+    Rows from `count` on are unused (zeros, or the image of slots[0] when
+    count is 0: oneDNN's convolutions fail on an empty batch).  The call's
+    batch size is known only when the step runs: not for XLA on TPUs (use
+    embed_in_chunks).
+    """
+    n = slots.shape[0]
+    calls = tf.maximum(count, 1)
+    embeddings = tower(tf.gather(images, slots[:calls]), training=training)
+    padded = tf.pad(embeddings, [[0, n - calls], [0, 0]])
+    return tf.ensure_shape(padded, [n, embeddings.shape[-1]])
+
+
 def embed_distinct(tower: tf.keras.Model, images: tf.Tensor, keys: tf.Tensor, chunk_size: int, training,
-                   needs_gradient: Optional[tf.Tensor] = None) -> tf.Tensor:
+                   needs_gradient: Optional[tf.Tensor] = None, static: bool = True) -> tf.Tensor:
     """tower(images) [N, D] for images [N, ...] with int64 `keys` [N], each distinct key embedded once.
 
-    With `needs_gradient` (bool [N]), the groups with no such slot are embedded
+    With `static`, the distinct images go `chunk_size` per call in a loop of
+    static shapes (TPUs); otherwise in one call of their exact number.  With
+    `needs_gradient` (bool [N]), the groups with no such slot are embedded
     without gradient (a forward pass only; their embeddings are constants to
     the optimizer).
     """
+    def embed(slots, count):
+        if static:
+            return embed_in_chunks(tower, images, slots, count, chunk_size, training)
+        return embed_in_one_call(tower, images, slots, count, training)
+
     group, first_slot, count, with_gradient = distinct_groups(keys, needs_gradient)
-    table = embed_in_chunks(tower, images, first_slot, with_gradient, chunk_size, training)
+    table = embed(first_slot, with_gradient)
     if needs_gradient is not None:
         # The groups from with_gradient on, renumbered from 0, in a forward-only pass.
         rest = tf.gather(first_slot, tf.minimum(tf.range(first_slot.shape[0]) + with_gradient,
                                                 first_slot.shape[0] - 1))
-        frozen = tf.stop_gradient(embed_in_chunks(tower, images, rest, count - with_gradient, chunk_size, training))
+        frozen = tf.stop_gradient(embed(rest, count - with_gradient))
         rows = table.shape[0]
         in_table = group < with_gradient
         return tf.where(in_table[:, tf.newaxis],

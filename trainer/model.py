@@ -19,6 +19,7 @@ import tensorflow_recommenders as tfrs
 
 from trainer import distinct_images, losses
 from trainer import input as model_input
+from trainer.strategy import needs_static_shapes
 from clicklens.errors import ClicklensError
 from clicklens.training_runs import checkpoint_dir
 from clicklens.vocabulary import PAD_ID, load_vocab
@@ -259,7 +260,9 @@ class TwoTowerModel(tfrs.Model):
         self.graph_distance = t.graph_distance
         self.graph_neighbor_gradient = t.graph_neighbor_gradient
         self.image_chunk_size = t.image_chunk_size
-        # Batch normalisation would see other statistics over distinct images in chunks: one call instead.
+        # One call of a batch's exact number of distinct images, unless the devices need static shapes.
+        self.static_image_batch = not t.dynamic_image_batch or needs_static_shapes(tf.distribute.get_strategy())
+        # Batch normalisation would see other statistics over the distinct images alone: every slot instead.
         self.tower_mixes_batch = distinct_images.mixes_batch(image_tower)
         self.task = losses.retrieval_task(t.temperature, t.remove_accidental_hits)
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
@@ -290,7 +293,7 @@ class TwoTowerModel(tfrs.Model):
             if not self.graph_neighbor_gradient:
                 needs_gradient = tf.concat([tf.fill([k.shape.num_elements()], grad) for _, k, grad in slots], axis=0)
             embeddings = distinct_images.embed_distinct(self.image_tower, images, keys, self.image_chunk_size,
-                                                        training, needs_gradient)
+                                                        training, needs_gradient, self.static_image_batch)
         else:
             embeddings = self.image_tower(images, training=training)
         out = {"image": embeddings[:batch]}

@@ -95,6 +95,11 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def needs_static_shapes(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` compiles steps with XLA for devices that need every shape fixed (TPUs)."""
+    return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+
+
 def global_batch_size(training, strategy: tf.distribute.Strategy) -> int:
     """per_replica_batch_size x replicas in sync."""
     return training.per_replica_batch_size * strategy.num_replicas_in_sync
