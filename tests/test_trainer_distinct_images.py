@@ -153,6 +153,29 @@ def test_augmentation_gives_equal_keys_equal_pixels_and_keeps_padding_zero():
     assert np.all(pixels[keys == E] == 0)
 
 
+def test_training_batches_from_the_image_table_augment_each_distinct_image_once(tmp_path):
+    workdir = synth.write_workdir(tmp_path)
+    slots = [(I.IMAGE, I.IMAGE_KEY), (I.NEIGHBOR_IMAGES, I.NEIGHBOR_KEYS), (I.NEGATIVE_IMAGES, I.NEGATIVE_KEYS)]
+    batches = {}
+    for augment in (True, False):
+        config = synth.trainer_config([f"training.augment={str(augment).lower()}", "training.image_table=true"])
+        out = next(iter(I.make_dataset(config, workdir, "train", 8, training=True)))
+        batches[augment] = out
+        slots = [(i, k) for i, k in slots if k in out]
+        for images, _ in slots:
+            assert out[images].shape.is_fully_defined(), images  # static, as the model needs
+        keys = np.concatenate([out[k].numpy().reshape(-1) for _, k in slots])
+        pixels = np.concatenate([out[i].numpy().reshape(-1, S, S, 3) for i, _ in slots])
+        assert len(set(keys)) < len(keys)  # the batch repeats images, so the check below means something
+        for key in set(keys):
+            same = pixels[keys == key]
+            assert np.all(same == same[0])
+        assert np.all(pixels[keys == E] == 0)
+    # The same examples (same seed): augmentation changed the looked-up pixels.
+    np.testing.assert_array_equal(batches[True][I.IMAGE_KEY].numpy(), batches[False][I.IMAGE_KEY].numpy())
+    assert not np.allclose(batches[True][I.IMAGE].numpy(), batches[False][I.IMAGE].numpy())
+
+
 def test_image_table_gives_the_pixels_of_decoding_each_example(tmp_path):
     workdir = synth.write_workdir(tmp_path)
     batches = {}

@@ -84,19 +84,47 @@ def _augment(images, seed: int):
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
+# Each image slot of a batch and the slot's image keys.
+_SLOTS = ((IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS))
+
+
+def _zero_padding(pixels, keys):
+    """Padded slots (the empty id's key) back to zeros after augmentation."""
+    return tf.where((keys == empty_key())[:, tf.newaxis, tf.newaxis, tf.newaxis], 0.0, pixels)
+
+
+def images_from_table(table: ImageTable, batch: Dict[str, tf.Tensor],
+                      augment_seed: Optional[int]) -> Dict[str, tf.Tensor]:
+    """Every image slot of a batch, from the image table: each distinct image looked up and, with
+    `augment_seed`, augmented once, so that equal keys mean equal pixels (trainer/distinct_images.py relies
+    on it) and the work is per distinct image, not per slot.  Padded slots are zeros."""
+    slots = [(images, keys) for images, keys in _SLOTS if keys in batch]
+    keys = tf.concat([tf.reshape(batch[k], [-1]) for _, k in slots], axis=0)
+    distinct, index = tf.unique(keys)
+    pixels = table.images(distinct)
+    if augment_seed is not None:
+        pixels = _zero_padding(_augment(pixels, augment_seed), distinct)
+    pixels = tf.gather(pixels, index)
+    out, offset = {}, 0
+    for images, k in slots:
+        size = tf.size(batch[k])
+        out[images] = tf.reshape(pixels[offset:offset + size],
+                                 tf.concat([tf.shape(batch[k]), tf.shape(pixels)[1:]], axis=0))
+        offset += size
+    return out
+
+
 def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict[str, tf.Tensor]:
     """Augments every distinct image of a batch once, the same wherever it appears (positive, neighbour,
     negative), so that equal image keys always mean equal pixels (trainer/distinct_images.py relies on it).
     Padded slots stay zeros."""
-    slots = [(IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS)]
-    slots = [(images, keys) for images, keys in slots if images in inputs]
+    slots = [(images, keys) for images, keys in _SLOTS if images in inputs]
     pixel_shape = tf.shape(inputs[IMAGE])[1:]
     keys = tf.concat([tf.reshape(inputs[k], [-1]) for _, k in slots], axis=0)
     pixels = tf.concat([tf.reshape(inputs[i], tf.concat([[-1], pixel_shape], 0)) for i, _ in slots], axis=0)
     distinct, index = tf.unique(keys)
     first = tf.math.unsorted_segment_min(tf.range(tf.shape(keys)[0]), index, tf.shape(distinct)[0])
-    augmented = tf.gather(_augment(tf.gather(pixels, first), seed), index)
-    augmented = tf.where((keys == empty_key())[:, tf.newaxis, tf.newaxis, tf.newaxis], 0.0, augmented)
+    augmented = _zero_padding(tf.gather(_augment(tf.gather(pixels, first), seed), index), keys)
     out, offset = dict(inputs), 0
     for images, _ in slots:
         size = tf.size(inputs[images]) // tf.reduce_prod(pixel_shape)
@@ -169,16 +197,18 @@ def _decode_slots(config, raw):
 def add_images(config, batch: Dict[str, tf.Tensor], table: Optional[ImageTable], training: bool) -> Dict[str, tf.Tensor]:
     """A batch of parsed examples -> the model's inputs: images from the table (or decoded), augmented."""
     out = {name: value for name, value in batch.items() if name not in _RAW.values()}
-    for images, keys in ((IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS)):
+    augment = training and config.training.augment and config.pipeline.image_source == "pixels"
+    if table is not None:
+        out.update(images_from_table(table, batch, config.training.seed if augment else None))
+        return out
+    for images, keys in _SLOTS:
         if keys not in batch:
             continue
-        if table is not None:
-            out[images] = table.images(batch[keys])
-        elif images == IMAGE:
+        if images == IMAGE:
             out[images] = image_batch(config, batch[_RAW[images]])
         else:
             out[images] = _decode_slots(config, batch[_RAW[images]])
-    if training and config.training.augment and config.pipeline.image_source == "pixels":
+    if augment:
         out = augment_each_distinct_image(out, config.training.seed)
     return out
 
