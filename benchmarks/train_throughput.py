@@ -10,7 +10,8 @@
    one call of their exact number,
 5. the graph-on step with `training.image_chunk_size=0`: every slot through the tower in
    one call (no de-duplication: the step before issue 14),
-6. the opt-in `training.graph_neighbor_gradient=false` (neighbours' forward pass only),
+6. the opt-ins `training.graph_neighbor_gradient=false` (neighbours' forward pass only) and
+   `training.graph_batches=true` (the graph-on step on batches built from the graph),
 7. the input pipeline alone (read, parse, tokenize, look up / decode the images), in the
    configured layout (`training.image_table`) and in the other one.
 
@@ -46,6 +47,10 @@ from trainer.model import build_model  # noqa: E402
 from trainer.tokenizer import QueryTokenizer  # noqa: E402
 from trainer.task import make_optimizer  # noqa: E402
 from clicklens.workdir import Workdir  # noqa: E402
+
+
+# The graph-on step timed on batches built from the graph (training.graph_batches) instead of shuffled ones.
+GRAPH_BUILT = "graph on, graph-built batches"
 
 
 class MinimalTfrsModel(tfrs.Model):
@@ -117,15 +122,20 @@ def main(argv=None) -> None:
         cfg.training.graph_multiplier = graph_multiplier
         rates[name] = input_rate(cfg, workdir, tokenizer, args.steps, batch_size)
 
-    # Eight distinct in-memory batches for the model measurements, graph term on (neighbours decoded);
-    # the input pipeline is released so its prefetching threads do not compete with the measured steps.
-    on = copy.deepcopy(config)
-    on.training.graph_multiplier = graph_multiplier
-    iterator = iter(model_input.make_dataset(on, workdir, "train", batch_size, training=True, tokenizer=tokenizer))
-    cached = [next(iterator) for _ in range(8)]
-    del iterator
-    batches = {k: tf.stack([b[k] for b in cached]) for k in cached[0]}
-    distinct, slots = distinct_images_per_batch(batches)
+    # Eight distinct in-memory batches for the model measurements, graph term on (neighbours decoded), shuffled
+    # and built from the graph (training.graph_batches); the input pipeline is released so its prefetching
+    # threads do not compete with the measured steps.
+    cached, distinct = {}, {}
+    for graph_batches in (False, True):
+        on = copy.deepcopy(config)
+        on.training.graph_multiplier = graph_multiplier
+        on.training.graph_batches = graph_batches
+        iterator = iter(model_input.make_dataset(on, workdir, "train", batch_size, training=True,
+                                                 tokenizer=tokenizer))
+        cached[graph_batches] = [next(iterator) for _ in range(8)]
+        del iterator
+        batches = {k: tf.stack([b[k] for b in cached[graph_batches]]) for k in cached[graph_batches][0]}
+        distinct[graph_batches], slots = distinct_images_per_batch(batches)
     variants = {
         "project step, graph off": ["training.graph_multiplier=0"],
         "project step, graph on": [],
@@ -133,6 +143,7 @@ def main(argv=None) -> None:
         "graph on, static chunks": ["training.dynamic_image_batch=false"],
         "graph on, no de-duplication": ["training.image_chunk_size=0"],
         "graph on, neighbours no gradient": ["training.graph_neighbor_gradient=false"],
+        GRAPH_BUILT: [],
     }
     models = {}
     for name, overrides in variants.items():
@@ -148,12 +159,13 @@ def main(argv=None) -> None:
     # (Timing whole model.fit calls gave rates in steps of 2x on the 2-core EPYC: one stall in a call
     # moved the whole call's figure.)
     steps = {name: tf.function(model.train_step) for name, model in models.items()}
+    batches_of = {name: cached[name == GRAPH_BUILT] for name in models}
     for name, step in steps.items():
-        step(cached[0])  # trace + warm up
+        step(batches_of[name][0])  # trace + warm up
     seconds = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            seconds[name] += step_seconds(step, cached, args.steps)
+            seconds[name] += step_seconds(step, batches_of[name], args.steps)
     rates = {**{name: batch_size / statistics.median(s) for name, s in seconds.items()}, **rates}
 
     base = rates["minimal TFRS model"]
@@ -163,10 +175,12 @@ def main(argv=None) -> None:
           f"(static chunks only), dynamic_image_batch {config.training.dynamic_image_batch}")
     for name, rate in rates.items():
         print(f"{name:36s} {rate:10.1f} examples/s   ({rate / base:5.2f} x minimal TFRS, {rate / off:5.2f} x graph off)")
-    print(f"distinct images per graph-on batch: {distinct:.0f} of {slots} slots")
+    print(f"distinct images per graph-on batch: {distinct[False]:.0f} of {slots} slots "
+          f"({distinct[True]:.0f} in graph-built batches)")
     print(f"graph on / graph off:               {rates['project step, graph on'] / off:5.2f}  (target >= 0.45)")
     print(f"  the same, static chunks:          "
           f"{rates['graph on, static chunks'] / rates['graph off, static chunks']:5.2f}")
+    print(f"  graph-built batches (opt-in):     {rates[GRAPH_BUILT] / off:5.2f}")
     print(f"input pipeline ({layout}) / graph off: {rates[f'input pipeline ({layout})'] / off:5.2f}  (target >= 2)")
     print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 

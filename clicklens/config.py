@@ -279,6 +279,10 @@ class TrainingConfig:
     graph_neighbor_gradient: bool = _field(True, help="false (opt-in, not NSL's exact gradient): neighbours that are "
                                                       "not also positives or hard negatives of the batch get a "
                                                       "forward pass only, their embeddings held constant.")
+    graph_batches: bool = _field(False, help="Opt-in: with the graph term on and the image table, build each "
+                                             "training batch so that its examples' neighbours are mostly "
+                                             "other examples' positives (fewer distinct images for the tower; "
+                                             "look-alikes become each other's in-batch negatives more often).")
     image_chunk_size: int = _field(32, min=0, help="Each distinct image of a batch goes through the image tower "
                                                    "once; with static shapes (TPUs, or dynamic_image_batch: "
                                                    "false) this many per call; 0 = every slot in one call (no "

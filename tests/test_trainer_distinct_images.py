@@ -176,6 +176,22 @@ def test_training_batches_from_the_image_table_augment_each_distinct_image_once(
     assert not np.allclose(batches[True][I.IMAGE].numpy(), batches[False][I.IMAGE].numpy())
 
 
+def test_graph_built_training_batches_hold_each_example_once_per_epoch(tmp_path):
+    workdir = synth.write_workdir(tmp_path)
+
+    def rows(config, batch_size, training):
+        out = []
+        for b in I.make_dataset(config, workdir, "train", batch_size, training=training, repeat=False):
+            assert all(v.shape.is_fully_defined() and v.shape[0] == batch_size for v in b.values())
+            out += [(int(k), tuple(t)) for k, t in zip(b[I.IMAGE_KEY].numpy(), b[I.QUERY_TOKENS].numpy().tolist())]
+        return out
+
+    every = rows(synth.trainer_config(["training.image_table=true"]), 1, training=False)
+    built = rows(synth.trainer_config(["training.image_table=true", "training.graph_batches=true"]), 8, True)
+    assert len(built) == len(every) // 8 * 8
+    assert len(set(built)) == len(built) and set(built) <= set(every)
+
+
 def test_image_table_gives_the_pixels_of_decoding_each_example(tmp_path):
     workdir = synth.write_workdir(tmp_path)
     batches = {}

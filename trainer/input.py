@@ -9,8 +9,11 @@ slots), so the same model runs on TPU, GPU and CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Dict, Optional
+
+import numpy as np
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
@@ -18,6 +21,7 @@ import tensorflow as tf
 from clicklens import features
 from clicklens.errors import ClicklensError
 from clicklens.images import prepare_images
+from trainer import graph_batches
 from trainer.image_table import ImageTable, load_image_table
 from trainer.tokenizer import QueryTokenizer
 
@@ -251,6 +255,20 @@ def image_table_for(config, workdir) -> ImageTable:
     return _TABLES[key]
 
 
+def _graph_built_batches(config, examples: tf.data.Dataset, batch_size: int, repeat: bool) -> tf.data.Dataset:
+    """Batches of the numeric examples chosen from the graph (trainer/graph_batches.py), held in memory."""
+    columns = {name: [] for name in examples.element_spec}
+    for batch in examples.batch(4096):
+        for name, value in batch.items():
+            columns[name].append(value.numpy())
+    columns = {name: np.concatenate(parts) for name, parts in columns.items()}
+    indices = functools.partial(graph_batches.batch_indices, columns[IMAGE_KEY], columns[NEIGHBOR_KEYS],
+                                int(empty_key().numpy()), batch_size, config.training.seed, repeat)
+    tensors = {name: tf.constant(value) for name, value in columns.items()}
+    return (tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec([batch_size], tf.int64))
+            .map(lambda index: {name: tf.gather(value, index) for name, value in tensors.items()}))
+
+
 def make_dataset(config, workdir, split: str, global_batch_size: int, training: bool,
                  tokenizer: Optional[QueryTokenizer] = None, repeat: Optional[bool] = None) -> tf.data.Dataset:
     """Batches of model inputs from `W/examples/<split>-*.tfrecord.gz`.
@@ -262,21 +280,28 @@ def make_dataset(config, workdir, split: str, global_batch_size: int, training: 
     With `training.image_table` (pixels), examples are parsed and tokenized once
     and cached in memory as small numeric records (keys, tokens, weights), and
     each batch gathers its images from the corpus image table; otherwise each
-    batch decodes its examples' own PNGs.
+    batch decodes its examples' own PNGs.  With the table, the graph term on and
+    `training.graph_batches`, training batches are built from the graph instead
+    of shuffled (trainer/graph_batches.py).
     """
     if tokenizer is None:
         tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     table = image_table_for(config, workdir) if uses_image_table(config) else None
+    repeat = training if repeat is None else repeat
     ds = _record_dataset(list_files(workdir.split_glob(split)), training, config.training.seed)
     ds = ds.batch(PARSE_BATCH).map(lambda records: parse_examples(config, records, tokenizer, table is None),
                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-    if table is not None:
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(config.training.shuffle_buffer, seed=config.training.seed, reshuffle_each_iteration=True)
-    if training if repeat is None else repeat:
-        ds = ds.repeat()
-    ds = ds.batch(global_batch_size, drop_remainder=True)
+    if training and table is not None and _uses_neighbors(config) and config.training.graph_batches:
+        ds = _graph_built_batches(config, ds, global_batch_size, repeat)
+    else:
+        if table is not None:
+            ds = ds.cache()
+        if training:
+            ds = ds.shuffle(config.training.shuffle_buffer, seed=config.training.seed,
+                            reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.batch(global_batch_size, drop_remainder=True)
     ds = ds.map(lambda batch: _set_static_batch(add_images(config, batch, table, training), global_batch_size),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
