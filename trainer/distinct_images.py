@@ -20,9 +20,9 @@ through the tower in one of two ways:
   static shape, as XLA on TPUs requires.
 
 Which is faster on a CPU depends on the CPU: on one 2-core machine chunks of
-32 ran 1.3x faster than one call (the activations stayed in its caches), on
-another (an AMD EPYC) one call ran 2.5x faster than the loop
-(benchmarks/train_throughput.py prints both).
+32 ran 1.3x faster than one call (the activations stayed in its caches); on
+another (an AMD EPYC), one call made the training step 1.4-1.6x faster than
+the loop (benchmarks/train_throughput.py prints both).
 
 Layers that mix images in a batch (BatchNormalization in training mode) would
 see other statistics in chunks, or over the distinct images alone;
