@@ -97,6 +97,23 @@ def _zero_padding(pixels, keys):
     return tf.where((keys == empty_key())[:, tf.newaxis, tf.newaxis, tf.newaxis], 0.0, pixels)
 
 
+def _to_slots(distinct_pixels, distinct_keys, index, batch: Dict[str, tf.Tensor], slots,
+              augment_seed: Optional[int]) -> Dict[str, tf.Tensor]:
+    """The pixels of a batch's distinct images ([D, ...], keys [D]; `index` [N]: the distinct image of each slot,
+    the slots' keys concatenated in `slots` order) -> each slot's images, augmented once per distinct image with
+    `augment_seed`, padded slots zeros."""
+    if augment_seed is not None:
+        distinct_pixels = _zero_padding(_augment(distinct_pixels, augment_seed), distinct_keys)
+    pixels = tf.gather(distinct_pixels, index)
+    out, offset = {}, 0
+    for images, keys in slots:
+        size = tf.size(batch[keys])
+        out[images] = tf.reshape(pixels[offset:offset + size],
+                                 tf.concat([tf.shape(batch[keys]), tf.shape(pixels)[1:]], axis=0))
+        offset += size
+    return out
+
+
 def images_from_table(table: ImageTable, batch: Dict[str, tf.Tensor],
                       augment_seed: Optional[int]) -> Dict[str, tf.Tensor]:
     """Every image slot of a batch, from the image table: each distinct image looked up and, with
@@ -105,17 +122,7 @@ def images_from_table(table: ImageTable, batch: Dict[str, tf.Tensor],
     slots = [(images, keys) for images, keys in _SLOTS if keys in batch]
     keys = tf.concat([tf.reshape(batch[k], [-1]) for _, k in slots], axis=0)
     distinct, index = tf.unique(keys)
-    pixels = table.images(distinct)
-    if augment_seed is not None:
-        pixels = _zero_padding(_augment(pixels, augment_seed), distinct)
-    pixels = tf.gather(pixels, index)
-    out, offset = {}, 0
-    for images, k in slots:
-        size = tf.size(batch[k])
-        out[images] = tf.reshape(pixels[offset:offset + size],
-                                 tf.concat([tf.shape(batch[k]), tf.shape(pixels)[1:]], axis=0))
-        offset += size
-    return out
+    return _to_slots(table.images(distinct), distinct, index, batch, slots, augment_seed)
 
 
 def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict[str, tf.Tensor]:
@@ -128,13 +135,7 @@ def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict
     pixels = tf.concat([tf.reshape(inputs[i], tf.concat([[-1], pixel_shape], 0)) for i, _ in slots], axis=0)
     distinct, index = tf.unique(keys)
     first = tf.math.unsorted_segment_min(tf.range(tf.shape(keys)[0]), index, tf.shape(distinct)[0])
-    augmented = _zero_padding(tf.gather(_augment(tf.gather(pixels, first), seed), index), keys)
-    out, offset = dict(inputs), 0
-    for images, _ in slots:
-        size = tf.size(inputs[images]) // tf.reduce_prod(pixel_shape)
-        out[images] = tf.reshape(augmented[offset:offset + size], tf.shape(inputs[images]))
-        offset += size
-    return out
+    return {**inputs, **_to_slots(tf.gather(pixels, first), distinct, index, inputs, slots, seed)}
 
 
 def _stack_slots(parsed, key_fn, feature: str, count: int):
