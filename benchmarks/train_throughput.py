@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import os
+import statistics
 import sys
 import time
 
