@@ -66,10 +66,10 @@ class MinimalTfrsModel(tfrs.Model):
                          self.image_tower(features[model_input.IMAGE]), compute_metrics=False)
 
 
-def step_seconds(step, batches, steps: int) -> list:
-    """Wall seconds of each of `steps` calls of a traced train step, over the in-memory batches in turn."""
+def step_seconds(step, batches, steps: int, first: int = 0) -> list:
+    """Wall seconds of each of `steps` calls of a traced train step, over the in-memory batches in turn from `first`."""
     seconds = []
-    for i in range(steps):
+    for i in range(first, first + steps):
         started = time.perf_counter()
         step(batches[i % len(batches)])["loss"].numpy()
         seconds.append(time.perf_counter() - started)
@@ -102,6 +102,9 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=32,
+                        help="distinct in-memory batches the model steps cycle through (graph-built batches vary "
+                             "from about 220 to 400 distinct images, so a few would not represent an epoch)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     config = load_config(args.config, args.overrides)
@@ -122,7 +125,7 @@ def main(argv=None) -> None:
         cfg.training.graph_multiplier = graph_multiplier
         rates[name] = input_rate(cfg, workdir, tokenizer, args.steps, batch_size)
 
-    # Eight distinct in-memory batches for the model measurements, graph term on (neighbours decoded), shuffled
+    # `--batches` distinct in-memory batches for the model measurements, graph term on (neighbours decoded), shuffled
     # and built from the graph (training.graph_batches); the input pipeline is released so its prefetching
     # threads do not compete with the measured steps.
     cached, distinct = {}, {}
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
         on.training.graph_batches = graph_batches
         iterator = iter(model_input.make_dataset(on, workdir, "train", batch_size, training=True,
                                                  tokenizer=tokenizer))
-        cached[graph_batches] = [next(iterator) for _ in range(8)]
+        cached[graph_batches] = [next(iterator) for _ in range(args.batches)]
         del iterator
         batches = {k: tf.stack([b[k] for b in cached[graph_batches]]) for k in cached[graph_batches][0]}
         distinct[graph_batches], slots = distinct_images_per_batch(batches)
@@ -163,9 +166,9 @@ def main(argv=None) -> None:
     for name, step in steps.items():
         step(batches_of[name][0])  # trace + warm up
     seconds = {name: [] for name in models}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for name, step in steps.items():
-            seconds[name] += step_seconds(step, batches_of[name], args.steps)
+            seconds[name] += step_seconds(step, batches_of[name], args.steps, first=round_ * args.steps)
     rates = {**{name: batch_size / statistics.median(s) for name, s in seconds.items()}, **rates}
 
     base = rates["minimal TFRS model"]

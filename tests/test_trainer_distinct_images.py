@@ -153,6 +153,23 @@ def test_augmentation_gives_equal_keys_equal_pixels_and_keeps_padding_zero():
     assert np.all(pixels[keys == E] == 0)
 
 
+def test_fused_augmentation_is_tf_image_flip_brightness_contrast_and_clip():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, size=(4, S, S, 3), dtype=np.uint8)
+    flip, brightness, contrast = np.array([True, False, True, False]), 0.07, 1.08
+    keep = np.array([True, True, False, True])
+    got = I._augmented(tf.constant(rows), tf.constant(keep), tf.constant(flip), tf.constant(brightness, tf.float32),
+                       tf.constant(contrast, tf.float32)).numpy()
+    for row in range(len(rows)):
+        want = tf.image.convert_image_dtype(rows[row], tf.float32)
+        if flip[row]:
+            want = tf.image.flip_left_right(want)
+        want = tf.image.adjust_contrast(tf.image.adjust_brightness(want, brightness), contrast)
+        want = tf.clip_by_value(want, 0.0, 1.0).numpy() * keep[row]
+        np.testing.assert_allclose(got[row], want, atol=1e-5)
+    assert np.all(got[2] == 0)
+
+
 def test_training_batches_from_the_image_table_augment_each_distinct_image_once(tmp_path):
     workdir = synth.write_workdir(tmp_path)
     slots = [(I.IMAGE, I.IMAGE_KEY), (I.NEIGHBOR_IMAGES, I.NEIGHBOR_KEYS), (I.NEGATIVE_IMAGES, I.NEGATIVE_KEYS)]

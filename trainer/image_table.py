@@ -45,14 +45,17 @@ class ImageTable:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
-    def images(self, keys: tf.Tensor) -> tf.Tensor:
-        """int64 keys [...] -> float32 pixels [..., S, S, 3]; a key that is not in the table is an error."""
-        flat = tf.reshape(keys, [-1])
-        rows = tf.minimum(tf.searchsorted(self.keys, flat), len(self) - 1)
-        tf.debugging.assert_equal(tf.gather(self.keys, rows), flat,
+    def rows(self, keys: tf.Tensor) -> tf.Tensor:
+        """int64 keys [N] -> their uint8 rows [N, S, S, 3]; a key that is not in the table is an error."""
+        rows = tf.minimum(tf.searchsorted(self.keys, keys), len(self) - 1)
+        tf.debugging.assert_equal(tf.gather(self.keys, rows), keys,
                                   message="an example names an image that is not in corpus-* "
                                           "(set training.image_table: false to read examples' own images)")
-        pixels = to_pixels(tf.gather(self.pixels, rows))
+        return tf.gather(self.pixels, rows)
+
+    def images(self, keys: tf.Tensor) -> tf.Tensor:
+        """int64 keys [...] -> float32 pixels [..., S, S, 3]; a key that is not in the table is an error."""
+        pixels = to_pixels(self.rows(tf.reshape(keys, [-1])))
         return tf.reshape(pixels, tf.concat([tf.shape(keys), tf.shape(pixels)[1:]], axis=0))
 
 

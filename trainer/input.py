@@ -80,30 +80,51 @@ def uses_image_table(config) -> bool:
     return config.training.image_table and config.pipeline.image_source == "pixels"
 
 
-def _augment(images, seed: int):
-    """Light augmentation of a pixel batch: random flips and brightness / contrast jitter."""
-    images = tf.image.random_flip_left_right(images, seed=seed)
-    images = tf.image.random_brightness(images, 0.1, seed=seed)
-    images = tf.image.random_contrast(images, 0.9, 1.1, seed=seed)
-    return tf.clip_by_value(images, 0.0, 1.0)
+# Light augmentation: random left-right flips per image, one brightness shift and one contrast factor per batch.
+MAX_BRIGHTNESS_DELTA = 0.1
+CONTRAST_RANGE = (0.9, 1.1)
+
+
+@tf.function(jit_compile=True)
+def _augmented(images, keep, flip, brightness, contrast):
+    """uint8 or float32 pixels [N, S, S, 3] -> float32 [0, 1]: flipped where `flip`, (x - mean) * contrast +
+    mean + brightness (tf.image's random_brightness then random_contrast), clipped, rows not `keep` zeros.
+
+    XLA makes this one pass over the pixels.  As separate TensorFlow ops (tf.image's) each step was a pass of its
+    own over the batch's float pixels, and on a 2-core CPU augmentation took about 5/6 of the input pipeline's
+    time; fused, the whole host pipeline runs 2-3x faster (README, "Throughput").  It is called on a fixed
+    number of rows (a batch's image slots, padded), so XLA compiles it once.
+    """
+    images = tf.image.convert_image_dtype(images, tf.float32)
+    images = tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    images = tf.clip_by_value((images - mean) * contrast + mean + brightness, 0.0, 1.0)
+    return images * tf.cast(keep, tf.float32)[:, tf.newaxis, tf.newaxis, tf.newaxis]
+
+
+def _augment(images, keys, seed: int):
+    """Augments pixels [N, S, S, 3] (uint8 or float32) with keys [N]; rows of the empty id's key stay zeros."""
+    rows = tf.shape(images)[0]
+    return _augmented(images, keys != empty_key(),
+                      tf.random.uniform([rows], seed=seed) < 0.5,
+                      tf.random.uniform([], -MAX_BRIGHTNESS_DELTA, MAX_BRIGHTNESS_DELTA, seed=seed),
+                      tf.random.uniform([], *CONTRAST_RANGE, seed=seed))
 
 
 # Each image slot of a batch and the slot's image keys.
 _SLOTS = ((IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS))
 
 
-def _zero_padding(pixels, keys):
-    """Padded slots (the empty id's key) back to zeros after augmentation."""
-    return tf.where((keys == empty_key())[:, tf.newaxis, tf.newaxis, tf.newaxis], 0.0, pixels)
+def _padded(distinct, slots: int, fill):
+    """The distinct rows [D, ...] padded with `fill` to the batch's `slots` rows, so augmentation always sees
+    one shape (XLA compiles per shape)."""
+    paddings = tf.concat([[[0, slots - tf.shape(distinct)[0]]], tf.zeros([tf.rank(distinct) - 1, 2], tf.int32)], 0)
+    return tf.pad(distinct, paddings, constant_values=fill)
 
 
-def _to_slots(distinct_pixels, distinct_keys, index, batch: Dict[str, tf.Tensor], slots,
-              augment_seed: Optional[int]) -> Dict[str, tf.Tensor]:
-    """The pixels of a batch's distinct images ([D, ...], keys [D]; `index` [N]: the distinct image of each slot,
-    the slots' keys concatenated in `slots` order) -> each slot's images, augmented once per distinct image with
-    `augment_seed`, padded slots zeros."""
-    if augment_seed is not None:
-        distinct_pixels = _zero_padding(_augment(distinct_pixels, augment_seed), distinct_keys)
+def _to_slots(distinct_pixels, index, batch: Dict[str, tf.Tensor], slots) -> Dict[str, tf.Tensor]:
+    """The pixels of a batch's distinct images ([D, ...]; `index` [N]: the distinct image of each slot, the slots'
+    keys concatenated in `slots` order) -> each slot's images."""
     pixels = tf.gather(distinct_pixels, index)
     out, offset = {}, 0
     for images, keys in slots:
@@ -122,7 +143,10 @@ def images_from_table(table: ImageTable, batch: Dict[str, tf.Tensor],
     slots = [(images, keys) for images, keys in _SLOTS if keys in batch]
     keys = tf.concat([tf.reshape(batch[k], [-1]) for _, k in slots], axis=0)
     distinct, index = tf.unique(keys)
-    return _to_slots(table.images(distinct), distinct, index, batch, slots, augment_seed)
+    if augment_seed is None:
+        return _to_slots(table.images(distinct), index, batch, slots)
+    distinct = _padded(distinct, tf.shape(keys)[0], empty_key())
+    return _to_slots(_augment(table.rows(distinct), distinct, augment_seed), index, batch, slots)
 
 
 def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict[str, tf.Tensor]:
@@ -135,7 +159,9 @@ def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict
     pixels = tf.concat([tf.reshape(inputs[i], tf.concat([[-1], pixel_shape], 0)) for i, _ in slots], axis=0)
     distinct, index = tf.unique(keys)
     first = tf.math.unsorted_segment_min(tf.range(tf.shape(keys)[0]), index, tf.shape(distinct)[0])
-    return {**inputs, **_to_slots(tf.gather(pixels, first), distinct, index, inputs, slots, seed)}
+    distinct = _padded(distinct, tf.shape(keys)[0], empty_key())
+    first = _padded(first, tf.shape(keys)[0], 0)  # any row: a padded row's key is the empty one, zeroed
+    return {**inputs, **_to_slots(_augment(tf.gather(pixels, first), distinct, seed), index, inputs, slots)}
 
 
 def _stack_slots(parsed, key_fn, feature: str, count: int):
