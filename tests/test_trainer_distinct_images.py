@@ -153,7 +153,7 @@ def test_augmentation_gives_equal_keys_equal_pixels_and_keeps_padding_zero():
     assert np.all(pixels[keys == E] == 0)
 
 
-def test_fused_augmentation_is_tf_image_flip_brightness_contrast_and_clip():
+def test_augmentation_is_tf_image_flip_brightness_contrast_and_clip():
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 256, size=(4, S, S, 3), dtype=np.uint8)
     flip, brightness, contrast = np.array([True, False, True, False]), 0.07, 1.08

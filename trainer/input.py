@@ -85,41 +85,42 @@ MAX_BRIGHTNESS_DELTA = 0.1
 CONTRAST_RANGE = (0.9, 1.1)
 
 
-@tf.function(jit_compile=True)
-def _augmented(images, keep, flip, brightness, contrast):
-    """uint8 or float32 pixels [N, S, S, 3] -> float32 [0, 1]: flipped where `flip`, (x - mean) * contrast +
-    mean + brightness (tf.image's random_brightness then random_contrast), clipped, rows not `keep` zeros.
+def _flip_some(images, flip):
+    """Mirrors the images [N, S, S, 3] where `flip` [N]: only those are reversed and copied back in place (a
+    reversal of the whole batch and a per-image select would be two passes over all of it)."""
+    rows = tf.range(tf.shape(images)[0])
+    flipped, kept = tf.boolean_mask(rows, flip), tf.boolean_mask(rows, ~flip)
+    return tf.dynamic_stitch([flipped, kept], [tf.reverse(tf.gather(images, flipped), axis=[2]),
+                                               tf.gather(images, kept)])
 
-    XLA makes this one pass over the pixels.  As separate TensorFlow ops (tf.image's) each step was a pass of its
-    own over the batch's float pixels, and on a 2-core CPU augmentation took about 5/6 of the input pipeline's
-    time; fused, the whole host pipeline runs 2-3x faster (README, "Throughput").  It is called on a fixed
-    number of rows (a batch's image slots, padded), so XLA compiles it once.
+
+def _augmented(images, keep, flip, brightness, contrast):
+    """uint8 or float32 pixels [N, S, S, 3] -> float32 [0, 1]: mirrored where `flip` [N], then
+    (x - mean) * contrast + mean + brightness (tf.image's adjust_brightness then adjust_contrast), clipped;
+    rows not `keep` [N] are zeros.
+
+    Written for speed on the host: the flip works on the uint8 rows, only on the images it mirrors, and
+    brightness is added after the contrast (the same sum, one pass fewer).  As tf.image's random_* ops on
+    float pixels, augmentation took about 5/6 of the input pipeline's time on a 2-core CPU (README,
+    "Throughput").
     """
-    images = tf.image.convert_image_dtype(images, tf.float32)
-    images = tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-    images = tf.clip_by_value((images - mean) * contrast + mean + brightness, 0.0, 1.0)
+    images = tf.image.convert_image_dtype(_flip_some(images, flip), tf.float32)
+    images = tf.clip_by_value(tf.image.adjust_contrast(images, contrast) + brightness, 0.0, 1.0)
     return images * tf.cast(keep, tf.float32)[:, tf.newaxis, tf.newaxis, tf.newaxis]
 
 
 def _augment(images, keys, seed: int):
-    """Augments pixels [N, S, S, 3] (uint8 or float32) with keys [N]; rows of the empty id's key stay zeros."""
-    rows = tf.shape(images)[0]
+    """Light augmentation of pixels [N, S, S, 3] with keys [N]: a random flip per image, one brightness shift
+    and one contrast factor for the batch (as tf.image's random_flip_left_right, random_brightness and
+    random_contrast draw them); rows of the empty id's key stay zeros."""
     return _augmented(images, keys != empty_key(),
-                      tf.random.uniform([rows], seed=seed) < 0.5,
+                      tf.random.uniform([tf.shape(images)[0]], seed=seed) < 0.5,
                       tf.random.uniform([], -MAX_BRIGHTNESS_DELTA, MAX_BRIGHTNESS_DELTA, seed=seed),
                       tf.random.uniform([], *CONTRAST_RANGE, seed=seed))
 
 
 # Each image slot of a batch and the slot's image keys.
 _SLOTS = ((IMAGE, IMAGE_KEY), (NEIGHBOR_IMAGES, NEIGHBOR_KEYS), (NEGATIVE_IMAGES, NEGATIVE_KEYS))
-
-
-def _padded(distinct, slots: int, fill):
-    """The distinct rows [D, ...] padded with `fill` to the batch's `slots` rows, so augmentation always sees
-    one shape (XLA compiles per shape)."""
-    paddings = tf.concat([[[0, slots - tf.shape(distinct)[0]]], tf.zeros([tf.rank(distinct) - 1, 2], tf.int32)], 0)
-    return tf.pad(distinct, paddings, constant_values=fill)
 
 
 def _to_slots(distinct_pixels, index, batch: Dict[str, tf.Tensor], slots) -> Dict[str, tf.Tensor]:
@@ -145,7 +146,6 @@ def images_from_table(table: ImageTable, batch: Dict[str, tf.Tensor],
     distinct, index = tf.unique(keys)
     if augment_seed is None:
         return _to_slots(table.images(distinct), index, batch, slots)
-    distinct = _padded(distinct, tf.shape(keys)[0], empty_key())
     return _to_slots(_augment(table.rows(distinct), distinct, augment_seed), index, batch, slots)
 
 
@@ -159,8 +159,6 @@ def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict
     pixels = tf.concat([tf.reshape(inputs[i], tf.concat([[-1], pixel_shape], 0)) for i, _ in slots], axis=0)
     distinct, index = tf.unique(keys)
     first = tf.math.unsorted_segment_min(tf.range(tf.shape(keys)[0]), index, tf.shape(distinct)[0])
-    distinct = _padded(distinct, tf.shape(keys)[0], empty_key())
-    first = _padded(first, tf.shape(keys)[0], 0)  # any row: a padded row's key is the empty one, zeroed
     return {**inputs, **_to_slots(_augment(tf.gather(pixels, first), distinct, seed), index, inputs, slots)}
 
 
