@@ -53,11 +53,6 @@ class ImageTable:
                                           "(set training.image_table: false to read examples' own images)")
         return tf.gather(self.pixels, rows)
 
-    def images(self, keys: tf.Tensor) -> tf.Tensor:
-        """int64 keys [...] -> float32 pixels [..., S, S, 3]; a key that is not in the table is an error."""
-        pixels = to_pixels(self.rows(tf.reshape(keys, [-1])))
-        return tf.reshape(pixels, tf.concat([tf.shape(keys), tf.shape(pixels)[1:]], axis=0))
-
 
 def load_image_table(config, corpus_files, key_fn) -> ImageTable:
     """Prepares every image of the corpus files once -> ImageTable (keys by `key_fn` of the image ids)."""

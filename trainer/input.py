@@ -21,8 +21,8 @@ import tensorflow as tf
 from clicklens import features
 from clicklens.errors import ClicklensError
 from clicklens.images import prepare_images
-from trainer import graph_batches
-from trainer.image_table import ImageTable, load_image_table
+from trainer import augment, graph_batches
+from trainer.image_table import ImageTable, load_image_table, to_pixels
 from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,26 +85,17 @@ MAX_BRIGHTNESS_DELTA = 0.1
 CONTRAST_RANGE = (0.9, 1.1)
 
 
-def _flip_some(images, flip):
-    """Mirrors the images [N, S, S, 3] where `flip` [N]: only those are reversed and copied back in place (a
-    reversal of the whole batch and a per-image select would be two passes over all of it)."""
-    rows = tf.range(tf.shape(images)[0])
-    flipped, kept = tf.boolean_mask(rows, flip), tf.boolean_mask(rows, ~flip)
-    return tf.dynamic_stitch([flipped, kept], [tf.reverse(tf.gather(images, flipped), axis=[2]),
-                                               tf.gather(images, kept)])
-
-
 def _augmented(images, keep, flip, brightness, contrast):
     """uint8 or float32 pixels [N, S, S, 3] -> float32 [0, 1]: mirrored where `flip` [N], then
     (x - mean) * contrast + mean + brightness (tf.image's adjust_brightness then adjust_contrast), clipped;
     rows not `keep` [N] are zeros.
 
-    Written for speed on the host: the flip works on the uint8 rows, only on the images it mirrors, and
-    brightness is added after the contrast (the same sum, one pass fewer).  As tf.image's random_* ops on
-    float pixels, augmentation took about 5/6 of the input pipeline's time on a 2-core CPU (README,
-    "Throughput").
+    Written for speed on the host: the flip works on the uint8 rows, only on the images it mirrors
+    (augment.flip_where), and brightness is added after the contrast (the same sum, one pass fewer).  As
+    tf.image's random_* ops on float pixels, augmentation took about 5/6 of the input pipeline's time on a
+    2-core CPU (README, "Throughput").
     """
-    images = tf.image.convert_image_dtype(_flip_some(images, flip), tf.float32)
+    images = tf.image.convert_image_dtype(augment.flip_where(images, flip), tf.float32)
     images = tf.clip_by_value(tf.image.adjust_contrast(images, contrast) + brightness, 0.0, 1.0)
     return images * tf.cast(keep, tf.float32)[:, tf.newaxis, tf.newaxis, tf.newaxis]
 
@@ -144,9 +135,9 @@ def images_from_table(table: ImageTable, batch: Dict[str, tf.Tensor],
     slots = [(images, keys) for images, keys in _SLOTS if keys in batch]
     keys = tf.concat([tf.reshape(batch[k], [-1]) for _, k in slots], axis=0)
     distinct, index = tf.unique(keys)
-    if augment_seed is None:
-        return _to_slots(table.images(distinct), index, batch, slots)
-    return _to_slots(_augment(table.rows(distinct), distinct, augment_seed), index, batch, slots)
+    rows = table.rows(distinct)
+    pixels = to_pixels(rows) if augment_seed is None else _augment(rows, distinct, augment_seed)
+    return _to_slots(pixels, index, batch, slots)
 
 
 def augment_each_distinct_image(inputs: Dict[str, tf.Tensor], seed: int) -> Dict[str, tf.Tensor]:
@@ -226,9 +217,9 @@ def _decode_slots(config, raw):
 def add_images(config, batch: Dict[str, tf.Tensor], table: Optional[ImageTable], training: bool) -> Dict[str, tf.Tensor]:
     """A batch of parsed examples -> the model's inputs: images from the table (or decoded), augmented."""
     out = {name: value for name, value in batch.items() if name not in _RAW.values()}
-    augment = training and config.training.augment and config.pipeline.image_source == "pixels"
+    augmenting = training and config.training.augment and config.pipeline.image_source == "pixels"
     if table is not None:
-        out.update(images_from_table(table, batch, config.training.seed if augment else None))
+        out.update(images_from_table(table, batch, config.training.seed if augmenting else None))
         return out
     for images, keys in _SLOTS:
         if keys not in batch:
@@ -237,7 +228,7 @@ def add_images(config, batch: Dict[str, tf.Tensor], table: Optional[ImageTable],
             out[images] = image_batch(config, batch[_RAW[images]])
         else:
             out[images] = _decode_slots(config, batch[_RAW[images]])
-    if augment:
+    if augmenting:
         out = augment_each_distinct_image(out, config.training.seed)
     return out
 
