@@ -25,32 +25,23 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clicklens import compat  # noqa: F401,E402
-import tensorflow as tf  # noqa: E402
 
 from clicklens import features  # noqa: E402
 from clicklens.config import load_config  # noqa: E402
+from clicklens.ground_truth import read_ground_truth, read_ground_truth_extra  # noqa: E402
 from clicklens.workdir import Workdir  # noqa: E402
+from trainer import input as model_input  # noqa: E402
 from trainer.cold_start import K, read_logged_images  # noqa: E402
 from trainer.corpus import embed_corpus, embed_queries  # noqa: E402
 from trainer.model import restore_model  # noqa: E402
-from trainer.ranking import click_relevance  # noqa: E402
+from trainer.ranking import click_relevance, exact_top_k, ranking_metrics  # noqa: E402
 from trainer.tokenizer import QueryTokenizer  # noqa: E402
 
 ATTRIBUTES = ("shape", "color", "pattern")
 
 
-def ground_truth_rows(workdir: Workdir):
-    """query -> (relevant image ids, the query's kind) from W/raw/ground_truth.jsonl."""
-    rows = {}
-    with open(workdir.ground_truth, encoding="utf-8") as lines:
-        for line in lines:
-            record = json.loads(line)
-            rows[record["query"]] = (set(record["relevant_image_ids"]), record.get("category", "unknown"))
-    return rows
-
-
 def recall_by_kind(config, workdir: Workdir):
-    """{kind: (queries, mean relevant cold images, best possible, recall@10)} over train-split queries, plus 'all'."""
+    """{kind: (queries, mean relevant cold images, best possible, recall@K)} over train-split queries, plus 'all'."""
     model = restore_model(config, workdir)
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     corpus = embed_corpus(config, workdir, model.image_tower, log=False)
@@ -58,18 +49,23 @@ def recall_by_kind(config, workdir: Workdir):
     logged = read_logged_images(workdir)
     cold_rows = np.array([r for r, image_id in enumerate(ids) if image_id not in logged])
     cold_ids = {ids[r] for r in cold_rows}
-    truth = ground_truth_rows(workdir)
-    queries = sorted(q for q in click_relevance(config, workdir, "train") if q in truth and truth[q][0] & cold_ids)
-    scores = embed_queries(tokenizer, model.query_tower, queries) @ corpus.embeddings[cold_rows].T
-    top = np.argsort(-scores, axis=1)[:, :K]
-    by_kind = collections.defaultdict(list)
+    truth = read_ground_truth(workdir.ground_truth, click_relevance(config, workdir, "train"))
+    relevant = {q: ids_ & cold_ids for q, ids_ in truth.items() if ids_ & cold_ids}
+    queries = sorted(relevant)
+    kind_of = read_ground_truth_extra(workdir.ground_truth, "category")
+    top = exact_top_k(corpus.embeddings[cold_rows], embed_queries(tokenizer, model.query_tower, queries), K)
+    rankings = [[ids[cold_rows[c]] for c in row] for row in top]
+    groups = collections.defaultdict(list)
     for row, query in enumerate(queries):
-        relevant = truth[query][0] & cold_ids
-        hits = len(relevant & {ids[cold_rows[c]] for c in top[row]})
-        figures = (len(relevant), min(K, len(relevant)) / len(relevant), hits / len(relevant))
-        by_kind[truth[query][1]].append(figures)
-        by_kind["all"].append(figures)
-    return {kind: (len(rows),) + tuple(np.mean(rows, axis=0)) for kind, rows in by_kind.items()}
+        groups[kind_of.get(query, "unknown")].append(row)
+    groups["all"] = list(range(len(queries)))
+    out = {}
+    for kind, rows in groups.items():
+        sizes = [len(relevant[queries[r]]) for r in rows]
+        recall = ranking_metrics([rankings[r] for r in rows],
+                                 [dict.fromkeys(relevant[queries[r]], 1.0) for r in rows])[f"recall@{K}"]
+        out[kind] = (len(rows), float(np.mean(sizes)), float(np.mean([min(K, n) / n for n in sizes])), recall)
+    return out
 
 
 def neighbour_agreement(config, workdir: Workdir):
@@ -83,14 +79,12 @@ def neighbour_agreement(config, workdir: Workdir):
     logged = read_logged_images(workdir)
     slots = [features.neighbor_key(i, features.IMAGE_ID) for i in range(config.pipeline.max_neighbors)]
     neighbours = {}
-    for record in tf.data.TFRecordDataset(tf.io.gfile.glob(workdir.split_glob("train")), compression_type="GZIP"):
-        feature = tf.train.Example.FromString(record.numpy()).features.feature
-        image_id = feature[features.IMAGE_ID].bytes_list.value[0].decode("utf-8")
-        if image_id in logged or image_id not in catalog:
-            continue
-        found = [feature[s].bytes_list.value[0].decode("utf-8") for s in slots if s in feature]
-        if any(found):
-            neighbours[image_id] = [n for n in found if n]
+    for batch in model_input.raw_examples(config, workdir.split_glob("train")):
+        columns = [batch[features.IMAGE_ID].numpy()] + [batch[s].numpy() for s in slots]
+        for image_id, *found in zip(*columns):
+            image_id = image_id.decode("utf-8")
+            if image_id not in logged and image_id in catalog and any(found):
+                neighbours[image_id] = [n.decode("utf-8") for n in found if n]
     same = collections.defaultdict(list)
     for image_id, others in neighbours.items():
         for other in others:

@@ -23,22 +23,28 @@ def ground_truth_line(query: str, relevant_image_ids: List[str], **extra) -> str
                       ensure_ascii=False, separators=(",", ":"))
 
 
+def _rows(path: str):
+    """The file's JSON objects, in order; none when it does not exist."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path, "r") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
 def read_ground_truth(path: str, queries: Optional[Iterable[str]] = None) -> Dict[str, Set[str]]:
     """{normalised query: relevant image ids} (only `queries` when given; queries with none left out).
 
     {} when the file does not exist.
     """
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return {}
     wanted = set(queries) if queries is not None else None
-    out: Dict[str, Set[str]] = {}
-    with tf.io.gfile.GFile(path, "r") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row["relevant_image_ids"] and (wanted is None or row["query"] in wanted):
-                out[row["query"]] = set(row["relevant_image_ids"])
-    return out
+    return {row["query"]: set(row["relevant_image_ids"]) for row in _rows(path)
+            if row["relevant_image_ids"] and (wanted is None or row["query"] in wanted)}
+
+
+def read_ground_truth_extra(path: str, name: str) -> Dict[str, object]:
+    """{normalised query: what the generator added under `name` (e.g. "category")}, for the queries that have it."""
+    return {row["query"]: row[name] for row in _rows(path) if name in row}
