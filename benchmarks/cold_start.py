@@ -1,7 +1,7 @@
 """Cold start on the demo world: graph off vs click graph vs click + content graph, over several seeds.
 
     .venv/bin/python benchmarks/cold_start.py [--workdir /tmp/clicklens-cold-start] [--seeds 1 2 3]
-        [--variants graph_off click_graph content_pixels content_model] [--set section.key=value ...]
+        [--variants graph_off click_graph content_pixels content_table content_model] [--set section.key=value ...]
 
 One demo world (configs/demo.yaml, so cold_fraction 0.2 of its images are
 never shown in any session), then for each variant one pipeline run and one
@@ -11,6 +11,9 @@ the real verbs:
 - graph_off: the click-only pipeline, trained with training.graph_multiplier=0;
 - click_graph: the same examples with the graph term on (co-click edges only);
 - content_pixels: pipeline.content_graph.source=pixels (click + content graph);
+- content_table: the content_pixels examples, trained with the opt-in
+  training.graph_neighbor_table_steps=100 (neighbours' embeddings from a table
+  refreshed every 100 steps, without gradient: trainer/neighbor_table.py);
 - content_model: source=model, the content graph built by RunInference from the
   image_encoder that `clicklens export` wrote after the content_pixels run of the
   first seed (the "second round").
@@ -34,8 +37,11 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-VARIANTS = ("graph_off", "click_graph", "content_pixels", "content_model")
-PIPELINE_OF = {"graph_off": "click", "click_graph": "click", "content_pixels": "pixels", "content_model": "model"}
+VARIANTS = ("graph_off", "click_graph", "content_pixels", "content_table", "content_model")
+PIPELINE_OF = {"graph_off": "click", "click_graph": "click", "content_pixels": "pixels", "content_table": "pixels",
+               "content_model": "model"}
+# What a variant's training runs set besides training.seed.
+TRAINING_OF = {"graph_off": ["training.graph_multiplier=0"], "content_table": ["training.graph_neighbor_table_steps=100"]}
 
 
 def clicklens(verb: str, workdir: pathlib.Path, config: str, overrides, log: pathlib.Path) -> float:
@@ -82,9 +88,7 @@ def train(variant: str, seed: int, examples_root: pathlib.Path, base: pathlib.Pa
     link(examples_root / "examples", run / "examples")
     if (run / "model").exists():
         subprocess.call(["rm", "-rf", str(run / "model")])
-    overrides = list(extra) + [f"training.seed={seed}"]
-    if variant == "graph_off":
-        overrides.append("training.graph_multiplier=0")
+    overrides = list(extra) + [f"training.seed={seed}"] + TRAINING_OF.get(variant, [])
     seconds = clicklens("train", run, config, overrides, base / "runs" / f"{variant}-seed{seed}.log")
     metrics = json.loads((run / "model" / "metrics.json").read_text())
     log_text = (base / "runs" / f"{variant}-seed{seed}.log").read_text()
@@ -181,7 +185,7 @@ def print_summary(results, base: pathlib.Path) -> None:
     for variant, result in results.items():
         ratio, _ = summary([r["cold_vs_pixel_knn"] for r in result["runs"]])
         print(f"  {variant}: cold recall@10 / pixel-kNN = {ratio:.2f} (target >= 2): {'met' if ratio >= 2 else 'NOT met'}")
-    for content in ("content_pixels", "content_model"):
+    for content in ("content_pixels", "content_table", "content_model"):
         if content in results and "graph_off" in results:
             on, off = results[content]["runs"], results["graph_off"]["runs"]
             cold_on, spread_on = summary([r["cold"] for r in on])

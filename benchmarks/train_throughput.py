@@ -10,8 +10,10 @@
    one call of their exact number,
 5. the graph-on step with `training.image_chunk_size=0`: every slot through the tower in
    one call (no de-duplication: the step before issue 14),
-6. the opt-ins `training.graph_neighbor_gradient=false` (neighbours' forward pass only) and
-   `training.graph_batches=true` (the graph-on step on batches built from the graph),
+6. the opt-ins `training.graph_neighbor_gradient=false` (neighbours' forward pass only),
+   `training.graph_batches=true` (the graph-on step on batches built from the graph) and
+   `training.graph_neighbor_table_steps=N` (neighbours looked up in a table of the corpus's
+   embeddings refreshed every N steps: its rate counts each refresh's time spread over N steps),
 7. the input pipeline alone (read, parse, tokenize, look up / decode the images), in the
    configured layout (`training.image_table`) and in the other one.
 
@@ -44,6 +46,7 @@ import tensorflow_recommenders as tfrs  # noqa: E402
 from trainer import input as model_input  # noqa: E402
 from clicklens.config import load_config  # noqa: E402
 from trainer.model import build_model  # noqa: E402
+from trainer.neighbor_table import NeighborEmbeddingTable  # noqa: E402
 from trainer.tokenizer import QueryTokenizer  # noqa: E402
 from trainer.task import make_optimizer  # noqa: E402
 from clicklens.workdir import Workdir  # noqa: E402
@@ -51,6 +54,8 @@ from clicklens.workdir import Workdir  # noqa: E402
 
 # The graph-on step timed on batches built from the graph (training.graph_batches) instead of shuffled ones.
 GRAPH_BUILT = "graph on, graph-built batches"
+# The graph-on step with neighbours' embeddings from a refreshed table (training.graph_neighbor_table_steps).
+NEIGHBOR_TABLE = "graph on, neighbour table"
 
 
 class MinimalTfrsModel(tfrs.Model):
@@ -105,6 +110,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=32,
                         help="distinct in-memory batches the model steps cycle through (graph-built batches vary "
                              "from about 220 to 400 distinct images, so a few would not represent an epoch)")
+    parser.add_argument("--table-steps", type=int, default=100,
+                        help="training.graph_neighbor_table_steps of the neighbour-table step (refresh interval)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     config = load_config(args.config, args.overrides)
@@ -147,12 +154,15 @@ def main(argv=None) -> None:
         "graph on, no de-duplication": ["training.image_chunk_size=0"],
         "graph on, neighbours no gradient": ["training.graph_neighbor_gradient=false"],
         GRAPH_BUILT: [],
+        NEIGHBOR_TABLE: [f"training.graph_neighbor_table_steps={args.table_steps}"],
     }
     models = {}
     for name, overrides in variants.items():
         cfg = load_config(args.config, args.overrides + [f"training.graph_multiplier={graph_multiplier}"] + overrides)
         tf.keras.utils.set_random_seed(cfg.training.seed)
         models[name] = build_model(cfg, tokenizer.vocab_size)
+    table = models[NEIGHBOR_TABLE].neighbor_table = NeighborEmbeddingTable(
+        model_input.image_table_for(config, workdir), models[NEIGHBOR_TABLE].image_tower.output_shape[-1])
     project = models["project step, graph off"]
     models["minimal TFRS model"] = MinimalTfrsModel(tf.keras.models.clone_model(project.query_tower),
                                                     tf.keras.models.clone_model(project.image_tower))
@@ -163,12 +173,19 @@ def main(argv=None) -> None:
     # moved the whole call's figure.)
     steps = {name: tf.function(model.train_step) for name, model in models.items()}
     batches_of = {name: cached[name == GRAPH_BUILT] for name in models}
+    table.refresh(models[NEIGHBOR_TABLE].image_tower)  # traced; the rounds below time it warm
     for name, step in steps.items():
         step(batches_of[name][0])  # trace + warm up
     seconds = {name: [] for name in models}
+    refresh_seconds = []
     for round_ in range(args.rounds):
         for name, step in steps.items():
             seconds[name] += step_seconds(step, batches_of[name], args.steps, first=round_ * args.steps)
+        started = time.perf_counter()
+        table.refresh(models[NEIGHBOR_TABLE].image_tower)
+        refresh_seconds.append(time.perf_counter() - started)
+    refresh = statistics.median(refresh_seconds)
+    seconds[NEIGHBOR_TABLE] = [s + refresh / args.table_steps for s in seconds[NEIGHBOR_TABLE]]
     rates = {**{name: batch_size / statistics.median(s) for name, s in seconds.items()}, **rates}
 
     base = rates["minimal TFRS model"]
@@ -184,6 +201,8 @@ def main(argv=None) -> None:
     print(f"  the same, static chunks:          "
           f"{rates['graph on, static chunks'] / rates['graph off, static chunks']:5.2f}")
     print(f"  graph-built batches (opt-in):     {rates[GRAPH_BUILT] / off:5.2f}")
+    print(f"  neighbour table (opt-in):         {rates[NEIGHBOR_TABLE] / off:5.2f}  (a refresh of {len(table) - 1} "
+          f"images: {refresh * 1e3:.0f} ms, every {args.table_steps} steps)")
     print(f"input pipeline ({layout}) / graph off: {rates[f'input pipeline ({layout})'] / off:5.2f}  (target >= 2)")
     print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 

@@ -279,6 +279,12 @@ class TrainingConfig:
     graph_neighbor_gradient: bool = _field(True, help="false (opt-in, not NSL's exact gradient): neighbours that are "
                                                       "not also positives or hard negatives of the batch get a "
                                                       "forward pass only, their embeddings held constant.")
+    graph_neighbor_table_steps: int = _field(0, min=0, help="Opt-in, not NSL's exact gradient: > 0 takes "
+                                                           "neighbours' embeddings from a table of every corpus "
+                                                           "image's embedding, recomputed every this many steps, "
+                                                           "without gradient (the tower embeds only positives and "
+                                                           "hard negatives); needs training.image_table.  0: "
+                                                           "neighbours go through the tower at every step.")
     graph_batches: bool = _field(False, help="Opt-in: with the graph term on and the image table, build each "
                                              "training batch so that its examples' neighbours are mostly "
                                              "other examples' positives (fewer distinct images for the tower; "
@@ -624,6 +630,11 @@ def _cross_checks(config: Config, source: str) -> None:
     if s.num_reordering_candidates and s.num_reordering_candidates < config.export.k:
         raise ConfigError(f"{source}: export.scann.num_reordering_candidates: must be >= export.k "
                           f"({s.num_reordering_candidates} < {config.export.k}), or 0 for no re-scoring")
+    t = config.training
+    if t.graph_neighbor_table_steps and not (t.image_table and config.pipeline.image_source == "pixels"):
+        raise ConfigError(f"{source}: training.graph_neighbor_table_steps: needs training.image_table true and "
+                          f"pipeline.image_source 'pixels' (the table embeds the corpus image table), got "
+                          f"image_table {t.image_table}, image_source '{config.pipeline.image_source}'")
     _daily_loop_checks(config, source)
     if config.model.query_tower == "transformer" and config.model.token_embedding_dim % config.model.transformer_heads:
         raise ConfigError(f"{source}: model.transformer_heads: must divide model.token_embedding_dim")

@@ -166,6 +166,12 @@ def _uses_neighbors(config) -> bool:
     return bool(config.pipeline.max_neighbors and config.training.graph_multiplier > 0)
 
 
+def uses_neighbor_table(config) -> bool:
+    """Whether neighbours' embeddings come from a refreshed table (trainer/neighbor_table.py): the batches then
+    carry neighbour keys and weights, no neighbour images."""
+    return _uses_neighbors(config) and config.training.graph_neighbor_table_steps > 0
+
+
 def parse_examples(config, records, tokenizer: QueryTokenizer, with_image_bytes: bool) -> Dict[str, tf.Tensor]:
     """Serialized examples [B] -> numeric_features of them (image bytes parsed only `with_image_bytes`)."""
     image = features.image_key(config.pipeline.image_source)
@@ -219,7 +225,10 @@ def add_images(config, batch: Dict[str, tf.Tensor], table: Optional[ImageTable],
     out = {name: value for name, value in batch.items() if name not in _RAW.values()}
     augmenting = training and config.training.augment and config.pipeline.image_source == "pixels"
     if table is not None:
-        out.update(images_from_table(table, batch, config.training.seed if augmenting else None))
+        with_images = batch
+        if uses_neighbor_table(config):  # the model looks neighbours up: only their keys and weights go along
+            with_images = {name: value for name, value in batch.items() if name != NEIGHBOR_KEYS}
+        out.update(images_from_table(table, with_images, config.training.seed if augmenting else None))
         return out
     for images, keys in _SLOTS:
         if keys not in batch:

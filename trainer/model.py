@@ -259,6 +259,9 @@ class TwoTowerModel(tfrs.Model):
         self.graph_multiplier = t.graph_multiplier
         self.graph_distance = t.graph_distance
         self.graph_neighbor_gradient = t.graph_neighbor_gradient
+        # With training.graph_neighbor_table_steps, trainer.task attaches a trainer.neighbor_table
+        # NeighborEmbeddingTable here (a plain object: not in the checkpoints).
+        self.neighbor_table = None
         self.image_chunk_size = t.image_chunk_size
         # One call of a batch's exact number of distinct images, unless the devices need static shapes.
         self.static_image_batch = not t.dynamic_image_batch or needs_static_shapes(tf.distribute.get_strategy())
@@ -279,9 +282,14 @@ class TwoTowerModel(tfrs.Model):
         """Embeds positives, neighbours and hard negatives; each distinct image once (trainer/distinct_images.py)."""
         image = inputs[model_input.IMAGE]
         batch = image.shape[0]
-        use_graph = self.graph_multiplier > 0 and model_input.NEIGHBOR_IMAGES in inputs
+        use_graph = self.graph_multiplier > 0 and model_input.NEIGHBOR_KEYS in inputs
+        from_table = use_graph and self.neighbor_table is not None
         slots = [(image, inputs[model_input.IMAGE_KEY], True)]
-        if use_graph:
+        if use_graph and not from_table:
+            if model_input.NEIGHBOR_IMAGES not in inputs:
+                raise ClicklensError("the batches carry neighbour keys but no neighbour images "
+                                     "(training.graph_neighbor_table_steps): attach a "
+                                     "trainer.neighbor_table.NeighborEmbeddingTable to the model")
             slots.append((inputs[model_input.NEIGHBOR_IMAGES], inputs[model_input.NEIGHBOR_KEYS], False))
         if model_input.NEGATIVE_IMAGES in inputs:
             slots.append((inputs[model_input.NEGATIVE_IMAGES], inputs[model_input.NEGATIVE_KEYS], True))
@@ -299,7 +307,9 @@ class TwoTowerModel(tfrs.Model):
         out = {"image": embeddings[:batch]}
         offset = batch
         dim = embeddings.shape[-1]
-        if use_graph:
+        if from_table:
+            out["neighbors"] = tf.cast(self.neighbor_table.lookup(inputs[model_input.NEIGHBOR_KEYS]), embeddings.dtype)
+        elif use_graph:
             k = inputs[model_input.NEIGHBOR_IMAGES].shape[1]
             out["neighbors"] = tf.reshape(embeddings[offset:offset + batch * k], [batch, k, dim])
             offset += batch * k

@@ -36,6 +36,7 @@ from trainer import warm_start
 from trainer.callbacks import CheckpointEverySteps, RetrievalEarlyStopping, TrainingProgress, optimizer_step
 from trainer.evaluate import eval_retrieval_measure, evaluate_and_write
 from trainer.model import TwoTowerModel, build_model, with_image_init_path
+from trainer.neighbor_table import NeighborEmbeddingTable, RefreshNeighborTable
 from trainer.tokenizer import QueryTokenizer
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,9 @@ def train(config, workdir) -> TwoTowerModel:
         model.compile(optimizer=make_optimizer(t, total_steps), steps_per_execution=t.steps_per_execution)
         # Optimizer slots exist before restoring, so a checkpoint restores them immediately.
         model.optimizer.build(model.trainable_variables)
+        if model_input.uses_neighbor_table(config):
+            model.neighbor_table = NeighborEmbeddingTable(model_input.image_table_for(config, workdir),
+                                                          model.image_tower.output_shape[-1])
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     latest = start_weights(config, workdir, model, strategy, source, epochs)
     if latest:
@@ -188,6 +192,9 @@ def train(config, workdir) -> TwoTowerModel:
     manager = tf.train.CheckpointManager(checkpoint, scratch or checkpoint_dir(workdir), max_to_keep=3)
     saver = CheckpointEverySteps(manager, t.checkpoint_every_steps)
     callbacks = [saver, TrainingProgress(total_steps, global_batch, t.log_every_steps)]
+    if model.neighbor_table is not None:
+        callbacks.insert(0, RefreshNeighborTable(model.neighbor_table, model.image_tower,
+                                                 t.graph_neighbor_table_steps))
     kwargs = {}
     early_stopping = None
     # A one-epoch run has nothing to stop early or to choose between: no evaluation after its epoch.
