@@ -12,8 +12,9 @@ the real verbs:
 - click_graph: the same examples with the graph term on (co-click edges only);
 - content_pixels: pipeline.content_graph.source=pixels (click + content graph);
 - content_table: the content_pixels examples, trained with the opt-in
-  training.graph_neighbor_table_steps=100 (neighbours' embeddings from a table
-  refreshed every 100 steps, without gradient: trainer/neighbor_table.py);
+  training.graph_neighbor_table_steps=--table-steps (default 100: neighbours'
+  embeddings from a table refreshed every 100 steps, without gradient:
+  trainer/neighbor_table.py);
 - content_model: source=model, the content graph built by RunInference from the
   image_encoder that `clicklens export` wrote after the content_pixels run of the
   first seed (the "second round").
@@ -40,8 +41,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 VARIANTS = ("graph_off", "click_graph", "content_pixels", "content_table", "content_model")
 PIPELINE_OF = {"graph_off": "click", "click_graph": "click", "content_pixels": "pixels", "content_table": "pixels",
                "content_model": "model"}
-# What a variant's training runs set besides training.seed.
-TRAINING_OF = {"graph_off": ["training.graph_multiplier=0"], "content_table": ["training.graph_neighbor_table_steps=100"]}
+# What a variant's training runs set besides training.seed ({table_steps}: --table-steps).
+TRAINING_OF = {"graph_off": ["training.graph_multiplier=0"],
+               "content_table": ["training.graph_neighbor_table_steps={table_steps}"]}
 
 
 def clicklens(verb: str, workdir: pathlib.Path, config: str, overrides, log: pathlib.Path) -> float:
@@ -80,7 +82,8 @@ def run_pipeline(kind: str, base: pathlib.Path, config: str, extra, model_dir: s
     return root, seconds
 
 
-def train(variant: str, seed: int, examples_root: pathlib.Path, base: pathlib.Path, config: str, extra):
+def train(variant: str, seed: int, examples_root: pathlib.Path, base: pathlib.Path, config: str, extra,
+          table_steps: int = 100):
     """One training run (evaluation included) of `variant` with training.seed=seed; its metrics.json and time."""
     run = base / "runs" / f"{variant}-seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
@@ -88,7 +91,8 @@ def train(variant: str, seed: int, examples_root: pathlib.Path, base: pathlib.Pa
     link(examples_root / "examples", run / "examples")
     if (run / "model").exists():
         subprocess.call(["rm", "-rf", str(run / "model")])
-    overrides = list(extra) + [f"training.seed={seed}"] + TRAINING_OF.get(variant, [])
+    overrides = list(extra) + [f"training.seed={seed}"] + [o.format(table_steps=table_steps)
+                                                              for o in TRAINING_OF.get(variant, [])]
     seconds = clicklens("train", run, config, overrides, base / "runs" / f"{variant}-seed{seed}.log")
     metrics = json.loads((run / "model" / "metrics.json").read_text())
     log_text = (base / "runs" / f"{variant}-seed{seed}.log").read_text()
@@ -124,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="section.key=value for every verb (e.g. training.epochs=4)")
+    parser.add_argument("--table-steps", type=int, default=100,
+                        help="content_table's training.graph_neighbor_table_steps (refresh interval)")
     parser.add_argument("--summarize", action="store_true",
                         help="only print the table and targets of <workdir>/results.json (an earlier, maybe partial, run)")
     args = parser.parse_args(argv)
@@ -151,7 +157,8 @@ def main(argv=None) -> int:
         runs = []
         results[variant] = {"pipeline_seconds": pipeline_seconds, "runs": runs}
         for seed in args.seeds:
-            _, metrics, seconds, epochs = train(variant, seed, root, base, args.config, args.overrides)
+            _, metrics, seconds, epochs = train(variant, seed, root, base, args.config, args.overrides,
+                                                args.table_steps)
             runs.append({"seed": seed, "seconds": seconds, "epochs": epochs, **figures(metrics)})
             print(f"    seed {seed}: warm {runs[-1]['warm']:.3f}, cold {runs[-1]['cold']:.3f} "
                   f"(pixel-kNN {runs[-1]['cold_pixel_knn']:.3f}), {epochs} epochs", flush=True)
