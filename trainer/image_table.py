@@ -45,13 +45,17 @@ class ImageTable:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
-    def rows(self, keys: tf.Tensor) -> tf.Tensor:
-        """int64 keys [N] -> their uint8 rows [N, S, S, 3]; a key that is not in the table is an error."""
+    def row_indices(self, keys: tf.Tensor) -> tf.Tensor:
+        """int64 keys [N] -> their row numbers [N]; a key that is not in the table is an error."""
         rows = tf.minimum(tf.searchsorted(self.keys, keys), len(self) - 1)
         tf.debugging.assert_equal(tf.gather(self.keys, rows), keys,
                                   message="an example names an image that is not in corpus-* "
                                           "(set training.image_table: false to read examples' own images)")
-        return tf.gather(self.pixels, rows)
+        return rows
+
+    def rows(self, keys: tf.Tensor) -> tf.Tensor:
+        """int64 keys [N] -> their uint8 rows [N, S, S, 3]; a key that is not in the table is an error."""
+        return tf.gather(self.pixels, self.row_indices(keys))
 
 
 def load_image_table(config, corpus_files, key_fn) -> ImageTable:

@@ -42,13 +42,12 @@ class NeighborEmbeddingTable:
     """
 
     def __init__(self, images: ImageTable, dim: int):
-        self.keys = images.keys
-        self._pixels = images.pixels
+        self.images = images
         self.embeddings = tf.Variable(tf.zeros([len(images), dim]), trainable=False, name="neighbor_embeddings")
         self.refreshed_at = None  # the optimizer step of the last refresh
 
     def __len__(self) -> int:
-        return int(self.keys.shape[0])
+        return len(self.images)
 
     @tf.function(reduce_retracing=True)
     def _embed(self, tower, rows):
@@ -56,17 +55,13 @@ class NeighborEmbeddingTable:
 
     def refresh(self, tower: tf.keras.Model) -> None:
         """Embeds every image with `tower` (inference mode, no augmentation) into the table."""
-        parts = [self._embed(tower, self._pixels[start:start + REFRESH_BATCH])
+        parts = [self._embed(tower, self.images.pixels[start:start + REFRESH_BATCH])
                  for start in range(0, len(self), REFRESH_BATCH)]
         self.embeddings.assign(tf.concat(parts, axis=0))
 
     def lookup(self, keys: tf.Tensor) -> tf.Tensor:
         """int64 image keys [...] -> their embeddings [..., D] (no gradient); a key not in the table is an error."""
-        flat = tf.reshape(keys, [-1])
-        rows = tf.minimum(tf.searchsorted(self.keys, flat), len(self) - 1)
-        tf.debugging.assert_equal(tf.gather(self.keys, rows), flat,
-                                  message="a graph neighbour is not in corpus-* (the neighbour table's images)")
-        found = tf.gather(self.embeddings, rows)
+        found = tf.gather(self.embeddings, self.images.row_indices(tf.reshape(keys, [-1])))
         return tf.reshape(found, tf.concat([tf.shape(keys), [found.shape[-1]]], axis=0))
 
 
@@ -85,5 +80,6 @@ class RefreshNeighborTable(tf.keras.callbacks.Callback):
         self.table.refresh(self.tower)
         if self.table.refreshed_at is None:
             logger.info("graph term: neighbours' embeddings from a table of %d corpus images, refreshed every %d "
-                        "steps (the first refresh took %.2f s)", len(self.table) - 1, self.every, time.perf_counter() - started)
+                        "steps (the first refresh took %.2f s)", len(self.table) - 1, self.every,
+                        time.perf_counter() - started)
         self.table.refreshed_at = step
