@@ -302,6 +302,13 @@ class TrainingConfig:
     early_stopping_metric: str = _field("recall@10", choices=["recall@10", "ndcg@10", "loss"],
                                         help="Watched on the eval split after each epoch: a retrieval metric over "
                                              "the whole corpus, or the eval loss.")
+    early_stopping_start_epoch: Optional[int] = _field(None, min=0, help="Epochs after which epochs without "
+                                                                         "improvement start to count; null = half "
+                                                                         "of the run's epochs (the cosine has then "
+                                                                         "brought the learning rate below half its "
+                                                                         "peak; earlier, eval noise can stop a run "
+                                                                         "that is still learning); 0 = from the "
+                                                                         "first epoch.")
     warm_start: str = _field("none", help="none: random initial weights; latest: a new run (after a finished "
                                           "one in this work directory) starts from its final checkpoint; a path: "
                                           "from that checkpoint (a prefix, a checkpoint folder or a work "

@@ -83,7 +83,7 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tmp_path, ca
     # patience 1 must stop the run after its second epoch instead of the planned five.
     config = synth.trainer_config(["training.learning_rate=0.0", "training.early_stopping_patience=1",
                                    "training.early_stopping_metric=loss", "training.epochs=5",
-                                   "training.steps_per_epoch=1"])
+                                   "training.steps_per_epoch=1", "training.early_stopping_start_epoch=0"])
     with caplog.at_level(logging.INFO, logger="trainer.task"), caplog.at_level(logging.INFO, logger="trainer.callbacks"):
         model = task.train(config, workdir)
     assert int(model.optimizer.iterations.numpy()) == 2
@@ -107,7 +107,8 @@ def test_early_stopping_on_eval_recall_stops_when_retrieval_stops_improving(tmp_
     workdir = synth.write_workdir(tmp_path)
     # learning_rate 0: retrieval never changes, so patience 1 stops after the second epoch.
     config = synth.trainer_config(["training.learning_rate=0.0", "training.early_stopping_patience=1",
-                                   "training.epochs=5", "training.steps_per_epoch=1"])
+                                   "training.epochs=5", "training.steps_per_epoch=1",
+                                   "training.early_stopping_start_epoch=0"])
     assert config.training.early_stopping_metric == "recall@10"
     with caplog.at_level(logging.INFO, logger="trainer.task"), caplog.at_level(logging.INFO, logger="trainer.callbacks"):
         model = task.train(config, workdir)
@@ -154,6 +155,28 @@ def test_retrieval_early_stopping_restores_the_best_epoch():
     assert stopper.stopped_epoch == 3 and stopper.best_epoch == 1
     assert stopper.restore_best()
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights_seen[1]))
+
+
+def test_epochs_before_the_start_epoch_do_not_count_toward_patience():
+    # A dip at epoch 3 (0-based 2) before start_epoch 3 does not count; epochs 4 and 5 do.
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    figures = iter([0.2, 0.5, 0.4, 0.3, 0.35, 0.3])
+    stopper = RetrievalEarlyStopping(lambda m: {"recall@10": next(figures)}, "recall@10", patience=2, start_epoch=3)
+    stopper.set_model(model)
+    for epoch in range(6):
+        stopper.on_epoch_end(epoch, {})
+        if model.stop_training:
+            break
+    assert stopper.stopped_epoch == 4 and stopper.best_epoch == 1
+
+
+def test_early_stopping_counts_from_half_the_epochs_unless_configured():
+    assert task.early_stopping_start(synth.trainer_config(["training.epochs=6"]).training, 6) == 3
+    assert task.early_stopping_start(synth.trainer_config(["training.epochs=30"]).training, 30) == 15
+    # A warm-started run's own epoch count decides, not training.epochs.
+    assert task.early_stopping_start(synth.trainer_config(["training.epochs=30"]).training, 4) == 2
+    explicit = synth.trainer_config(["training.early_stopping_start_epoch=0"]).training
+    assert task.early_stopping_start(explicit, 30) == 0
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -115,16 +115,19 @@ class RetrievalEarlyStopping(tf.keras.callbacks.Callback):
     `measure(model)` returns e.g. {"recall@10": ..., "ndcg@10": ...}; the values
     are added to the epoch's logs as `val_<name>` (TensorBoard shows them).
     Training stops after `patience` epochs without an improvement of more than
-    `min_delta`; `restore_best()` then puts back the best epoch's weights.
+    `min_delta`, counting only epochs from `start_epoch` on (0-based, as Keras'
+    EarlyStopping `start_from_epoch`; the best epoch is tracked from the first);
+    `restore_best()` then puts back the best epoch's weights.
     """
 
     def __init__(self, measure: Callable[[tf.keras.Model], Dict[str, float]], metric: str, patience: int,
-                 min_delta: float = 1e-3):
+                 min_delta: float = 1e-3, start_epoch: int = 0):
         super().__init__()
         self.measure = measure
         self.metric = metric
         self.patience = patience
         self.min_delta = min_delta
+        self.start_epoch = start_epoch
         self.best = -math.inf
         self.best_epoch = None
         self.last_epoch = None
@@ -142,7 +145,7 @@ class RetrievalEarlyStopping(tf.keras.callbacks.Callback):
         if current > self.best + self.min_delta:
             self.best, self.best_epoch, self._wait = current, epoch, 0
             self._best_weights = self.model.get_weights()
-        else:
+        elif epoch >= self.start_epoch:
             self._wait += 1
         logger.info("epoch %d: eval %s (best %s %.4f at epoch %d; measured in %.1f s)", epoch + 1,
                     ", ".join(f"{name} {value:.4f}" for name, value in sorted(values.items())),

@@ -199,14 +199,20 @@ def train(config, workdir) -> TwoTowerModel:
     early_stopping = None
     # A one-epoch run has nothing to stop early or to choose between: no evaluation after its epoch.
     watch_eval = t.early_stopping_patience and epochs > 1
+    start_epoch = early_stopping_start(t, epochs)
+    if watch_eval:
+        logger.info("early stopping: eval %s, patience %d, counting from epoch %d of %d",
+                    t.early_stopping_metric, t.early_stopping_patience, start_epoch + 1, epochs)
     if watch_eval and t.early_stopping_metric == "loss":
         kwargs["validation_data"] = model_input.make_dataset(config, workdir, "eval", global_batch,
                                                              training=False, tokenizer=tokenizer)
-        early_stopping = tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience)
+        early_stopping = tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience,
+                                                          start_from_epoch=start_epoch)
         callbacks.append(early_stopping)
     elif watch_eval:
         early_stopping = RetrievalEarlyStopping(eval_retrieval_measure(config, workdir, tokenizer),
-                                                t.early_stopping_metric, t.early_stopping_patience)
+                                                t.early_stopping_metric, t.early_stopping_patience,
+                                                start_epoch=start_epoch)
         callbacks.append(early_stopping)
     # Last, so it also records the val_* figures the callbacks above add to the epoch's logs.
     callbacks.append(tf.keras.callbacks.TensorBoard(scratch or tensorboard_dir(workdir),
@@ -243,6 +249,19 @@ def train(config, workdir) -> TwoTowerModel:
         training_runs.mark_finished(checkpoint_dir(workdir), time.time() - started)
     logger.info("trained to step %d in %.1f s", int(model.optimizer.iterations.numpy()), time.time() - started)
     return model
+
+
+def early_stopping_start(training, epochs: int) -> int:
+    """The first epoch (0-based) whose lack of improvement counts toward early stopping's patience.
+
+    training.early_stopping_start_epoch, or half of the run's `epochs`: by then the warmup + cosine schedule
+    has brought the learning rate below half its peak.  Counted from the first epoch, a small eval split's
+    noise (eval recall@10 moving by +-0.02 between epochs over ~400 queries) stopped runs that were still
+    learning (README, "New images").
+    """
+    if training.early_stopping_start_epoch is not None:
+        return training.early_stopping_start_epoch
+    return epochs // 2
 
 
 def run_epochs(training, checkpoints: str, source: Optional[warm_start.WarmStart]) -> int:
