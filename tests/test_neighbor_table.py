@@ -25,42 +25,23 @@ from trainer.task import train
 from clicklens.workdir import Workdir
 
 S = synth.IMAGE_SIZE
-E = int(I.empty_key().numpy())
-IMAGE_KEY = [11, 12, 11, 13, 14, 12]
-NEIGHBOR_KEYS = [[12, 13], [11, E], [12, 15], [16, 11], [11, 12], [17, E]]
-NEIGHBOR_WEIGHTS = [[0.5, 1.0], [2.0, 0.0], [1.0, 0.3], [0.7, 0.2], [0.4, 0.9], [1.0, 0.0]]
-
-
-def rows_of(keys):
-    """uint8 rows: the same random image for the same key, zeros for the padded key."""
-    keys = np.asarray(keys)
-    out = np.zeros(keys.shape + (S, S, 3), np.uint8)
-    for index, key in np.ndenumerate(keys):
-        if key != E:
-            out[index] = np.random.default_rng(int(key)).integers(0, 256, size=(S, S, 3))
-    return out
+NEIGHBOR_KEYS = synth.graph_batch_keys(synth.GRAPH_BATCH_NEIGHBOR_KEYS)
 
 
 def image_table():
-    keys = [E] + sorted({k for k in IMAGE_KEY + sum(NEIGHBOR_KEYS, []) if k != E})
-    return ImageTable(tf.constant(keys, tf.int64), tf.constant(rows_of(keys)))
+    """An ImageTable of the shared graph batch's images (and the padded key's zero image)."""
+    keys = np.unique(np.concatenate([synth.graph_batch_keys(k).reshape(-1) for k in (
+        synth.GRAPH_BATCH_IMAGE_KEYS, synth.GRAPH_BATCH_NEIGHBOR_KEYS, synth.GRAPH_BATCH_NEGATIVE_KEYS)]))
+    return ImageTable(tf.constant(keys), tf.constant(synth.key_rows(keys)))
 
 
 def batch():
-    values = {
-        I.QUERY_TOKENS: np.array([[5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [5, 8, 9, 0, 0, 0], [6, 0, 0, 0, 0, 0],
-                                  [0] * 6, [9, 5, 0, 0, 0, 0]], np.int32),
-        I.IMAGE: to_pixels(rows_of(IMAGE_KEY)).numpy(), I.IMAGE_KEY: np.array(IMAGE_KEY, np.int64),
-        I.CLICK_WEIGHT: np.array([1.0, 0.5, 2.0, 1.0, 0.0, 1.5], np.float32),
-        I.CANDIDATE_PROBABILITY: np.array([0.2, 0.1, 0.2, 0.05, 0.1, 0.1], np.float32),
-        I.NEIGHBOR_KEYS: np.array(NEIGHBOR_KEYS, np.int64),
-        I.NEIGHBOR_WEIGHTS: np.array(NEIGHBOR_WEIGHTS, np.float32),
-    }
-    return {k: tf.constant(v) for k, v in values.items()}
+    """The shared graph batch without neighbour images: the model looks the neighbours up in the table."""
+    return {name: value for name, value in synth.graph_batch().items() if name != I.NEIGHBOR_IMAGES}
 
 
 def config(*overrides):
-    return synth.trainer_config(["model.dropout=0", "pipeline.hard_negatives=0", "training.graph_multiplier=0.7",
+    return synth.trainer_config(["model.dropout=0", "training.graph_multiplier=0.7",
                                  *overrides])
 
 
@@ -84,7 +65,7 @@ def test_a_fresh_table_gives_the_exact_losses_without_the_neighbours_gradient():
     with_table.neighbor_table = NeighborEmbeddingTable(image_table(), 8)
     with_table.neighbor_table.refresh(towers.image_tower)
     inputs = batch()
-    exact_inputs = {**inputs, I.NEIGHBOR_IMAGES: to_pixels(rows_of(NEIGHBOR_KEYS))}
+    exact_inputs = synth.graph_batch()
 
     want_parts, want_grads = loss_and_gradients(exact, exact_inputs)
     got_parts, got_grads = loss_and_gradients(with_table, inputs)
@@ -106,7 +87,7 @@ def test_a_stale_table_differs_until_it_is_refreshed():
     model.neighbor_table = NeighborEmbeddingTable(image_table(), 8)
     model.neighbor_table.refresh(towers.image_tower)
     before = model.neighbor_table.lookup(tf.constant(NEIGHBOR_KEYS, tf.int64)).numpy()
-    want = towers.image_tower(to_pixels(rows_of(NEIGHBOR_KEYS).reshape(-1, S, S, 3)), training=False).numpy()
+    want = towers.image_tower(to_pixels(synth.key_rows(NEIGHBOR_KEYS).reshape(-1, S, S, 3)), training=False).numpy()
     np.testing.assert_allclose(before.reshape(-1, 8), want, rtol=1e-5, atol=1e-6)
 
     kernel = towers.image_tower.get_layer("conv_0").kernel
@@ -116,7 +97,7 @@ def test_a_stale_table_differs_until_it_is_refreshed():
     fresh = model.loss_parts(batch(), training=True)["graph_loss"]
     assert float(stale) != pytest.approx(float(fresh), rel=1e-3)
     after = model.neighbor_table.lookup(tf.constant(NEIGHBOR_KEYS, tf.int64)).numpy()
-    want = towers.image_tower(to_pixels(rows_of(NEIGHBOR_KEYS).reshape(-1, S, S, 3)), training=False).numpy()
+    want = towers.image_tower(to_pixels(synth.key_rows(NEIGHBOR_KEYS).reshape(-1, S, S, 3)), training=False).numpy()
     np.testing.assert_allclose(after.reshape(-1, 8), want, rtol=1e-5, atol=1e-6)
 
 

@@ -16,40 +16,17 @@ import tensorflow as tf
 from tests import trainer_synthetic as synth
 from trainer import distinct_images
 from trainer import input as I
+from trainer.image_table import to_pixels
 from trainer.model import TwoTowerModel, build_model
 
 S = synth.IMAGE_SIZE
 E = int(I.empty_key().numpy())
-# 6 examples, 2 neighbour slots, 1 negative slot: 24 slots, 7 distinct images (+ the padded one).
-IMAGE_KEY = [11, 12, 11, 13, 14, 12]
-NEIGHBOR_KEYS = [[12, 13], [11, E], [12, 15], [16, 11], [11, 12], [17, E]]
-NEIGHBOR_WEIGHTS = [[0.5, 1.0], [2.0, 0.0], [1.0, 0.3], [0.7, 0.2], [0.4, 0.9], [1.0, 0.0]]
-NEGATIVE_KEYS = [[15], [13], [14], [12], [E], [11]]
+batch = synth.graph_batch  # 6 examples, 2 neighbour and 1 negative slots: 24 slots, 7 distinct images
 
 
 def pixels_of(keys):
-    """The same random image for the same key (zeros for the padded key)."""
-    keys = np.asarray(keys)
-    out = np.zeros(keys.shape + (S, S, 3), np.float32)
-    for index, key in np.ndenumerate(keys):
-        if key != E:
-            out[index] = np.random.default_rng(int(key)).uniform(size=(S, S, 3))
-    return out
-
-
-def batch():
-    values = {
-        I.QUERY_TOKENS: np.array([[5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [5, 8, 9, 0, 0, 0], [6, 0, 0, 0, 0, 0],
-                                  [0] * 6, [9, 5, 0, 0, 0, 0]], np.int32),
-        I.IMAGE: pixels_of(IMAGE_KEY), I.IMAGE_KEY: np.array(IMAGE_KEY, np.int64),
-        I.CLICK_WEIGHT: np.array([1.0, 0.5, 2.0, 1.0, 0.0, 1.5], np.float32),
-        I.CANDIDATE_PROBABILITY: np.array([0.2, 0.1, 0.2, 0.05, 0.1, 0.1], np.float32),
-        I.NEIGHBOR_IMAGES: pixels_of(NEIGHBOR_KEYS), I.NEIGHBOR_KEYS: np.array(NEIGHBOR_KEYS, np.int64),
-        I.NEIGHBOR_WEIGHTS: np.array(NEIGHBOR_WEIGHTS, np.float32),
-        I.NEGATIVE_IMAGES: pixels_of(NEGATIVE_KEYS), I.NEGATIVE_KEYS: np.array(NEGATIVE_KEYS, np.int64),
-        I.NEGATIVE_MASK: (np.array(NEGATIVE_KEYS) != E).astype(np.float32),
-    }
-    return {k: tf.constant(v) for k, v in values.items()}
+    """The image table's pixels for int64 keys (the same random image for the same key, zeros for the padded key)."""
+    return to_pixels(synth.key_rows(keys))
 
 
 @pytest.fixture(scope="module")

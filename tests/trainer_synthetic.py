@@ -157,3 +157,56 @@ def write_workdir(root: str, config=None, nan_weight: bool = False) -> Workdir:
     with tf.io.gfile.GFile(f"{workdir.examples}/logged_images-00000-of-00001.txt", "w") as f:
         f.write("".join(f"{i}\n" for i in ids if i not in COLD))
     return workdir
+
+
+# A hand-made training batch in which images repeat as positives, graph neighbours and hard negatives: 6
+# examples, 2 neighbour slots, 1 negative slot (24 slots, 7 distinct images + the padded one).  Keys stand in
+# for image-id hashes; None marks a padded slot (the empty id's key).
+GRAPH_BATCH_IMAGE_KEYS = [11, 12, 11, 13, 14, 12]
+GRAPH_BATCH_NEIGHBOR_KEYS = [[12, 13], [11, None], [12, 15], [16, 11], [11, 12], [17, None]]
+GRAPH_BATCH_NEIGHBOR_WEIGHTS = [[0.5, 1.0], [2.0, 0.0], [1.0, 0.3], [0.7, 0.2], [0.4, 0.9], [1.0, 0.0]]
+GRAPH_BATCH_NEGATIVE_KEYS = [[15], [13], [14], [12], [None], [11]]
+
+
+def graph_batch_keys(keys) -> np.ndarray:
+    """int64 keys with None replaced by the empty id's key."""
+    from trainer import input as model_input
+
+    keys = np.array(keys, dtype=object)
+    return np.where(np.equal(keys, None), int(model_input.empty_key().numpy()), keys).astype(np.int64)
+
+
+def key_rows(keys: np.ndarray) -> np.ndarray:
+    """uint8 image rows [..., S, S, 3] for int64 keys: the same random image for the same key, zeros for the
+    empty id's key (as the image table holds them)."""
+    from trainer import input as model_input
+
+    empty = int(model_input.empty_key().numpy())
+    out = np.zeros(keys.shape + (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for index, key in np.ndenumerate(keys):
+        if key != empty:
+            out[index] = np.random.default_rng(int(key)).integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    return out
+
+
+def graph_batch() -> dict:
+    """The model inputs of the hand-made batch above, pixels as the image table gives them."""
+    from trainer import input as model_input
+    from trainer.image_table import to_pixels
+
+    image = graph_batch_keys(GRAPH_BATCH_IMAGE_KEYS)
+    neighbors = graph_batch_keys(GRAPH_BATCH_NEIGHBOR_KEYS)
+    negatives = graph_batch_keys(GRAPH_BATCH_NEGATIVE_KEYS)
+    empty = int(model_input.empty_key().numpy())
+    values = {
+        model_input.QUERY_TOKENS: np.array([[5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [5, 8, 9, 0, 0, 0],
+                                            [6, 0, 0, 0, 0, 0], [0] * 6, [9, 5, 0, 0, 0, 0]], np.int32),
+        model_input.IMAGE_KEY: image, model_input.IMAGE: to_pixels(key_rows(image)),
+        model_input.CLICK_WEIGHT: np.array([1.0, 0.5, 2.0, 1.0, 0.0, 1.5], np.float32),
+        model_input.CANDIDATE_PROBABILITY: np.array([0.2, 0.1, 0.2, 0.05, 0.1, 0.1], np.float32),
+        model_input.NEIGHBOR_KEYS: neighbors, model_input.NEIGHBOR_IMAGES: to_pixels(key_rows(neighbors)),
+        model_input.NEIGHBOR_WEIGHTS: np.array(GRAPH_BATCH_NEIGHBOR_WEIGHTS, np.float32),
+        model_input.NEGATIVE_KEYS: negatives, model_input.NEGATIVE_IMAGES: to_pixels(key_rows(negatives)),
+        model_input.NEGATIVE_MASK: (negatives != empty).astype(np.float32),
+    }
+    return {name: tf.constant(value) for name, value in values.items()}
