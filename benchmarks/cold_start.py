@@ -11,13 +11,17 @@ the real verbs:
 - graph_off: the click-only pipeline, trained with training.graph_multiplier=0;
 - click_graph: the same examples with the graph term on (co-click edges only);
 - content_pixels: pipeline.content_graph.source=pixels (click + content graph);
+- content_nograd: the content_pixels examples, trained with the opt-in
+  training.graph_neighbor_gradient=false (neighbours' forward pass only);
 - content_table: the content_pixels examples, trained with the opt-in
   training.graph_neighbor_table_steps=--table-steps (default 100: neighbours'
   embeddings from a table refreshed every 100 steps, without gradient:
   trainer/neighbor_table.py);
 - content_model: source=model, the content graph built by RunInference from the
   image_encoder that `clicklens export` wrote after the content_pixels run of the
-  first seed (the "second round").
+  first seed (the "second round");
+- pbm: the content_pixels pipeline with pipeline.position_bias=pbm (pairs
+  selected and weighted by position-debiased clicks), trained like content_pixels.
 
 It prints, per variant, recall@10 for train-split (seen) queries over logged
 images ("warm") and over never-logged images ("cold"), the same run's
@@ -38,11 +42,17 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-VARIANTS = ("graph_off", "click_graph", "content_pixels", "content_table", "content_model")
-PIPELINE_OF = {"graph_off": "click", "click_graph": "click", "content_pixels": "pixels", "content_table": "pixels",
-               "content_model": "model"}
+VARIANTS = ("graph_off", "click_graph", "content_pixels", "content_nograd", "content_table", "content_model", "pbm")
+PIPELINE_OF = {"graph_off": "click", "click_graph": "click", "content_pixels": "pixels", "content_nograd": "pixels",
+               "content_table": "pixels", "content_model": "model", "pbm": "pbm"}
+# What each pipeline kind sets (the content graph's source; "model" adds its model_dir).
+PIPELINE_OVERRIDES = {"click": ["pipeline.content_graph.source=none"],
+                      "pixels": ["pipeline.content_graph.source=pixels"],
+                      "model": ["pipeline.content_graph.source=model"],
+                      "pbm": ["pipeline.content_graph.source=pixels", "pipeline.position_bias=pbm"]}
 # What a variant's training runs set besides training.seed ({table_steps}: --table-steps).
 TRAINING_OF = {"graph_off": ["training.graph_multiplier=0"],
+               "content_nograd": ["training.graph_neighbor_gradient=false"],
                "content_table": ["training.graph_neighbor_table_steps={table_steps}"]}
 
 
@@ -73,7 +83,7 @@ def run_pipeline(kind: str, base: pathlib.Path, config: str, extra, model_dir: s
     root = base / f"pipeline-{kind}"
     root.mkdir(parents=True, exist_ok=True)
     link(base / "world" / "raw", root / "raw")
-    overrides = list(extra) + [f"pipeline.content_graph.source={'none' if kind == 'click' else kind}"]
+    overrides = list(extra) + PIPELINE_OVERRIDES[kind]
     if model_dir:
         overrides.append(f"pipeline.content_graph.model_dir={model_dir}")
     seconds = clicklens("pipeline", root, config, overrides, base / f"pipeline-{kind}.log")
@@ -111,6 +121,8 @@ def figures(metrics) -> dict:
         "cold_pixel_knn": seen["cold"]["pixel_knn"]["recall@10"],
         "cold_random": seen["cold"]["random"]["recall@10"],
         "cold_vs_pixel_knn": seen["cold"]["recall@10_vs_pixel_knn"],
+        "warm_pixel_knn": seen["logged"]["pixel_knn"]["recall@10"],
+        "warm_vs_pixel_knn": seen["logged"]["recall@10_vs_pixel_knn"],
         "eval_all": held_out["all"]["trained"]["recall@10"],
         "eval_cold": held_out["cold"]["trained"]["recall@10"],
     }
@@ -171,17 +183,20 @@ def main(argv=None) -> int:
 def print_summary(results, base: pathlib.Path) -> None:
     """The table (mean +/- spread over each variant's seeds) and the issue's targets."""
     print("\nrecall@10, train-split (seen) queries; mean +/- spread (max - min) over each variant's seeds")
-    header = ("variant", "warm (logged)", "cold (never logged)", "pixel-kNN cold", "cold / pixel-kNN",
-              "eval q. cold", "train s", "epochs")
+    header = ("variant", "warm (logged)", "warm / pixel-kNN", "cold (never logged)", "pixel-kNN cold",
+              "cold / pixel-kNN", "eval q. cold", "train s", "epochs")
     rows = []
     for variant, result in results.items():
         runs = result["runs"]
 
         def cell(key, fmt="{:.3f}"):
+            if any(key not in r for r in runs):  # results.json of a run before the figure existed
+                return "-"
             mean, spread = summary([r[key] for r in runs])
             return f"{fmt.format(mean)} +/- {fmt.format(spread)}"
 
-        rows.append((f"{variant} ({len(runs)} seeds)", cell("warm"), cell("cold"), cell("cold_pixel_knn"), cell("cold_vs_pixel_knn", "{:.2f}"),
+        rows.append((f"{variant} ({len(runs)} seeds)", cell("warm"), cell("warm_vs_pixel_knn", "{:.2f}"),
+                     cell("cold"), cell("cold_pixel_knn"), cell("cold_vs_pixel_knn", "{:.2f}"),
                      cell("eval_cold"), f"{statistics.mean(r['seconds'] for r in runs):.0f}",
                      "/".join(str(r["epochs"]) for r in runs)))
     widths = [max(len(str(row[c])) for row in (header, *rows)) for c in range(len(header))]
@@ -192,7 +207,7 @@ def print_summary(results, base: pathlib.Path) -> None:
     for variant, result in results.items():
         ratio, _ = summary([r["cold_vs_pixel_knn"] for r in result["runs"]])
         print(f"  {variant}: cold recall@10 / pixel-kNN = {ratio:.2f} (target >= 2): {'met' if ratio >= 2 else 'NOT met'}")
-    for content in ("content_pixels", "content_table", "content_model"):
+    for content in ("content_pixels", "content_nograd", "content_table", "content_model", "pbm"):
         if content in results and "graph_off" in results:
             on, off = results[content]["runs"], results["graph_off"]["runs"]
             cold_on, spread_on = summary([r["cold"] for r in on])

@@ -431,7 +431,6 @@ def _copied_tree(name: str, root: pathlib.Path) -> pathlib.Path:
     """The files a Dockerfile's COPY lines put in an image, laid out under `root` (the image's /); returns
     the folder its `pip install --no-deps <folder>` installs from."""
     instructions = _dockerfile(name)
-    defaults = _arg_defaults(instructions)
     workdir, install_from = pathlib.PurePosixPath("/"), None
     for op, arguments in instructions:
         if op == "WORKDIR":

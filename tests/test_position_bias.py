@@ -131,6 +131,50 @@ def test_debiased_selection_prefers_clicks_deep_in_the_page():
     assert len(selection.select_for_query("q", "", short, selection.SelectionRules())) == 1
 
 
+# Under a CTR threshold, raw and debiased CTR (prior 0.05, n0 10; propensities 1 at position 1, 0.2 at 10):
+#   image   slot: n, clicks   raw CTR          debiased CTR
+#   top     1: 20, 2          2.5/30 = .083    .083
+#   deep   10: 20, 2          2.5/30 = .083    2.5/(20*.2+10) = .179
+#   deeper 10: 20, 3          3.5/30 = .117    3.5/14 = .250
+#   edge    1:  5, 1          1.5/15 = .100    .100   (exactly at 0.1: "strictly above" drops it)
+#   hot     1: 10, 6          6.5/20 = .325    .325
+THRESHOLD_STATS = [("top", PairStats(20, 2, 20, (1, 20, 2, 2.0))),
+                   ("deep", PairStats(20, 2, 200, (10, 20, 2, 2.0))),
+                   ("deeper", PairStats(20, 3, 200, (10, 20, 3, 3.0))),
+                   ("edge", PairStats(5, 1, 5, (1, 5, 1, 1.0))),
+                   ("hot", PairStats(10, 6, 10, (1, 10, 6, 6.0)))]
+
+
+@pytest.mark.parametrize("category, kept_raw, kept_debiased", [
+    ("", {"hot"}, {"deep", "deeper", "hot"}),                     # ctr_threshold_default 0.15
+    ("other", {"hot"}, {"deep", "deeper", "hot"}),                # a category without its own threshold
+    ("strict", {"hot"}, {"deeper", "hot"}),                       # 0.2: deep's .179 is not enough
+    ("lenient", {"deeper", "hot"}, {"deep", "deeper", "hot"}),    # 0.1: edge's .100 is not above it
+])
+def test_ctr_threshold_reads_the_debiased_ctr(category, kept_raw, kept_debiased):
+    from clicklens.config import config_from_dict
+
+    pipeline = {"ctr_threshold_default": 0.15, "ctr_threshold_by_category": {"strict": 0.2, "lenient": 0.1},
+                "ctr_prior": 0.05, "ctr_prior_impressions": 10.0, "min_clicks": 1, "top_n_per_query": 50}
+    rules = {bias: selection.SelectionRules.from_config(
+        config_from_dict({"pipeline": dict(pipeline, position_bias=bias)}).pipeline) for bias in ("none", "pbm")}
+    assert rules["pbm"].threshold(category) == rules["none"].threshold(category)
+    edge = dict(THRESHOLD_STATS)["edge"]
+    assert edge.smoothed_ctr(0.05, 10.0) == 0.1  # exactly, so the "lenient" case tests "strictly above"
+    table = {1: 1.0, 10: 0.2}
+    raw = selection.select_for_query("q", category, THRESHOLD_STATS, rules["none"])
+    comparison = []
+    debiased = selection.select_for_query("q", category, THRESHOLD_STATS, rules["pbm"], propensities=table,
+                                          comparison=comparison)
+    assert {p.image_id for p in raw} == kept_raw
+    assert {p.image_id for p in debiased} == kept_debiased
+    assert all(p.category == category for p in raw + debiased)
+    # The comparison's raw selection is the one position_bias=none makes.
+    (c,) = comparison
+    assert (c.pairs, c.selected_raw, c.selected_debiased, c.selected_both) == (
+        5, len(kept_raw), len(kept_debiased), len(kept_raw & kept_debiased))
+
+
 def test_click_stats_by_slot_sum_per_position_and_segment():
     records = [LogRecord("s1", 1.0, (Impression("a", 1, True, 1000.0), Impression("b", 2, False)), query="red",
                          locale="en"),
@@ -154,20 +198,36 @@ def test_inversions_count_discordant_pairs():
 
 
 def _line(positions):
-    return json.dumps({"session_id": "s", "time": 1.0, "query": "red",
-                       "impressions": [{"image_id": f"i{k}", "position": p, "clicked": False}
-                                       for k, p in enumerate(positions)]}).encode()
+    impressions = [{"image_id": f"i{k}", "position": p, "clicked": False} for k, p in enumerate(positions)]
+    for impression in impressions:
+        if impression["position"] is _MISSING:
+            del impression["position"]
+    return json.dumps({"session_id": "s", "time": 1.0, "query": "red", "impressions": impressions}).encode()
 
 
-@pytest.mark.parametrize("positions, reason", [
-    ([1, 2, 2], "duplicate_position"),
-    ([1, MAX_IMPRESSIONS + 1], "position_out_of_range"),
-    ([1, 0], "bad_impression"),
-    ([1, None], "bad_impression"),
+_MISSING = object()  # the impression has no "position" key at all
+
+
+@pytest.mark.parametrize("positions, reason, detail", [
+    ([1, 2, 2], "duplicate_position", "impressions[2].position=2 is shown twice"),
+    ([1, MAX_IMPRESSIONS + 1], "position_out_of_range", f"impressions[1].position={MAX_IMPRESSIONS + 1} > "),
+    ([1, 0], "bad_impression", "impressions[1].position=0"),
+    ([1, None], "bad_impression", "impressions[1].position=None"),
+    ([1, _MISSING], "bad_impression", "impressions[1].position=None"),
+    ([-1, 2], "bad_impression", "impressions[0].position=-1"),
+    ([1, 2.0], "bad_impression", "impressions[1].position=2.0"),
+    ([1, "2"], "bad_impression", "impressions[1].position='2'"),
+    ([True, 2], "bad_impression", "impressions[0].position=True"),
 ])
-def test_bad_positions_are_dead_lettered(positions, reason):
+def test_bad_positions_are_dead_lettered(positions, reason, detail):
     record, bad = parse_or_dead_letter(_line(positions))
-    assert record is None and bad["reason"] == reason
+    assert record is None and bad["reason"] == reason and bad["detail"].startswith(detail)
+    assert bad["source"] == "log" and json.loads(bad["raw"]) == json.loads(_line(positions))
+
+
+def test_positions_up_to_max_impressions_in_any_order_are_kept():
+    record, bad = parse_or_dead_letter(_line([MAX_IMPRESSIONS, 3, 1]))
+    assert bad is None and [i.position for i in record.impressions] == [MAX_IMPRESSIONS, 3, 1]
 
 
 def _records(seed=1, sessions=3000):
@@ -223,6 +283,36 @@ def test_pipeline_with_pbm_writes_the_fit_and_the_plot(demo_world, tmp_path):
     assert bias["selection"]["pairs"] == report["pairs"]
     with Image.open(tmp_path / "examples" / "position_bias.png") as plot:
         assert plot.format == "PNG"
+
+
+def test_small_world_raw_and_debiased_ctr_disagree(demo_world, tmp_path):
+    # ~10 s: one pipeline run over the small world with pbm alone (no dwell weighting, which would also make
+    # the two differ) and a CTR threshold, so the selections can differ too (threshold 0 keeps every clicked pair).
+    os.symlink(demo_world.raw, tmp_path / "raw")
+    run_verb("pipeline", tmp_path, overrides=["pipeline.position_bias=pbm", "pipeline.ctr_threshold_default=0.1"])
+    report = json.loads((tmp_path / "examples" / "report.json").read_text())
+    bias = report["position_bias"]
+    assert bias["settings"]["min_dwell_ms"] == 0.0
+    c = bias["selection"]
+    assert set(c) == set(selection.SelectionComparison._fields)
+    # The demo's noisy ranker shows each pair at varying positions, so dividing by expected examinations reorders
+    # clicked images of a query: the raw CTR order is not the debiased one on a visible share of image pairs
+    # (9-10 % in four small worlds, seeds 20261122, 7, 11 and ranker_quality_weight 0, 0.3, 1; the floor is 1 %).
+    assert 0 < c["clicked_pairs"] <= c["pairs"] == report["pairs"]
+    assert 0 < c["rank_changed"] < c["clicked_pairs"]
+    assert 0.01 < c["discordant_image_pairs"] / c["clicked_image_pairs"] < 1
+    # Expected examinations <= impressions: the debiased CTR clears the threshold for pairs shown deep whose raw
+    # CTR does not; those pairs are selected by the debiased figures only.  (The few selected by the raw figures
+    # only are top-N's: queries with more than 50 clicked images, ranked by clicks vs inverse-propensity clicks.)
+    assert c["selected_both"] <= c["selected_raw"] and c["selected_both"] < c["selected_debiased"]
+    assert c["selected_debiased"] == report["selected_pairs"]
+    # The truth the fit is measured against: P(examined) falls with the position, from 1 at the top.
+    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    truth = manifest["examination_propensities"]
+    max_impressions = manifest["config"]["max_impressions"]
+    assert sorted(map(int, truth)) == list(range(1, max_impressions + 1))
+    values = [truth[str(p)] for p in range(1, max_impressions + 1)]
+    assert values[0] == 1.0 and all(a > b > 0 for a, b in zip(values, values[1:]))
 
 
 @pytest.fixture(scope="module")

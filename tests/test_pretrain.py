@@ -1,8 +1,12 @@
-"""Self-supervised pretraining of the image tower: loss, augmentations, `clicklens pretrain` and image_init."""
+"""Self-supervised pretraining of the image tower: loss, augmentations, the seeing report, `clicklens pretrain`
+(one device and two replicas), its encoder as the content graph's model and image_init."""
 
-import argparse
+import contextlib
+import io
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -10,11 +14,14 @@ import pytest
 from clicklens import compat  # noqa: F401
 import tensorflow as tf
 
-from clicklens.config import ConfigError
+from clicklens import cli
+from clicklens.config import ConfigError, load_config
 from clicklens.errors import ClicklensError
+from clicklens.workdir import Workdir
 from tests import trainer_synthetic as synth
-from trainer import augment, losses, pretrain, task
-from trainer.model import build_image_tower, with_image_init_path
+from tests.conftest import DEMO_CONFIG, SMALL_WORLD, run_python, run_verb
+from trainer import augment, losses, pretrain, seeing, task
+from trainer.model import build_image_tower, restore_model, with_image_init_path
 
 # 24 synthetic images, 8 per step: 3 steps per epoch.
 PRETRAIN = ["pretrain.per_replica_batch_size=8", "pretrain.epochs=1", "pretrain.projection_dim=8",
@@ -22,6 +29,8 @@ PRETRAIN = ["pretrain.per_replica_batch_size=8", "pretrain.epochs=1", "pretrain.
 
 COLOUR_OFF = ["pretrain.augment.brightness=0", "pretrain.augment.contrast=0", "pretrain.augment.saturation=0",
               "pretrain.augment.hue=0"]
+# Both views are the image itself: a run is the same on any strategy.
+IDENTITY_VIEWS = COLOUR_OFF + ["pretrain.augment.crop_min_area=1", "pretrain.augment.flip=false"]
 
 
 def config(extra=()):
@@ -88,7 +97,7 @@ def test_views_keep_shape_and_range_and_differ():
 
 
 def test_every_switch_off_is_the_identity():
-    off = config(COLOUR_OFF + ["pretrain.augment.crop_min_area=1", "pretrain.augment.flip=false"]).pretrain.augment
+    off = config(IDENTITY_VIEWS).pretrain.augment
     images = _images()
     np.testing.assert_array_equal(augment.random_view(images, off).numpy(), images.numpy())
 
@@ -133,6 +142,60 @@ def test_blur_smooths_texture_and_keeps_flat_colour():
 
 
 # ---------------------------------------------------------------------------
+# The seeing metric (trainer/seeing.py).
+
+
+def _seeing_world():
+    """12 images in a plane, ranked by cosine: image i < 11 points at 15 * i degrees, image 11 the way image 0
+    does (an exact neighbour, tied with it).  Lengths differ (image 10 is short): a dot product would rank
+    otherwise."""
+    angles = np.radians(15.0 * np.array(list(range(11)) + [0]))
+    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0.1, 12])
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1) * lengths[:, None]
+    return vectors, [f"img{i:02d}" for i in range(12)]
+
+
+def test_image_to_image_recall_and_ndcg_by_hand():
+    vectors, ids = _seeing_world()
+    truth = {"img00": {"img11", "img05", "img09"}, "img11": {"img00", "img10"}, "img10": {"img11"},
+             "img03": {"img02", "img04"}}
+    queries = np.array([0, 11, 10, 3])
+    # Each query's top 10 of the 11 other images leaves out the one farthest from it:
+    #   img00: img11 (tied with img00 itself, dropped), img01 ... img09; img10 left out -> similar at ranks 1, 6, 10
+    #   img11: img00 (tied, the lower row first), img01 ... img09; img10 left out -> 1 of 2, at rank 1
+    #   img10: img09 ... img01, img00; img11 (tied with img00, the higher row) left out -> 0 of 1
+    #   img03: img02 and img04 (15 degrees either side) first -> 2 of 2 at ranks 1 and 2
+    recall = (1 + 1 / 2 + 0 + 1) / 4
+    ideal2, ideal3 = 1 + 1 / math.log2(3), 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    ndcg = ((1 + 1 / math.log2(7) + 1 / math.log2(11)) / ideal3 + 1 / ideal2 + 0 + 1) / 4
+    metrics = seeing.image_to_image(vectors, ids, truth, queries)
+    assert metrics == {"recall@10": pytest.approx(recall, abs=1e-9), "ndcg@10": pytest.approx(ndcg, abs=1e-9)}
+    # Each query on its own.
+    alone = [seeing.image_to_image(vectors, ids, truth, np.array([q]))["recall@10"] for q in queries]
+    assert alone == pytest.approx([1, 0.5, 0, 1], abs=1e-9)
+
+
+def test_format_table_prints_each_space_figures_and_ratio():
+    report = {"k": 10, "truth": "similar_images.jsonl", "num_queries": {"all": 24, "cold": 3},
+              "mean_similar_per_image": 4.0,
+              "raw_pixels": {"all": {"recall@10": 0.5, "ndcg@10": 0.25}, "cold": {"recall@10": 0.4, "ndcg@10": 0.3}},
+              "pretrained": {"all": {"recall@10": 0.75, "ndcg@10": 0.625}},
+              "click_trained": {"all": {"recall@10": 0.875, "ndcg@10": 0.5}, "cold": {"recall@10": 1, "ndcg@10": 1}},
+              "pretrained_vs_raw_pixels": 1.5, "click_trained_vs_raw_pixels": 1.75}
+    lines = seeing.format_table(report).splitlines()
+    assert "about 4 similar images each, so recall@10 <= 2.50" in lines[0]
+    assert re.split(r"\s{2,}", lines[1].strip()) == ["space", "all (24 query images)", "cold (3 query images)",
+                                                      "recall@10 / pixels"]
+    # One row per space present, in SPACES order (no random tower here); a subset a space lacks is n/a.
+    assert [re.split(r"\s{2,}", line.strip()) for line in lines[2:]] == [
+        ["raw pixels", "0.500 / 0.250", "0.400 / 0.300"],
+        ["pretrained tower", "0.750 / 0.625", "n/a", "1.50x"],
+        ["click-trained tower", "0.875 / 0.500", "1.000 / 1.000", "1.75x"]]
+    assert seeing.format_table({"skipped": "no W/raw/similar_images.jsonl"}) == (
+        "seeing: skipped (no W/raw/similar_images.jsonl)")
+
+
+# ---------------------------------------------------------------------------
 # `clicklens pretrain` and model.image_init.
 
 
@@ -145,13 +208,28 @@ def _similar_images(workdir):
             f.write(json.dumps({"image_id": i, "similar_image_ids": similar}) + "\n")
 
 
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A synthetic workdir after a 1-epoch `clicklens pretrain` (the verb's function, in process)."""
-    workdir = synth.write_workdir(tmp_path_factory.mktemp("pretrain"), config())
+def pretrained_run(tmp_path_factory):
+    """A synthetic workdir after a 1-epoch `clicklens pretrain --config ... --workdir ... --set ...` (the command
+    line, in process: config(), as YAML plus --set), and the verb's standard output."""
+    root = tmp_path_factory.mktemp("pretrain")
+    workdir = synth.write_workdir(root, config())
     _similar_images(workdir)
-    assert pretrain.run(config(), workdir, argparse.Namespace()) == 0
-    return workdir
+    config_yaml = synth.write_config_yaml(tmp_path_factory.mktemp("config") / "trainer-test.yaml")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["pretrain", "--config", config_yaml, "--workdir", str(root), *_sets(PRETRAIN)])
+    assert code == 0
+    return workdir, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pretrained(pretrained_run):
+    return pretrained_run[0]
 
 
 def _tower_weights(path):
@@ -171,6 +249,8 @@ def test_pretrain_writes_tower_encoder_report_and_checkpoints(pretrained):
     for space in ("raw_pixels", "random", "pretrained"):
         assert 0.0 <= seeing[space]["all"]["recall@10"] <= 1.0
     assert "pretrained_vs_raw_pixels" in seeing
+    # No W/model here: no click-trained space (test_pretrain_reports_the_click_trained_tower_of_the_workdir).
+    assert "click_trained" not in seeing and "click_trained_vs_raw_pixels" not in seeing
     # The image_encoder SavedModel embeds raw PNG bytes as the tower does.
     encoder = tf.saved_model.load(report["image_encoder"])
     png = synth.images()["red-circle-0"][2]
@@ -240,3 +320,200 @@ def test_pretrain_needs_pixels(tmp_path):
                                      "model.image_tower=features"])
     with pytest.raises(ClicklensError, match="pipeline.image_source=pixels"):
         pretrain.corpus_pixels(settings, synth.write_workdir(tmp_path, config()))
+
+
+def test_pretrain_prints_the_seeing_table_of_its_report(pretrained_run):
+    workdir, printed = pretrained_run
+    figures = json.loads(open(workdir.pretrain + "/report.json").read())["seeing"]
+    assert seeing.format_table(figures) in printed
+    row = next(line for line in printed.splitlines() if line.startswith("pretrained tower"))
+    assert f"{figures['pretrained']['all']['recall@10']:.3f} / {figures['pretrained']['all']['ndcg@10']:.3f}" in row
+    assert "click-trained tower" not in printed
+
+
+def test_on_vertex_the_pretraining_checkpoints_are_no_click_trained_tower(pretrained, monkeypatch):
+    # On Vertex AI, $AIP_CHECKPOINT_DIR is where `train` and `pretrain` both keep checkpoints; in a pretraining
+    # job it holds the pretraining's own.  A partial restore of them used to be reported as a click-trained tower.
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", pretrain.pretrain_checkpoints(pretrained))
+    assert tf.train.latest_checkpoint(pretrain.pretrain_checkpoints(pretrained))
+    assert set(pretrain.seeing_towers(config(), pretrained, None)) == {"random", "pretrained"}
+
+
+# ---------------------------------------------------------------------------
+# The pretrained image_encoder as the content graph's `model` source.
+
+
+def test_the_content_graph_model_source_runs_the_pretrained_encoder(pretrained):
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    from beam_pipelines import content_graph
+    from clicklens import servables as S
+    from clicklens.images import prepare_images
+
+    k = 2
+    settings = config(["pipeline.content_graph.source=model",
+                       f"pipeline.content_graph.model_dir={pretrained.pretrain}/image_encoder",
+                       f"pipeline.content_graph.neighbors={k}", "pipeline.content_graph.min_similarity=-1",
+                       "pipeline.content_graph.batch_size=5"])
+    # model_dir names W/pretrain/image_encoder: its newest version, the one `pretrain` reported, is run.
+    model_dir = content_graph.encoder_dir(settings.pipeline.content_graph, pretrained)
+    assert model_dir == json.loads(open(pretrained.pretrain + "/report.json").read())["image_encoder"]
+    catalog = synth.images()
+    ids = sorted(catalog)
+    pngs = tf.constant([catalog[i][2] for i in ids])
+    direct = tf.saved_model.load(model_dir).signatures[S.DEFAULT_SIGNATURE](image_bytes=pngs)[S.EMBEDDING].numpy()
+    # That encoder is the tower of W/pretrain/image_tower/weights, not a freshly initialised one.
+    pixels = prepare_images(pngs, synth.IMAGE_SIZE)
+    tower = build_image_tower(config(["model.image_init=pretrained",
+                                      f"model.image_init_path={pretrained.pretrained_tower}"]))
+    np.testing.assert_allclose(tower(pixels).numpy(), direct, atol=1e-5)
+    assert not np.allclose(build_image_tower(config())(pixels).numpy(), direct, atol=1e-3)
+
+    unit = direct / np.linalg.norm(direct, axis=1, keepdims=True)
+    cosines = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    np.fill_diagonal(cosines, -np.inf)
+    kth = np.sort(cosines, axis=1)[:, -k]  # each image's k-th best cosine
+    row = {image_id: r for r, image_id in enumerate(ids)}
+
+    def check_embeddings(embeddings):
+        assert sorted(i for i, _ in embeddings) == ids
+        for image_id, vector in embeddings:
+            np.testing.assert_allclose(vector, unit[row[image_id]], atol=1e-5)
+
+    def check_edges(edges):
+        found = {pair: cosine for pair, cosine in edges}
+        for (a, b), cosine in found.items():
+            assert a < b and cosine == pytest.approx(cosines[row[a], row[b]], abs=1e-5)
+        # With 24 images LSH keeps one bucket: the edges are each image's exact top k (up to ties within 1e-5).
+        for a in ids:
+            for b in ids:
+                if a < b:
+                    c = cosines[row[a], row[b]]
+                    if c > kth[row[a]] + 1e-5 or c > kth[row[b]] + 1e-5:
+                        assert (a, b) in found, (a, b)
+                    elif c < kth[row[a]] - 1e-5 and c < kth[row[b]] - 1e-5:
+                        assert (a, b) not in found, (a, b)
+        assert len(found) >= len(ids) * k // 2
+
+    with TestPipeline(runner=FnApiRunner()) as p:
+        content = (p | beam.Create([(i, catalog[i][2]) for i in ids])
+                   | content_graph.BuildContentGraph(settings.pipeline.content_graph, synth.IMAGE_SIZE, model_dir,
+                                                     S.IMAGE_BYTES))
+        assert_that(content[content_graph.EMBEDDINGS], check_embeddings, label="embeddings")
+        assert_that(content[content_graph.EDGES], check_edges, label="edges")
+
+
+# ---------------------------------------------------------------------------
+# The click-trained tower as a fourth space (the demo chain's `clicklens train`).
+
+DEMO_PRETRAIN = ["pretrain.epochs=1", "pretrain.steps_per_epoch=2", "pretrain.per_replica_batch_size=8"]
+
+
+def test_pretrain_reports_the_click_trained_tower_of_the_workdir(demo_trained, tmp_path, capsys):
+    """`clicklens pretrain` where `clicklens train` has run: W/model's tower is a space of the seeing report,
+    with its own figures.  On a copy, so the shared demo workdir gets no W/pretrain."""
+    original = demo_trained.root
+    root = str(tmp_path / "w")
+    shutil.copytree(original, root, ignore=lambda d, names: [n for n in names if d == original and
+                                                             n in ("export", "pretrain")])
+    capsys.readouterr()
+    run_verb("pretrain", root, overrides=DEMO_PRETRAIN)
+    printed = capsys.readouterr().out
+    workdir = Workdir(root)
+    figures = json.loads(open(workdir.pretrain + "/report.json").read())["seeing"]
+    assert set(figures["click_trained"]) == set(figures["pretrained"]) == set(figures["num_queries"])
+    assert figures["click_trained_vs_raw_pixels"] == pytest.approx(
+        figures["click_trained"]["all"]["recall@10"] / figures["raw_pixels"]["all"]["recall@10"])
+    # The figures are those of the tower restored from W/model, not of another space's.
+    settings = pretrain.pretrain_config(load_config(DEMO_CONFIG, SMALL_WORLD + DEMO_PRETRAIN))
+    clicked = seeing.evaluate(settings, workdir, {"click_trained": restore_model(settings, workdir).image_tower})
+    for subset, metrics in clicked["click_trained"].items():
+        assert figures["click_trained"][subset] == pytest.approx(metrics, abs=1e-9), subset
+    assert figures["click_trained"]["all"]["ndcg@10"] != pytest.approx(figures["random"]["all"]["ndcg@10"])
+    assert figures["click_trained"]["all"]["ndcg@10"] != pytest.approx(figures["pretrained"]["all"]["ndcg@10"])
+    row = next(line for line in printed.splitlines() if line.startswith("click-trained tower"))
+    all_figures = figures["click_trained"]["all"]
+    assert f"{all_figures['recall@10']:.3f} / {all_figures['ndcg@10']:.3f}" in row
+
+
+def test_a_click_trained_tower_of_another_shape_is_left_out(demo_trained, small_config, caplog):
+    settings = pretrain.pretrain_config(load_config(DEMO_CONFIG, SMALL_WORLD + ["model.cnn_filters=[8, 8]"]))
+    with caplog.at_level("WARNING"):
+        towers = pretrain.seeing_towers(settings, demo_trained, pretrained=None)
+    assert set(towers) == {"random", "pretrained"}
+    assert "does not fit this config, left out" in caplog.text
+    # The config it was trained with fits.
+    assert "click_trained" in pretrain.seeing_towers(pretrain.pretrain_config(small_config), demo_trained, None)
+
+
+# ---------------------------------------------------------------------------
+# Two replicas (MirroredStrategy over two logical CPUs).
+
+# Runs in a fresh interpreter: logical CPU devices must be configured before TensorFlow initialises.
+MIRRORED_PRETRAIN = r"""
+import glob, json, sys, tempfile
+from clicklens import compat
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+from tests import trainer_synthetic as synth
+from tests.test_pretrain import _similar_images
+from trainer import pretrain
+from trainer.model import build_image_tower
+
+OVERRIDES = json.loads(sys.argv[1])
+
+def epoch_losses(workdir):
+    found = []
+    for path in glob.glob(workdir.pretrain + "/tensorboard/train/events*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            found += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value
+                      if v.tag == "epoch_loss"]
+    return [loss for _, loss in sorted(found)]
+
+out = {}
+# One device, 8 images a step, in process.
+config = synth.trainer_config(OVERRIDES + ["training.strategy=cpu", "pretrain.per_replica_batch_size=8"])
+workdir = synth.write_workdir(tempfile.mkdtemp(), config)
+tower = pretrain.pretrain(config, workdir)
+out["cpu"] = {"replicas": tower.distribute_strategy.num_replicas_in_sync, "losses": epoch_losses(workdir)}
+one_device = [w.numpy() for w in tower.weights]
+# Two replicas of 4 images, through `python -m trainer.pretrain` (the Vertex AI entry point).
+overrides = OVERRIDES + ["training.strategy=mirrored", "pretrain.per_replica_batch_size=4"]
+config = synth.trainer_config(overrides)
+root = tempfile.mkdtemp()
+workdir = synth.write_workdir(root, config)
+_similar_images(workdir)
+args = ["--config", synth.write_config_yaml(root + "/config.yaml"), "--workdir", root]
+code = pretrain.main(args + [a for o in overrides for a in ("--set", o)])
+report = json.load(open(workdir.pretrain + "/report.json"))
+saved = build_image_tower(config)
+saved.load_weights(workdir.pretrained_tower).assert_existing_objects_matched()
+out["mirrored"] = {"code": code, "losses": epoch_losses(workdir), "seeing": report["seeing"],
+                   "steps": int(tf.train.latest_checkpoint(pretrain.pretrain_checkpoints(workdir)).rsplit("-", 1)[1]),
+                   "max_weight_diff": max(float(np.max(np.abs(a - b.numpy())))
+                                          for a, b in zip(one_device, saved.weights)),
+                   "max_weight_change": max(float(np.max(np.abs(a.numpy() - b.numpy())))
+                                            for a, b in zip(build_image_tower(config).weights, saved.weights))}
+print(json.dumps(out))
+"""
+
+
+def test_mirrored_two_replicas_pretrain_as_one_device():
+    # Identity views and the same seed: both runs see the same global batches of 8 images from the same weights.
+    overrides = PRETRAIN + IDENTITY_VIEWS + ["pretrain.epochs=2"]
+    proc = run_python(MIRRORED_PRETRAIN.replace("sys.argv[1]", repr(json.dumps(overrides))), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mirroring over 2 logical CPU devices" in proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = out["cpu"], out["mirrored"]
+    # 24 images in global batches of 8 (2 replicas x 4): 3 steps an epoch.
+    assert one["replicas"] == 1 and two["code"] == 0 and two["steps"] == 6
+    assert len(one["losses"]) == 2 and two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["losses"][1] < one["losses"][0]
+    assert two["max_weight_diff"] < 1e-5 < two["max_weight_change"]
+    assert 0.0 <= two["seeing"]["pretrained"]["all"]["recall@10"] <= 1.0

@@ -113,3 +113,18 @@ def test_restore_model_without_checkpoint_is_a_clear_error(workdir, tmp_path):
     empty = Workdir(str(tmp_path))
     with pytest.raises(ClicklensError, match="no checkpoint"):
         restore_model(synth.trainer_config(), empty)
+
+
+def test_restore_model_refuses_a_checkpoint_of_another_model(workdir, tmp_path):
+    """A checkpoint holding only an image tower (as pretraining writes) is not taken for a two-tower model."""
+    import shutil
+
+    from clicklens.training_runs import checkpoint_dir
+
+    other = Workdir(str(tmp_path))
+    shutil.copytree(workdir.examples, other.examples)  # restore_model reads the vocabulary from there
+    config = synth.trainer_config()
+    tower_only = build_model(config, len(synth.vocab_tokens())).image_tower
+    tf.train.Checkpoint(model=tf.train.Checkpoint(image_tower=tower_only)).save(f"{checkpoint_dir(other)}/ckpt")
+    with pytest.raises(ClicklensError, match="not a checkpoint of this two-tower model"):
+        restore_model(config, other)

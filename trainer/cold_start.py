@@ -19,7 +19,9 @@ was shown).  Two baselines from the same logs, in the same run:
   pixels, or the feature vectors for `image_source: features`).  Eval-split
   queries have no training clicks, so the baseline is undefined for them.
 
-Each trained figure is also given as a ratio to each baseline.
+Each trained figure is also given as a ratio to each baseline:
+`<metric>_vs_<baseline>` (`recall@10_vs_pixel_knn`, `ndcg@10_vs_random`, ...), None
+where the baseline is undefined or scored 0.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 SUBSETS = ("all", "logged", "cold")
 GROUPS = ("train_queries", "eval_queries")
 MODELS = ("trained", "pixel_knn", "random")
+BASELINES = ("pixel_knn", "random")
 K = 10
 REPORTED = ("recall@10", "ndcg@10")
 # Pixel vectors for the baseline are held in memory; above this many floats the baseline is skipped.
@@ -109,6 +112,19 @@ def _ratio(value: float, base: Optional[float]) -> Optional[float]:
     return value / base if base else None
 
 
+def rank_subset(candidates: np.ndarray, query_vectors: np.ndarray, rows: np.ndarray, ids: Sequence[str],
+                k: int = K) -> List[List[str]]:
+    """Per query vector, the ids of the top `k` among the candidate rows `rows` only (exact dot product, best first)."""
+    top = exact_top_k(candidates[rows], query_vectors, k)
+    return [[ids[rows[c]] for c in row] for row in top]
+
+
+def ratios(cell: Mapping[str, object]) -> Dict[str, Optional[float]]:
+    """`<metric>_vs_<baseline>`: each REPORTED trained figure over the same figure of each baseline."""
+    return {f"{metric}_vs_{base}": _ratio(cell["trained"][metric], cell[base][metric] if cell[base] else None)
+            for metric in REPORTED for base in BASELINES}
+
+
 def evaluate(config, workdir, model, corpus: Corpus, tokenizer, eval_clicks: Mapping[str, Mapping[str, float]]):
     """The `cold_start` section: metrics per query group x candidate set x model (see the module docstring)."""
     logged = read_logged_images(workdir)
@@ -143,17 +159,12 @@ def evaluate(config, workdir, model, corpus: Corpus, tokenizer, eval_clicks: Map
             picked = np.array([q for q, _ in relevant])
             gains = [r for _, r in relevant]
 
-            def ranked(vectors_of_queries, candidates):
-                top = exact_top_k(candidates[rows], vectors_of_queries[picked], K)
-                return [[ids[rows[c]] for c in row] for row in top]
-
             cell: Dict[str, object] = {"num_queries": len(picked)}
-            cell["trained"] = _metrics(ranked(query_vectors, corpus.embeddings), gains)
-            cell["pixel_knn"] = _metrics(ranked(profiles, pixels), gains) if profiles is not None else None
+            cell["trained"] = _metrics(rank_subset(corpus.embeddings, query_vectors[picked], rows, ids), gains)
+            cell["pixel_knn"] = (_metrics(rank_subset(pixels, profiles[picked], rows, ids), gains)
+                                 if profiles is not None else None)
             cell["random"] = _metrics([[ids[rows[c]] for c in rng.permutation(len(rows))[:K]] for _ in picked], gains)
-            for base in ("pixel_knn", "random"):
-                base_value = cell[base]["recall@10"] if cell[base] else None
-                cell[f"recall@10_vs_{base}"] = _ratio(cell["trained"]["recall@10"], base_value)
+            cell.update(ratios(cell))
             out[subset] = cell
         section[group] = out
     return section
@@ -164,8 +175,16 @@ def _cell(cell, model: str) -> str:
     return f"{values['recall@10']:.3f} / {values['ndcg@10']:.3f}" if values else "n/a"
 
 
+def _ratio_cell(cell, base: str) -> str:
+    values = [cell.get(f"{metric}_vs_{base}") for metric in REPORTED]
+    if all(r is None for r in values):
+        return "n/a"
+    return " / ".join("n/a" if r is None else f"{r:.2f}x" for r in values)
+
+
 def format_table(section: Mapping[str, object]) -> str:
-    """The cold-start section as a text table: recall@10 / NDCG@10 per query group, model and candidate set."""
+    """The cold-start section as a text table: recall@10 / NDCG@10 per query group, model and candidate set,
+    and the trained model's recall@10 / NDCG@10 as ratios to each baseline."""
     if "skipped" in section:
         return f"cold start: skipped ({section['skipped']})"
     sizes = section["num_images"]
@@ -177,9 +196,8 @@ def format_table(section: Mapping[str, object]) -> str:
         lines.append([f"{group.replace('_', ' ')} ({cells['num_queries']})", "", "", ""])
         for model in MODELS:
             lines.append([f"  {names[model]}", *(_cell(cells[s], model) for s in SUBSETS)])
-        for base in ("pixel_knn", "random"):
-            ratios = [cells[s].get(f"recall@10_vs_{base}") for s in SUBSETS]
-            lines.append([f"  trained / {names[base]}", *(f"{r:.2f}x" if r else "n/a" for r in ratios)])
+        for base in BASELINES:
+            lines.append([f"  trained / {names[base]}", *(_ratio_cell(cells[s], base) for s in SUBSETS)])
     widths = [max(len(row[c]) for row in [header, *lines]) for c in range(4)]
     text = ["cold start: recall@10 / NDCG@10 against W/raw/ground_truth.jsonl; each candidate set ranked on its own "
             "('cold' = never in the logs)",

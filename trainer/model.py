@@ -437,6 +437,11 @@ def restore_model(config, workdir) -> TwoTowerModel:
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
                                                                    image_init="random"))
     model = build_model(config, len(load_vocab(workdir.vocab)))
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()  # the optimizer's slots stay unread
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as err:  # e.g. a pretraining checkpoint: an image tower and no query tower
+        raise ClicklensError(f"{latest} is not a checkpoint of this two-tower model (some of its weights are "
+                             f"missing: {str(err)[:300]})") from None
     logger.info("restored %s", latest)
     return model
