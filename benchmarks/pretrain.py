@@ -11,8 +11,9 @@ are linked, never written).  Then, each verb a fresh process:
 
 1. `clicklens pretrain` on the content pipeline's examples (its corpus-* is
    every decodable catalog image): wall time, and the seeing table (image ->
-   image recall@10 on similar_images.jsonl for raw pixels, the random tower and
-   the pretrained tower) from W/pretrain/report.json;
+   image recall@10 on similar_images.jsonl for raw pixels, the random tower,
+   the pretrained tower, and with --click-trained RUN that run's click-trained
+   tower) from W/pretrain/report.json;
 2. `clicklens train` per variant (graph_off: click pipeline, graph term off;
    content_pixels: the demo's click + content graph) x init (random,
    pretrained: model.image_init=pretrained) x seed, with the cold-start
@@ -56,12 +57,18 @@ def prepare_world(base: pathlib.Path, reuse: str, config: str, extra) -> dict:
     return roots
 
 
-def run_pretrain(base: pathlib.Path, examples_root: pathlib.Path, config: str, extra) -> dict:
-    """`clicklens pretrain` in base/pretrain-run: its wall time and W/pretrain/report.json."""
+def run_pretrain(base: pathlib.Path, examples_root: pathlib.Path, config: str, extra, click_trained: str = "") -> dict:
+    """`clicklens pretrain` in base/pretrain-run: its wall time and W/pretrain/report.json.
+
+    With `click_trained` (a `clicklens train` run's workdir on the same examples), its model/ is linked
+    into the run, so the seeing table also has the click-trained tower.
+    """
     run = base / "pretrain-run"
     run.mkdir(parents=True, exist_ok=True)
     link(base / "world" / "raw", run / "raw")
     link(examples_root / "examples", run / "examples")
+    if click_trained:
+        link(pathlib.Path(click_trained).resolve() / "model", run / "model")
     subprocess.call(["rm", "-rf", str(run / "pretrain")])
     seconds = clicklens("pretrain", run, config, extra, base / "pretrain.log")
     report = json.loads((run / "pretrain" / "report.json").read_text())
@@ -102,6 +109,9 @@ def main(argv=None) -> int:
                              "world, code and seeds) stand for the random-init runs not made here")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="section.key=value for every verb (e.g. pretrain.epochs=40)")
+    parser.add_argument("--click-trained", default="",
+                        help="a `clicklens train` run's workdir on the content pipeline's examples (e.g. a "
+                             "cold_start.py runs/content_pixels-seed1): the seeing table gets its click-trained tower")
     parser.add_argument("--pretrain-again", action="store_true",
                         help="pretrain again even if results.json has a pretraining run (and drop the runs that "
                              "started from its weights)")
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
           flush=True)
     roots = prepare_world(base, args.reuse, args.config, args.overrides)
     if "pretrained" in args.inits and ("pretrain" not in results or args.pretrain_again):
-        results["pretrain"] = run_pretrain(base, roots["pixels"], args.config, args.overrides)
+        results["pretrain"] = run_pretrain(base, roots["pixels"], args.config, args.overrides, args.click_trained)
         results.get("runs", {}).pop("graph_off/pretrained", None)  # made from other weights
         results.get("runs", {}).pop("content_pixels/pretrained", None)
         results_path.write_text(json.dumps(results, indent=2))

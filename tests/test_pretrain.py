@@ -181,14 +181,16 @@ def test_format_table_prints_each_space_figures_and_ratio():
               "raw_pixels": {"all": {"recall@10": 0.5, "ndcg@10": 0.25}, "cold": {"recall@10": 0.4, "ndcg@10": 0.3}},
               "pretrained": {"all": {"recall@10": 0.75, "ndcg@10": 0.625}},
               "click_trained": {"all": {"recall@10": 0.875, "ndcg@10": 0.5}, "cold": {"recall@10": 1, "ndcg@10": 1}},
-              "pretrained_vs_raw_pixels": 1.5, "click_trained_vs_raw_pixels": 1.75}
+              "random": {"all": {"recall@10": 0.0, "ndcg@10": 0.0}},
+              "pretrained_vs_raw_pixels": 1.5, "click_trained_vs_raw_pixels": 1.75, "random_vs_raw_pixels": 0.0}
     lines = seeing.format_table(report).splitlines()
-    assert "about 4 similar images each, so recall@10 <= 2.50" in lines[0]
+    assert "about 4 similar images each, so recall@10 <= 1.00" in lines[0]  # 10 / 4, but recall is at most 1
     assert re.split(r"\s{2,}", lines[1].strip()) == ["space", "all (24 query images)", "cold (3 query images)",
                                                       "recall@10 / pixels"]
-    # One row per space present, in SPACES order (no random tower here); a subset a space lacks is n/a.
+    # One row per space present, in SPACES order; a subset a space lacks is n/a; a ratio of 0 is printed.
     assert [re.split(r"\s{2,}", line.strip()) for line in lines[2:]] == [
         ["raw pixels", "0.500 / 0.250", "0.400 / 0.300"],
+        ["random tower", "0.000 / 0.000", "n/a", "0.00x"],
         ["pretrained tower", "0.750 / 0.625", "n/a", "1.50x"],
         ["click-trained tower", "0.875 / 0.500", "1.000 / 1.000", "1.75x"]]
     assert seeing.format_table({"skipped": "no W/raw/similar_images.jsonl"}) == (

@@ -101,11 +101,11 @@ def format_table(report: Mapping[str, object]) -> str:
         cells = [f"{report[name][s]['recall@10']:.3f} / {report[name][s]['ndcg@10']:.3f}" if s in report[name]
                  else "n/a" for s in subsets]
         ratio = report.get(f"{name}_vs_raw_pixels")
-        lines.append([NAMES[name], *cells, f"{ratio:.2f}x" if ratio else ""])
+        lines.append([NAMES[name], *cells, "" if ratio is None else f"{ratio:.2f}x"])
     widths = [max(len(row[c]) for row in [header, *lines]) for c in range(len(header))]
     text = [f"seeing: image -> image recall@10 / NDCG@10 against similar_images.jsonl (about "
             f"{report['mean_similar_per_image']:.0f} similar images each, so recall@10 <= "
-            f"{K / report['mean_similar_per_image']:.2f} on average); 'cold' = never-logged query images",
+            f"{min(1.0, K / report['mean_similar_per_image']):.2f} on average); 'cold' = never-logged query images",
             "  ".join(h.ljust(w) for h, w in zip(header, widths))]
     text += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in lines]
     return "\n".join(text)
