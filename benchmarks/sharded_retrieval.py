@@ -90,7 +90,7 @@ def scann_for(corpus: Corpus, held_out: np.ndarray, config, path: str, dim: int)
     return export_and_load(index, dim, path, export.SCANN_SAVE_OPTIONS)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=64)
@@ -137,7 +137,11 @@ def main() -> None:
     print(f"ScaNN (auto): recall@{K} vs exact: one index {scann_tuning.recall_at_k(one_scann[0], exact):.4f}, "
           f"merged shards {scann_tuning.recall_at_k(merged_scann[0], exact):.4f}; the two top-{K}s share "
           f"{scann_tuning.recall_at_k(merged_scann[0], one_scann[0]):.1%} of their ids ({scann_s:.0f} s)")
+    if same_set < 1.0:
+        print("NOT the same: exact search over the shards, merged by score, must give one index's top-k")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
