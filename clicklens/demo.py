@@ -1,6 +1,7 @@
 """`clicklens demo`: the whole path on generated data, ending with a live server.
 
-generate-demo-data -> pipeline -> train (+ evaluate) -> export -> serve -> queries.
+generate-demo-data -> pipeline -> [pretrain, when the image tower starts from
+pretrained weights] -> train (+ evaluate) -> export -> serve -> queries.
 
 Each stage is the same verb a user runs by hand, run through the command
 line's verb table (so this core module imports no stage).  A stage whose
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from clicklens import cli, servables
 from clicklens.catalog import read_catalog, resolve_uri
@@ -112,12 +113,22 @@ def _print_metrics(workdir: Workdir) -> None:
     print(json.dumps(headline, indent=2, ensure_ascii=False)[:3000])
 
 
+def stages(config, workdir: Workdir) -> List[Tuple[str, str]]:
+    """(verb, the output that marks it done) of each stage before serving, in order.
+
+    `pretrain` runs when the image tower starts from pretrained weights that the workdir is to hold
+    (model.image_init=pretrained without an image_init_path of its own).
+    """
+    plan = [("generate-demo-data", workdir.catalog), ("pipeline", workdir.report)]
+    if config.model.image_init == "pretrained" and not config.model.image_init_path:
+        plan.append(("pretrain", workdir.pretrain_report))
+    return plan + [("train", workdir.metrics), ("export", workdir.models_config)]
+
+
 def run(config, workdir: Workdir, args) -> int:
     """Runs every stage on generated data, then serves and queries."""
-    _run_stage("generate-demo-data", workdir.catalog, args, config, workdir)
-    _run_stage("pipeline", workdir.report, args, config, workdir)
-    _run_stage("train", workdir.metrics, args, config, workdir)
-    _run_stage("export", workdir.models_config, args, config, workdir)
+    for verb, done_marker in stages(config, workdir):
+        _run_stage(verb, done_marker, args, config, workdir)
     _print_metrics(workdir)
 
     s = config.serving

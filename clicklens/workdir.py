@@ -161,6 +161,11 @@ class Workdir:
         """The pretrained image tower's weights (a save_weights prefix) that model.image_init=pretrained loads."""
         return join(self.pretrain, "image_tower", "weights")
 
+    @property
+    def pretrain_report(self) -> str:
+        """`clicklens pretrain`'s report, written last: the run finished."""
+        return join(self.pretrain, "report.json")
+
     # Export outputs.
     @property
     def export(self) -> str:

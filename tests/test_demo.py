@@ -35,3 +35,21 @@ def test_the_demo_chain_trains_on_cold_images_and_measures_them_apart(demo_train
     assert cell["num_queries"] > 0 and cell["pixel_knn"] is not None
     for model in ("trained", "pixel_knn", "random"):
         assert 0.0 <= cell[model]["recall@10"] <= 1.0
+
+
+def test_the_demo_pretrains_before_training_when_the_tower_starts_pretrained(tmp_path):
+    """With model.image_init=pretrained the demo makes the pretrained tower before it trains."""
+    from clicklens import demo
+    from clicklens.config import load_config
+    from clicklens.workdir import Workdir
+    from tests.conftest import DEMO_CONFIG
+
+    workdir = Workdir(str(tmp_path))
+    pretrained = load_config(DEMO_CONFIG, ["model.image_init=pretrained"])
+    assert [verb for verb, _ in demo.stages(pretrained, workdir)] == [
+        "generate-demo-data", "pipeline", "pretrain", "train", "export"]
+    assert dict(demo.stages(pretrained, workdir))["pretrain"] == workdir.pretrain_report  # written last
+    # From random weights (the demo config's), or from a tower kept elsewhere, there is nothing to pretrain.
+    for overrides in ([], ["model.image_init=pretrained", "model.image_init_path=/weights/tower"]):
+        verbs = [verb for verb, _ in demo.stages(load_config(DEMO_CONFIG, overrides), workdir)]
+        assert verbs == ["generate-demo-data", "pipeline", "train", "export"]

@@ -38,6 +38,21 @@ def test_unset_vertex_variables_mean_the_workdir_layout(monkeypatch, tmp_path):
     assert task.tensorboard_dir(workdir) == workdir.tensorboard
 
 
+def test_only_a_new_run_reads_the_pretrained_tower(tmp_path):
+    """A resumed or warm-started run takes every weight from a checkpoint, so the pretrained tower's file
+    (model.image_init=pretrained) is neither needed nor read; a run from scratch fails without it."""
+    root = tmp_path / "work"
+    synth.write_workdir(root)
+    config_path = synth.write_config_yaml(str(tmp_path / "config.yaml"))
+    train = ["train", "--config", config_path, "--workdir", str(root), "--set", "training.steps_per_epoch=2"]
+    pretrained = ["--set", "model.image_init=pretrained", "--set", f"model.image_init_path={tmp_path}/no/tower"]
+    assert cli.main(train + pretrained + ["--set", "training.epochs=1"]) == 2  # a new run: no tower there
+    assert cli.main(train + ["--set", "training.epochs=1"]) == 0  # from random weights
+    # The same run continued for a second epoch, and a new run warm-started from the first.
+    assert cli.main(train + pretrained + ["--set", "training.epochs=2"]) == 0
+    assert cli.main(train + pretrained + ["--set", "training.warm_start=latest"]) == 0
+
+
 def test_vertex_ai_directories_receive_checkpoints_tensorboard_and_model(monkeypatch, tmp_path):
     # ~15 s (2 busy cores): a real 2-step `clicklens train` run, evaluation included (metrics.json).
     root = tmp_path / "work"

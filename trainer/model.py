@@ -193,6 +193,13 @@ def tower_description(config) -> Dict[str, object]:
     return {key: getattr(getattr(config, key.split(".")[0]), key.split(".")[1]) for key in TOWER_KEYS}
 
 
+def without_start_weights(config):
+    """`config` whose model builds without its starting weights (backbone file, pretrained tower), for a model
+    whose every weight then comes from a checkpoint: those files are neither needed nor read."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
+                                                                 image_init="random"))
+
+
 def with_image_init_path(config, workdir):
     """`config` with model.image_init_path defaulted to W/pretrain/image_tower/weights (image_init=pretrained)."""
     m = config.model
@@ -432,11 +439,8 @@ def restore_model(config, workdir) -> TwoTowerModel:
     latest = tf.train.latest_checkpoint(directory)
     if latest is None:
         raise ClicklensError(f"no checkpoint under {directory} (run `clicklens train` first)")
-    # The checkpoint holds every weight, so the starting weights (backbone file, pretrained tower) are neither
-    # needed nor read: export and evaluate work on machines that do not have them.
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
-                                                                   image_init="random"))
-    model = build_model(config, len(load_vocab(workdir.vocab)))
+    # Export and evaluate work on machines that do not have the starting weights' files.
+    model = build_model(without_start_weights(config), len(load_vocab(workdir.vocab)))
     status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()  # the optimizer's slots stay unread
     try:
         status.assert_existing_objects_matched()

@@ -286,7 +286,7 @@ def run(config, workdir, args) -> int:
     encoder = save_image_encoder(config, workdir, tower)
     report = {"seconds": seconds, "image_encoder": encoder, "weights": workdir.pretrained_tower,
               "seeing": seeing.evaluate(config, workdir, seeing_towers(config, workdir, tower))}
-    with tf.io.gfile.GFile(join(workdir.pretrain, "report.json"), "w") as f:
+    with tf.io.gfile.GFile(workdir.pretrain_report, "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
     print(seeing.format_table(report["seeing"]), flush=True)
     model_dir = os.environ.get("AIP_MODEL_DIR")

@@ -35,7 +35,7 @@ from trainer import strategy as strategies
 from trainer import warm_start
 from trainer.callbacks import CheckpointEverySteps, RetrievalEarlyStopping, TrainingProgress, optimizer_step
 from trainer.evaluate import eval_retrieval_measure, evaluate_and_write
-from trainer.model import TwoTowerModel, build_model, with_image_init_path
+from trainer.model import TwoTowerModel, build_model, with_image_init_path, without_start_weights
 from trainer.neighbor_table import NeighborEmbeddingTable, RefreshNeighborTable
 from trainer.tokenizer import QueryTokenizer
 
@@ -144,6 +144,15 @@ def _fit(model, dataset, callbacks, first_epoch: int, epochs: int, steps: int, s
                   callbacks=callbacks, verbose=verbose, **kwargs)
 
 
+def starting_config(config, workdir, source: Optional[warm_start.WarmStart]):
+    """`config`, or for a warm-started run (`source`) or a resumed one, `config` without its starting weights:
+    a checkpoint then holds every weight, so the pretrained tower's or backbone's file is not read (nor needed).
+    """
+    if source is not None or tf.train.latest_checkpoint(checkpoint_dir(workdir)):
+        return without_start_weights(config)
+    return config
+
+
 def train(config, workdir) -> TwoTowerModel:
     """Trains (or resumes training) and returns the model with its final weights."""
     config = with_image_init_path(config, workdir)
@@ -155,6 +164,7 @@ def train(config, workdir) -> TwoTowerModel:
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     steps = steps_per_epoch(config, workdir, global_batch)
     source = warm_start.resolve(t.warm_start, checkpoint_dir(workdir))
+    config = starting_config(config, workdir, source)
     epochs = run_epochs(t, checkpoint_dir(workdir), source)
     total_steps = steps * epochs
     if t.early_stopping_patience and t.early_stopping_metric == "loss":
@@ -306,6 +316,8 @@ def _copy_to_model_dir(model, workdir) -> None:
 def run(config, workdir, args) -> int:
     """The `clicklens train` verb: train, then evaluate into W/model/metrics.json."""
     config = with_image_init_path(config, workdir)
+    # Decided before training: the untrained baseline of the evaluation starts as this run does.
+    config = starting_config(config, workdir, warm_start.resolve(config.training.warm_start, checkpoint_dir(workdir)))
     model = train(config, workdir)
     if not strategies.is_chief(model.distribute_strategy):
         return 0  # the chief evaluates and writes the outputs

@@ -27,7 +27,6 @@ schedule (warmup, cosine) starts again for the new run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import List, NamedTuple, Optional
 
@@ -39,6 +38,7 @@ from clicklens.errors import ClicklensError
 from clicklens.vocabulary import load_vocab
 from clicklens.training_runs import RUN_VOCAB, is_finished, previous_run_dir
 from clicklens.workdir import join
+from trainer.model import without_start_weights
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +196,7 @@ def restore_into(model, source: WarmStart, new_vocab: List[str], build_model, co
     if source.export and config.training.warm_start_optimizer:
         raise ClicklensError(f"training.warm_start_optimizer: {source.checkpoint} is an export, which has no "
                              "optimizer slots; warm-start from the run's checkpoints instead")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights="",
-                                                                   image_init="random"))
-    old_model = build_model(config, len(source.vocab))
+    old_model = build_model(without_start_weights(config), len(source.vocab))
     if source.export:
         # An exported module keeps both towers under its `encoders` (trainer/export_signatures.py).
         towers = tf.Module()
