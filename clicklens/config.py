@@ -283,7 +283,8 @@ class TrainingConfig:
                                                            "neighbours' embeddings from a table of every corpus "
                                                            "image's embedding, recomputed every this many steps, "
                                                            "without gradient (the tower embeds only positives and "
-                                                           "hard negatives); needs training.image_table.  0: "
+                                                           "hard negatives); needs training.image_table and "
+                                                           "pipeline.image_source pixels.  0: "
                                                            "neighbours go through the tower at every step.")
     graph_batches: bool = _field(False, help="Opt-in: with the graph term on and the image table, build each "
                                              "training batch so that its examples' neighbours are mostly "

@@ -261,11 +261,9 @@ def seeing_towers(config, workdir, pretrained: tf.keras.Model):
     """{random, pretrained, click_trained (when W/model has a checkpoint that fits)} image towers."""
     tf.keras.utils.set_random_seed(config.training.seed)
     towers = {"random": build_image_tower(config), "pretrained": pretrained}
-    if checkpoint_dir(workdir) == pretrain_checkpoints(workdir):
-        # $AIP_CHECKPOINT_DIR on Vertex AI: this pretraining job's own checkpoints, not a click-trained model
-        # (restore_model's partial restore would take their image tower for one).
-        logger.info("seeing: no click-trained tower (%s holds this pretraining's checkpoints)", checkpoint_dir(workdir))
-    elif tf.io.gfile.exists(checkpoint_dir(workdir)) and tf.train.latest_checkpoint(checkpoint_dir(workdir)):
+    # On Vertex AI checkpoint_dir is $AIP_CHECKPOINT_DIR, which in a pretraining job holds the pretraining's own
+    # checkpoints: restore_model refuses them (not a whole two-tower model), so there is no click-trained row.
+    if tf.io.gfile.exists(checkpoint_dir(workdir)) and tf.train.latest_checkpoint(checkpoint_dir(workdir)):
         try:
             towers["click_trained"] = restore_model(config, workdir).image_tower
         except (ClicklensError, ValueError, tf.errors.OpError) as e:

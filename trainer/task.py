@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
@@ -144,18 +144,24 @@ def _fit(model, dataset, callbacks, first_epoch: int, epochs: int, steps: int, s
                   callbacks=callbacks, verbose=verbose, **kwargs)
 
 
-def starting_config(config, workdir, source: Optional[warm_start.WarmStart]):
-    """`config`, or for a warm-started run (`source`) or a resumed one, `config` without its starting weights:
-    a checkpoint then holds every weight, so the pretrained tower's or backbone's file is not read (nor needed).
-    """
+def start_plan(config, workdir) -> Tuple[object, Optional[warm_start.WarmStart]]:
+    """What a run starts from: `config` with model.image_init_path defaulted, and training.warm_start's source
+    (warm_start.resolve).  A warm-started or resumed run takes every weight from a checkpoint, so its config
+    drops the starting weights: the pretrained tower's or backbone's file is neither read nor needed."""
+    config = with_image_init_path(config, workdir)
+    source = warm_start.resolve(config.training.warm_start, checkpoint_dir(workdir))
     if source is not None or tf.train.latest_checkpoint(checkpoint_dir(workdir)):
-        return without_start_weights(config)
-    return config
+        config = without_start_weights(config)
+    return config, source
 
 
 def train(config, workdir) -> TwoTowerModel:
     """Trains (or resumes training) and returns the model with its final weights."""
-    config = with_image_init_path(config, workdir)
+    return _train(*start_plan(config, workdir), workdir)
+
+
+def _train(config, source: Optional[warm_start.WarmStart], workdir) -> TwoTowerModel:
+    """`train` from start_plan's config and warm-start source."""
     t = config.training
     tf.keras.utils.set_random_seed(t.seed)
     strategies.set_precision(t)
@@ -163,8 +169,6 @@ def train(config, workdir) -> TwoTowerModel:
     global_batch = strategies.global_batch_size(t, strategy)
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     steps = steps_per_epoch(config, workdir, global_batch)
-    source = warm_start.resolve(t.warm_start, checkpoint_dir(workdir))
-    config = starting_config(config, workdir, source)
     epochs = run_epochs(t, checkpoint_dir(workdir), source)
     total_steps = steps * epochs
     if t.early_stopping_patience and t.early_stopping_metric == "loss":
@@ -315,10 +319,8 @@ def _copy_to_model_dir(model, workdir) -> None:
 
 def run(config, workdir, args) -> int:
     """The `clicklens train` verb: train, then evaluate into W/model/metrics.json."""
-    config = with_image_init_path(config, workdir)
-    # Decided before training: the untrained baseline of the evaluation starts as this run does.
-    config = starting_config(config, workdir, warm_start.resolve(config.training.warm_start, checkpoint_dir(workdir)))
-    model = train(config, workdir)
+    config, source = start_plan(config, workdir)  # the evaluation's untrained baseline starts as this run does
+    model = _train(config, source, workdir)
     if not strategies.is_chief(model.distribute_strategy):
         return 0  # the chief evaluates and writes the outputs
     evaluate_and_write(config, workdir, model)
