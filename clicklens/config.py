@@ -208,7 +208,12 @@ class AugmentConfig:
 
     crop_min_area: float = _field(0.6, min=0.05, max=1.0, help="Random resized crop: each view keeps a random "
                                                                "region of at least this share of the image, "
-                                                               "resized back to image_size; 1 = no crop.")
+                                                               "resized back to image_size; 1 = no zoom in.")
+    # Zooming out is what taught "same shape, any size" best on the demo world (README, "Pretraining").
+    crop_max_area: float = _field(2.0, min=1.0, max=16.0, help="Random resized crop: the region's largest "
+                                                               "share of the image's area; above 1 a view "
+                                                               "can zoom out, the object shrinking inside "
+                                                               "the image's border colour; 1 = no zoom out.")
     crop_max_aspect: float = _field(1.33, min=1.0, max=4.0, help="Random resized crop: the region's aspect "
                                                                  "ratio is drawn from [1/this, this].")
     flip: bool = _field(True, help="Random left-right flip of each view.")
@@ -237,7 +242,7 @@ class PretrainConfig:
     # the `training` section, as for `clicklens train`.
 
     # The defaults are the best of a sweep on the demo world (README, "Pretraining"): no projection head, crops of
-    # at least 60 % of the image, 16 images a step (fewer views of look-alike images as negatives), 100 epochs.
+    # 60 % to 200 % of the image, 16 images a step (fewer views of look-alike images as negatives), 100 epochs.
     epochs: int = _field(100, min=1, help="Passes over the corpus (every decodable catalog image, logged or not).")
     steps_per_epoch: int = _field(0, min=0, help="0 means one pass over the corpus in whole global batches.")
     per_replica_batch_size: int = _field(16, min=2, help="Images per replica per step; each gives two views, "

@@ -30,7 +30,8 @@ PRETRAIN = ["pretrain.per_replica_batch_size=8", "pretrain.epochs=1", "pretrain.
 COLOUR_OFF = ["pretrain.augment.brightness=0", "pretrain.augment.contrast=0", "pretrain.augment.saturation=0",
               "pretrain.augment.hue=0"]
 # Both views are the image itself: a run is the same on any strategy.
-IDENTITY_VIEWS = COLOUR_OFF + ["pretrain.augment.crop_min_area=1", "pretrain.augment.flip=false"]
+IDENTITY_VIEWS = COLOUR_OFF + ["pretrain.augment.crop_min_area=1", "pretrain.augment.crop_max_area=1",
+                               "pretrain.augment.flip=false"]
 
 
 def config(extra=()):
@@ -130,6 +131,23 @@ def test_crops_and_flips_move_pixels():
     mirrored = np.all(np.isclose(flipped, images[:1].numpy()[:, :, ::-1]), axis=(1, 2, 3))
     same = np.all(np.isclose(flipped, images[:1].numpy()), axis=(1, 2, 3))
     assert np.all(mirrored | same) and mirrored.any() and same.any()
+
+
+def test_zoom_out_shrinks_the_object_inside_the_border_colour():
+    # A bright square in the middle of a dark grey image.
+    square = np.full([32, 32, 32, 3], 0.2, np.float32)
+    square[:, 8:24, 8:24] = 0.9
+    images = tf.constant(square)
+    views = augment.random_resized_crop(images, 4.0, 1.0, max_area=4.0).numpy()  # exactly 2x zoom out
+    assert views.shape == square.shape
+    bright = (views > 0.55).all(axis=-1).sum(axis=(1, 2))
+    # A 16 x 16 square seen at half size covers about 8 x 8 pixels (bilinear edges aside).
+    assert np.all((bright >= 36) & (bright <= 100)), bright
+    # Beyond the image's edges the view takes the border colour, not black.
+    assert np.all(views[:, 0, 0] == pytest.approx(0.2, abs=1e-6)) and views.min() >= 0.2 - 1e-6
+    # Shares of at most 1 never reach past the edges: the default path is the plain crop.
+    inside = augment.random_resized_crop(images, 0.5, 1.0).numpy()
+    assert inside.min() >= 0.2 - 1e-6 and not np.allclose(inside, square)
 
 
 def test_blur_smooths_texture_and_keeps_flat_colour():
@@ -310,6 +328,7 @@ def test_a_tower_of_another_shape_is_a_clear_error(pretrained):
     ("pretrain.temperature=0", "pretrain.temperature"),
     ("pretrain.augment.hue=0.9", "pretrain.augment.hue"),
     ("pretrain.augment.crop_min_area=0", "pretrain.augment.crop_min_area"),
+    ("pretrain.augment.crop_max_area=0.5", "pretrain.augment.crop_max_area"),
     ("pretrain.augment.colour=1", "pretrain.augment.colour"),
 ])
 def test_config_errors_name_the_key(override, key):

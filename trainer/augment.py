@@ -4,8 +4,8 @@ Each image of a batch gets its own random resized crop, flip and colour
 jitter, all vectorised over the batch (one crop_and_resize, no per-image
 loop), so two calls on the same batch give the two views SimCLR contrasts.
 What the views may differ in is what the tower learns to ignore: crops teach
-it position and size, flips orientation, blur fine texture, colour jitter the
-exact shades.  Without colour jitter, views of one image share their exact
+it position and size (zooming in, and out with `crop_max_area` above 1),
+flips orientation, blur fine texture, colour jitter the exact shades.  Without colour jitter, views of one image share their exact
 shades and the tower tells images apart by those alone (the demo: image ->
 image recall@10 0.035, below raw pixels); so brightness, contrast and
 saturation jitter are on by default, and hue only slightly, since users search
@@ -34,21 +34,40 @@ def _uniform(batch, low, high):
     return tf.random.uniform([batch], low, high)
 
 
-def random_resized_crop(images: tf.Tensor, min_area: float, max_aspect: float) -> tf.Tensor:
-    """A random region per image (area share in [min_area, 1], aspect in [1/max_aspect, max_aspect]), resized back."""
-    if min_area >= 1.0:
+def _border_colour(images):
+    """Each image's mean colour over its outermost rows and columns: [B, 1, 1, C]."""
+    frame = tf.concat([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
+    return tf.reduce_mean(frame, axis=1)[:, None, None, :]
+
+
+def random_resized_crop(images: tf.Tensor, min_area: float, max_aspect: float, max_area: float = 1.0) -> tf.Tensor:
+    """A random region per image (area share in [min_area, max_area], aspect in [1/max_aspect, max_aspect]), resized.
+
+    With max_area above 1 a region can reach past the image's edges (zoom out: the object shrinks), and
+    what lies beyond them takes the image's border colour, so a view never shows a frame that the image
+    has not.
+    """
+    if min_area >= 1.0 and max_area <= 1.0:
         return images
     batch = _batch(images)
-    area = _uniform(batch, min_area, 1.0)
+    area = _uniform(batch, min_area, max_area)
     log_aspect = _uniform(batch, -math.log(max_aspect), math.log(max_aspect))
     aspect = tf.exp(log_aspect)
-    height = tf.minimum(tf.sqrt(area / aspect), 1.0)
-    width = tf.minimum(tf.sqrt(area * aspect), 1.0)
+    longest = max(1.0, math.sqrt(max_area))
+    height = tf.minimum(tf.sqrt(area / aspect), longest)
+    width = tf.minimum(tf.sqrt(area * aspect), longest)
+    # Inside the image when the side is under 1; around it (a negative offset) when over.
     top = _uniform(batch, 0.0, 1.0) * (1.0 - height)
     left = _uniform(batch, 0.0, 1.0) * (1.0 - width)
     boxes = tf.stack([top, left, top + height, left + width], axis=1)
     size = list(images.shape[1:3]) if images.shape[1:3].is_fully_defined() else tf.shape(images)[1:3]
-    return tf.image.crop_and_resize(images, boxes, tf.range(batch), size)
+    if max_area <= 1.0:
+        return tf.image.crop_and_resize(images, boxes, tf.range(batch), size)
+    # A channel of ones marks the samples that fell inside the image; the rest get the border colour.
+    marked = tf.concat([images, tf.ones_like(images[..., :1])], axis=-1)
+    crops = tf.image.crop_and_resize(marked, boxes, tf.range(batch), size, extrapolation_value=0.0)
+    inside = crops[..., -1:]
+    return crops[..., :-1] + (1.0 - inside) * _border_colour(images)
 
 
 def flip_where(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
@@ -126,7 +145,7 @@ def has_colour_jitter(augment) -> bool:
 
 def random_view(images: tf.Tensor, augment) -> tf.Tensor:
     """One random view of every image in the batch, as the `pretrain.augment` section (AugmentConfig) says."""
-    images = random_resized_crop(images, augment.crop_min_area, augment.crop_max_aspect)
+    images = random_resized_crop(images, augment.crop_min_area, augment.crop_max_aspect, augment.crop_max_area)
     if augment.flip:
         images = random_flip(images)
     if has_colour_jitter(augment) and augment.jitter_probability > 0:
