@@ -229,7 +229,8 @@ class AugmentConfig:
                                                      "colour wheel; keep it small when users search by colour.")
     grayscale_probability: float = _field(0.0, min=0.0, max=1.0, help="Share of views turned to grey; keep 0 "
                                                                       "when users search by colour.")
-    blur_probability: float = _field(0.0, min=0.0, max=1.0, help="Share of views blurred (Gaussian of "
+    # Blur on half the views lets stripes and dots fade, so look-alikes that differ in pattern come closer.
+    blur_probability: float = _field(0.5, min=0.0, max=1.0, help="Share of views blurred (Gaussian of "
                                                                  "blur_sigma pixels, at a random strength).")
     blur_sigma: float = _field(1.0, min=0.1, max=10.0, help="Blur: the Gaussian's standard deviation, pixels.")
 
@@ -242,7 +243,8 @@ class PretrainConfig:
     # the `training` section, as for `clicklens train`.
 
     # The defaults are the best of a sweep on the demo world (README, "Pretraining"): no projection head, crops of
-    # 60 % to 200 % of the image, 16 images a step (fewer views of look-alike images as negatives), 100 epochs.
+    # 60 % to 200 % of the image, blur on half the views, 16 images a step (fewer views of look-alike images as
+    # negatives), 100 epochs.
     epochs: int = _field(100, min=1, help="Passes over the corpus (every decodable catalog image, logged or not).")
     steps_per_epoch: int = _field(0, min=0, help="0 means one pass over the corpus in whole global batches.")
     per_replica_batch_size: int = _field(16, min=2, help="Images per replica per step; each gives two views, "

@@ -31,7 +31,7 @@ COLOUR_OFF = ["pretrain.augment.brightness=0", "pretrain.augment.contrast=0", "p
               "pretrain.augment.hue=0"]
 # Both views are the image itself: a run is the same on any strategy.
 IDENTITY_VIEWS = COLOUR_OFF + ["pretrain.augment.crop_min_area=1", "pretrain.augment.crop_max_area=1",
-                               "pretrain.augment.flip=false"]
+                               "pretrain.augment.flip=false", "pretrain.augment.blur_probability=0"]
 
 
 def config(extra=()):
