@@ -4,13 +4,14 @@ Each image of a batch gets its own random resized crop, flip and colour
 jitter, all vectorised over the batch (one crop_and_resize, no per-image
 loop), so two calls on the same batch give the two views SimCLR contrasts.
 What the views may differ in is what the tower learns to ignore: crops teach
-it position and size (zooming in, and out with `crop_max_area` above 1),
-flips orientation, blur fine texture, colour jitter the exact shades.  Without colour jitter, views of one image share their exact
-shades and the tower tells images apart by those alone (the demo: image ->
-image recall@10 0.035, below raw pixels); so brightness, contrast and
-saturation jitter are on by default, and hue only slightly, since users search
-by colour (the demo's queries name colours) and a large hue or grey view would
-teach the tower to ignore it.  Every jitter is switched off by 0.
+it position and size (zooming in, and out with `crop_max_area` above 1), flips
+orientation, blur fine texture, colour jitter the exact shades. Without colour
+jitter, views of one image share their exact shades and the tower tells images
+apart by those alone (the demo: image -> image recall@10 0.035, below raw
+pixels); so brightness, contrast and saturation jitter are on by default, and
+hue only slightly, since users search by colour (the demo's queries name
+colours) and a large hue or grey view would teach the tower to ignore it.
+Every jitter is switched off by 0.
 
 Pixels are float32 [B, S, S, 3] in [0, 1], as the image tower takes them, and
 stay so.
