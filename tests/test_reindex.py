@@ -617,6 +617,8 @@ def test_a_watch_writes_later_versions_with_the_graph_it_saved_and_new_variables
     assert graphs == [{servables.RETRIEVAL_SCANN: "traced", servables.RETRIEVAL_BRUTEFORCE: "reused"},
                       {servables.RETRIEVAL_SCANN: "reused", servables.RETRIEVAL_BRUTEFORCE: "reused"}]
     expected = ({i.decode() for i in old_rows.ids} - {i.decode() for i in old_rows.ids[:2]}) | set(added)
+    # The first version: one image gone and the first new one in, the second gone image still there.
+    expected_before = ({i.decode() for i in old_rows.ids} - {old_rows.ids[0].decode()}) | {NEW_IMAGES[0][0]}
     for name in servables.RETRIEVAL_MODELS:
         folders = [pathlib.Path(w.export_model(name)) / str(v) for v in versions]
         assert (folders[0] / "saved_model.pb").read_bytes() == (folders[1] / "saved_model.pb").read_bytes()
@@ -626,12 +628,14 @@ def test_a_watch_writes_later_versions_with_the_graph_it_saved_and_new_variables
         # ScaNN from its own searcher), although their graphs are the same.
         before, after = (saved_models.load(str(f)) for f in folders)
         assert {i.decode() for i in after.top_k.identifiers.numpy()} == expected
+        assert {i.decode() for i in before.top_k.identifiers.numpy()} == expected_before
         for image_id, png in added.items():
             assert image_id in top_ids(after, prepare(png))
             assert (image_id in top_ids(before, prepare(png))) == (image_id not in dict(NEW_IMAGES[1:]))
+        # Removed from the second version only (the identifiers above).  Whether the first version finds it by its
+        # own picture is not asserted: with the tiny test model, other images ranked above it in 1 of 7 runs.
         gone_png = (pathlib.Path(w.images) / f"{old_rows.ids[1].decode()}.png").read_bytes()
         assert old_rows.ids[1].decode() not in top_ids(after, prepare(gone_png))
-        assert old_rows.ids[1].decode() in top_ids(before, prepare(gone_png))
 
     # A model whose graph would differ (another k) is traced again; so is one whose checkpoint would not be what
     # the kept graph restores (never expected: the log says so).
