@@ -20,6 +20,7 @@ import datetime
 import math
 import os
 import re
+import sys
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -526,8 +527,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             fail("an integer")
         return value
     if tp is float:
-        # NaN passes every min/max comparison, so it is refused here, with infinity.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # NaN passes every min/max comparison, so it is refused here, with infinity and with integers too large
+        # for a float (math.isfinite and float() raise OverflowError on those).
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, int) and abs(value) > sys.float_info.max) or not math.isfinite(value)):
             fail("a finite number")
         return float(value)
     if tp is str:
@@ -666,7 +669,7 @@ def parse_override(text: str) -> tuple[List[str], Any]:
         raise ConfigError(f"--set {text}: expected section.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer beyond Python's 4,300 digits
         raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from None
     return path, value
 
@@ -701,9 +704,11 @@ def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Co
         text = _read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer beyond Python's 4,300 digits
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return config_from_dict(data, source=path, overrides=overrides)
 

@@ -1,8 +1,12 @@
 """Typed configuration: every shipped config loads; every kind of bad value names its key."""
 
+import dataclasses
 import pathlib
+import re
+import typing
 
 import pytest
+import yaml
 
 from clicklens.config import Config, ConfigError, config_from_dict, load_config
 
@@ -78,6 +82,15 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+    path.write_bytes(b"training:\n  epochs: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not UTF-8 text"):
+        load_config(str(path))
+    # YAML hands a 5,000-digit integer to int(), which refuses more than 4,300 digits.
+    path.write_text("training:\n  learning_rate: " + "9" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="--set training.learning_rate: value is not valid YAML"):
+        config_from_dict({}, overrides=["training.learning_rate=" + "9" * 5000])
 
 
 def test_overrides_are_typed_and_validated():
@@ -129,3 +142,68 @@ def test_hostile_input_keys():
     described = describe_config(Config())
     assert "max_clicks_per_session: 100" in described and "0 = no cap" in described
     assert "skip_corrupt_files: false" in described
+
+
+def _leaf_fields(cls=Config, prefix=""):
+    """(dotted key, type, default) of every leaf field of the Config tree, nested sections walked into."""
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}.{field.name}" if prefix else field.name
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from _leaf_fields(hints[field.name], key)
+        else:
+            yield key, hints[field.name], getattr(default, field.name)
+
+
+def _wrong_values(tp):
+    """Values no field of annotation `tp` may accept (as plain YAML would give them)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]: null is a value; everything X refuses stays refused
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        return [v for v in _wrong_values(inner) if v is not None]
+    if tp is bool:
+        return ["not-a-bool", "true", 1, 0.0, [True], None]
+    if tp is int:
+        return ["not-a-number", "3", 2.5, True, [1], {"a": 1}, None]
+    if tp is float:
+        return ["not-a-number", "0.5", True, [0.5], {"a": 0.5}, float("nan"), float("-inf"), 10**400, None]
+    if tp is str:
+        return [["not", "a", "string"], {"a": "b"}, 5, 0.5, True, None]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        return ["not-a-list", {"a": 1}, None, [_wrong_values(item_tp)[0]]]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        assert key_tp is str, f"extend _wrong_values for {tp}"
+        return ["not-a-mapping", ["a"], None, {"a": _wrong_values(value_tp)[0]}, {1: _wrong_values(value_tp)[0]}]
+    raise AssertionError(f"no wrong values for a field of type {tp}: extend _wrong_values")
+
+
+def _nested(key, value):
+    """{"export": {"scann": {"num_leaves": value}}} for key "export.scann.num_leaves"."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+LEAF_FIELDS = list(_leaf_fields())
+
+
+@pytest.mark.parametrize("key, tp, default", LEAF_FIELDS, ids=[key for key, _, _ in LEAF_FIELDS])
+def test_every_field_refuses_the_wrong_kind_by_name_and_keeps_its_default(key, tp, default):
+    # A value of the wrong kind: an error that names the file, then this very key (or one of its items).
+    names_the_key = re.compile(rf"bad\.yaml: {re.escape(key)}(: |\[\d+\]: |\.\w+: | \(a key\): )")
+    for value in _wrong_values(tp):
+        with pytest.raises(ConfigError) as err:
+            config_from_dict(_nested(key, value), source="bad.yaml")
+        assert names_the_key.match(str(err.value)), (value, str(err.value))
+    # The default, fed back in as data and as the `--set` text `clicklens config` would print, changes nothing.
+    config = config_from_dict(_nested(key, default), source="bad.yaml")
+    assert config == Config()
+    loaded = config
+    for part in key.split("."):
+        loaded = getattr(loaded, part)
+    assert loaded == default and type(loaded) is type(default)
+    text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").strip()
+    assert config_from_dict({}, source="bad.yaml", overrides=[f"{key}={text}"]) == Config()
