@@ -534,7 +534,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             fail("a finite number")
         return float(value)
     if tp is str:
-        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-01-05 as a date
+        if isinstance(value, datetime.date):  # a date given as data, not YAML (which keeps it as text)
             return value.isoformat()
         if not isinstance(value, str):
             fail("a string")
@@ -659,6 +659,18 @@ def _cross_checks(config: Config, source: str) -> None:
     _serving_checks(config.serving, source)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as the config reads it: an unquoted 2026-01-05 stays text, so a day that does not exist
+    (2026-02-30) is refused by the key it was given for, not by the YAML parser."""
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def parse_override(text: str) -> tuple[List[str], Any]:
     """Splits `section.key=value` into a key path and a YAML-parsed value."""
     if "=" not in text:
@@ -668,7 +680,7 @@ def parse_override(text: str) -> tuple[List[str], Any]:
     if len(path) < 2 or not all(path):
         raise ConfigError(f"--set {text}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer beyond Python's 4,300 digits
         raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from None
     return path, value
@@ -707,7 +719,7 @@ def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Co
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer beyond Python's 4,300 digits
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return config_from_dict(data, source=path, overrides=overrides)

@@ -57,6 +57,8 @@ def test_int_is_accepted_for_float():
         ({"export": {"scann": 5}}, "export.scann", "a mapping"),
         ({"demo_data": {"min_impressions": 30, "max_impressions": 20}}, "demo_data.min_impressions", "<="),
         ({"model": {"image_tower": "features"}}, "model.image_tower", "does not fit"),
+        ({"pipeline": {"as_of": "2026-02-30"}}, "pipeline.as_of", "day is out of range"),
+        ({"pipeline": {"as_of": "2026-2-3"}}, "pipeline.as_of", "expected a day as YYYY-MM-DD"),
     ],
 )
 def test_bad_values_name_the_key(data, key, words):
@@ -82,6 +84,9 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+    path.write_text("pipeline:\n  as_of: 2026-02-30\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="broken.yaml: pipeline.as_of: day is out of range for month"):
+        load_config(str(path))
     path.write_bytes(b"training:\n  epochs: \xff\xfe\n")
     with pytest.raises(ConfigError, match="broken.yaml: not UTF-8 text"):
         load_config(str(path))
@@ -106,6 +111,12 @@ def test_overrides_are_typed_and_validated():
         config_from_dict({}, overrides=["epochs"])
     with pytest.raises(ConfigError, match="training.nope: unknown key"):
         config_from_dict({}, overrides=["training.nope=1"])
+    # YAML would read an unquoted day as a date, and an impossible one as a parser error without a key.
+    assert config_from_dict({}, overrides=["pipeline.as_of=2026-02-28"]).pipeline.as_of == "2026-02-28"
+    with pytest.raises(ConfigError, match="pipeline.as_of: month must be in 1..12"):
+        config_from_dict({}, overrides=["pipeline.as_of=2026-13-01"])
+    with pytest.raises(ConfigError, match="training.epochs: expected an integer, got '2026-01-01'"):
+        config_from_dict({}, overrides=["training.epochs=2026-01-01"])
 
 
 def test_chinese_values_round_trip():
