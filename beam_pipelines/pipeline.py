@@ -156,14 +156,16 @@ def check_inputs(config: Config, workdir: Workdir) -> None:
                                  "update --as-of DAY` sets it)")
     read, skipped = window_files(config, workdir)
     if not read and not skipped:
-        raise ClicklensError(f"pipeline: no log files match {paths['logs']} (run generate-demo-data, or set pipeline.logs)")
+        raise ClicklensError(f"pipeline: no log files match {paths['logs']} (`clicklens generate-demo-data` writes "
+                             "the demo's; for your own logs set pipeline.logs)")
     if not read:
         described = window.LogWindow.from_config(config.pipeline).describe()
         raise ClicklensError(f"pipeline: no log file in the window {described}: the {len(skipped)} log files "
                              f"matching {paths['logs']} are all in dt= partitions outside it; set pipeline.as_of "
                              "to a day the logs cover, or widen pipeline.window_days")
     if not FileSystems.exists(paths["catalog"]):
-        raise ClicklensError(f"pipeline: image catalog {paths['catalog']} not found (set pipeline.catalog)")
+        raise ClicklensError(f"pipeline: image catalog {paths['catalog']} not found (`clicklens generate-demo-data` "
+                             "writes the demo's; for your own catalog set pipeline.catalog)")
     content = config.pipeline.content_graph
     if content.source == "pixels" and config.pipeline.image_source != "pixels":
         raise ClicklensError("pipeline: pipeline.content_graph.source is 'pixels' but pipeline.image_source is "

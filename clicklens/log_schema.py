@@ -32,7 +32,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from clicklens.errors import BadRecord
-from clicklens.queries import normalize_query
+from clicklens.queries import MAX_QUERY_INPUT_BYTES, normalize_query
 
 # Longest query text kept, in characters after normalisation.  Longer queries
 # are bad records (reason `query_too_long`), not silently truncated.
@@ -159,6 +159,8 @@ def parse_log_line(line: bytes | str) -> LogRecord:
     if query is not None:
         if not isinstance(query, str):
             raise BadRecord("bad_query", f"query={query!r}"[:200])
+        if len(query) > MAX_QUERY_INPUT_BYTES:  # before normalising, whose time can grow with its square
+            raise BadRecord("query_too_long", f"{len(query)} characters before normalisation")
         query = normalize_query(query)
         if not query:
             raise BadRecord("empty_query")

@@ -88,7 +88,8 @@ def served_beside(models: List[ModelConfig], path: str) -> List[ModelConfig]:
     that was copied or moved keeps that file, whose paths still name the
     original: a model whose folder `<config's folder>/<name>` exists is served
     from there (logged when that differs from its base_path).  A model found
-    in neither place is warned about at once, instead of serving nothing.
+    in neither place is warned about at once, instead of serving nothing; one
+    found only at its base_path too, as that is another directory's model.
     """
     here = posixpath.dirname(path.rstrip("/")) or "."
     out = []
@@ -102,6 +103,11 @@ def served_beside(models: List[ModelConfig], path: str) -> List[ModelConfig]:
         elif not tf.io.gfile.isdir(model.base_path):
             logger.warning("model %s: base_path %s does not exist; it serves nothing until a version appears there",
                            model.name, model.base_path)
+        elif not tf.io.gfile.isdir(beside):
+            # e.g. a copied work directory that lost this model's folder: the original's is served
+            logger.warning("model %s: no folder %s beside %s, so its base_path %s (outside this export folder) is "
+                           "served; `clicklens export` writes this work directory's own", model.name, beside, path,
+                           model.base_path)
         out.append(model)
     return out
 

@@ -21,6 +21,14 @@ from __future__ import annotations
 import re
 import unicodedata
 
+# The most bytes of a query that is normalised at all: the model's tokenizer reads only this prefix, and the
+# pipeline refuses a longer query before normalising it.  NFKC puts each run of combining marks in canonical
+# order by insertion, in time that grows with the square of the run: 1 MiB of alternating marks (within a log
+# line's or a request's size limit) took ICU 90 s and Python 200 s, 8 KiB takes milliseconds.  Nothing useful
+# is cut: the pipeline keeps queries of at most 512 characters (`log_schema.MAX_QUERY_CHARS`), and the model
+# reads at most `model.max_query_tokens` tokens.
+MAX_QUERY_INPUT_BYTES = 8192
+
 # Default_Ignorable_Code_Point (Unicode DerivedCoreProperties.txt).  Python's
 # unicodedata does not expose the property; ICU's case folding removes them.
 _DEFAULT_IGNORABLE = (

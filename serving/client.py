@@ -22,9 +22,15 @@ from clicklens import servables as S
 from clicklens.catalog import read_catalog, resolve_uri
 from clicklens.errors import ClicklensError
 from clicklens.ground_truth import read_ground_truth
-from clicklens.queries import normalize_query
+from clicklens.queries import MAX_QUERY_INPUT_BYTES, normalize_query
 
 TIMEOUT_SECONDS = 30.0
+# What to do about the status codes a user meets first: no server yet, or a server without the model.
+RPC_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "is `clicklens serve` running there? start it, or give its address with --server",
+    grpc.StatusCode.NOT_FOUND: "the server has no such model or version loaded: check --model and --version, and "
+                               "that `clicklens export` wrote <workdir>/export/<model>/ for the workdir it serves",
+}
 
 
 def build_request(model: str, *, text: Optional[str] = None, image_bytes: Optional[bytes] = None,
@@ -37,8 +43,14 @@ def build_request(model: str, *, text: Optional[str] = None, image_bytes: Option
     if version is not None:
         request.model_spec.version.value = version
     if text is not None:
+        try:
+            # A command line's bytes that are not UTF-8 arrive as lone surrogates (PEP 383).
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ClicklensError(f"query: the text is not valid UTF-8 (character {err.start + 1} of "
+                                 f"{len(text)}: {err.reason})") from None
         request.model_spec.signature_name = S.TEXT_SIGNATURE
-        request.inputs[S.QUERY].CopyFrom(tf.make_tensor_proto([text.encode("utf-8")], dtype=tf.string))
+        request.inputs[S.QUERY].CopyFrom(tf.make_tensor_proto([encoded], dtype=tf.string))
     else:
         request.model_spec.signature_name = S.IMAGE_SIGNATURE
         request.inputs[S.IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([image_bytes], dtype=tf.string))
@@ -47,6 +59,11 @@ def build_request(model: str, *, text: Optional[str] = None, image_bytes: Option
 
 def top_k(response: predict_pb2.PredictResponse) -> List[Tuple[str, float]]:
     """(image id, score) pairs of the first query in a retrieval response."""
+    missing = [name for name in (S.IMAGE_IDS, S.SCORES) if name not in response.outputs]
+    if missing:
+        raise ClicklensError(
+            f"query: {response.model_spec.name} answered without {' and '.join(missing)}: it is not a "
+            f"retrieval model (ask {' or '.join(S.RETRIEVAL_MODELS)} with --model)")
     ids = tf.make_ndarray(response.outputs[S.IMAGE_IDS])[0]
     scores = tf.make_ndarray(response.outputs[S.SCORES])[0]
     return [(i.decode("utf-8"), float(s)) for i, s in zip(ids, scores)]
@@ -59,7 +76,9 @@ def predict(address: str, request: predict_pb2.PredictRequest) -> predict_pb2.Pr
         try:
             return stub.Predict(request, timeout=TIMEOUT_SECONDS)
         except grpc.RpcError as err:
-            raise ClicklensError(f"query: {address}: {err.code().name}: {err.details()}") from None
+            hint = RPC_HINTS.get(err.code())
+            raise ClicklensError(f"query: {address}: {err.code().name}: {err.details()}"
+                                 + (f" ({hint})" if hint else "")) from None
 
 
 def print_results(response: predict_pb2.PredictResponse, what: str,
@@ -117,6 +136,9 @@ def run(config, workdir, args) -> int:
     """Sends args.text or args.image to args.server and prints the ranked image ids."""
     if (args.text is None) == (args.image is None):
         raise ClicklensError("query: give a query text or --image FILE (one of them)")
+    if args.text is not None and not normalize_query(args.text[:MAX_QUERY_INPUT_BYTES]):
+        # The model would answer with the images nearest the empty query's embedding: noise.
+        raise ClicklensError(f"query: {args.text!r} is empty once normalised (only spaces or invisible characters)")
     image_bytes = read_query_image(args.image) if args.image is not None else None
     address = args.server or f"{config.serving.host}:{config.serving.grpc_port}"
     request = build_request(args.model, text=args.text, image_bytes=image_bytes, version=args.version)

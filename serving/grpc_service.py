@@ -47,7 +47,7 @@ from serving import inference
 from serving.grpc_loop import GrpcLoopServer
 from serving.metrics import Metrics
 from serving.model_registry import ModelRegistry
-from serving.predict import ServingError, invalid, prepare_proto, tensor_proto
+from serving.predict import ServingError, invalid, prepare_proto, status_message, tensor_proto
 from serving.runner import PREDICT_API, Runner
 from clicklens.errors import ClicklensError
 
@@ -245,10 +245,10 @@ def _unary(body: Callable, response_type) -> grpc.RpcMethodHandler:
         try:
             return body(raw, context)
         except ServingError as err:
-            context.abort(err.code, err.message)
+            context.abort(err.code, status_message(err.message))
         except Exception as err:  # an unexpected failure is INTERNAL, never a dropped connection
             logger.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            context.abort(grpc.StatusCode.INTERNAL, status_message(f"{type(err).__name__}: {err}"))
 
     return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=None,
                                                response_serializer=response_type.SerializeToString)
@@ -260,10 +260,10 @@ def _unary_coroutine(body: Callable, response_type) -> grpc.RpcMethodHandler:
         try:
             return await body(raw, context)
         except ServingError as err:
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, status_message(err.message))
         except Exception as err:  # an unexpected failure is INTERNAL, never a dropped connection
             logger.exception("request failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            await context.abort(grpc.StatusCode.INTERNAL, status_message(f"{type(err).__name__}: {err}"))
 
     return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=None,
                                                response_serializer=response_type.SerializeToString)

@@ -385,6 +385,10 @@ class ModelRegistry:
                         f"{version} of model {name}, which is not currently available for inference "
                         "(set serving.allow_version_labels_for_unavailable_models to allow it)")
 
+    def base_path(self, name: str) -> str:
+        """The folder whose numbered subfolders are the versions of model `name`."""
+        return self._configs[name].base_path
+
     def is_available(self, name: str) -> bool:
         """True when the model has at least one AVAILABLE version."""
         with self._lock:

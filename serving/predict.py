@@ -31,6 +31,19 @@ class ServingError(Exception):
         self.message = message
 
 
+# The most characters of a status message sent back over gRPC.  It travels as a percent-encoded trailer, and
+# clients drop a response whose metadata passes 16 KiB: a request's own 100 KB model name, echoed whole in
+# "Servable not found", would turn NOT_FOUND into RESOURCE_EXHAUSTED.  512 CJK characters encode to 4.6 KB.
+MAX_STATUS_MESSAGE_CHARS = 512
+
+
+def status_message(message: str) -> str:
+    """`message` cut to MAX_STATUS_MESSAGE_CHARS for a gRPC status, saying how long it was."""
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_STATUS_MESSAGE_CHARS - 40]}... ({len(message)} characters in all)"
+
+
 def invalid(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -152,17 +165,30 @@ _VALUE_FIELDS = {
 }
 
 
+def dtype_name(enum: int) -> str:
+    """The name of a TensorProto's dtype enum, also for values outside TF's DataType (a hostile request's)."""
+    if not enum:
+        return "DT_INVALID"
+    try:
+        return tf.dtypes.as_dtype(enum).name
+    except TypeError:
+        return f"DataType {enum}"
+
+
 def values_present(proto: tensor_pb2.TensorProto) -> int:
     """How many values a TensorProto actually carries (in tensor_content or its dtype's repeated field)."""
     if proto.tensor_content:
-        itemsize = tf.dtypes.as_dtype(proto.dtype).size if proto.dtype != types_pb2.DT_STRING else 0
+        try:
+            itemsize = tf.dtypes.as_dtype(proto.dtype).size if proto.dtype != types_pb2.DT_STRING else 0
+        except TypeError:
+            raise invalid(f"unsupported dtype {dtype_name(proto.dtype)}") from None
         if not itemsize or len(proto.tensor_content) % itemsize:
             raise invalid(f"tensor_content of {len(proto.tensor_content)} bytes does not hold whole "
-                          f"{tf.dtypes.as_dtype(proto.dtype).name} values")
+                          f"{dtype_name(proto.dtype)} values")
         return len(proto.tensor_content) // itemsize
     field, per_value = _VALUE_FIELDS.get(proto.dtype, (None, 1))
     if field is None:
-        raise invalid(f"unsupported dtype {tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else 'DT_INVALID'}")
+        raise invalid(f"unsupported dtype {dtype_name(proto.dtype)}")
     return len(getattr(proto, field)) // per_value
 
 
@@ -194,8 +220,7 @@ def proto_inputs(request, function) -> Dict[str, np.ndarray]:
     specs = input_specs(function)
     for name, proto in request.inputs.items():
         if name in specs and proto.dtype != specs[name].dtype.as_datatype_enum:
-            got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
-            raise invalid(f"input {name!r}: expects dtype {specs[name].dtype.name}, got {got}")
+            raise invalid(f"input {name!r}: expects dtype {specs[name].dtype.name}, got {dtype_name(proto.dtype)}")
     arrays = {}
     for name, proto in request.inputs.items():
         check_declared_shape(name, proto)

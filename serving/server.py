@@ -187,6 +187,16 @@ class ModelServer:
         self.registry.stop()
 
 
+def warn_models_without_version(registry) -> None:
+    """Says which models have no version loaded at start: requests for them fail until one appears (the server
+    serves on and loads it then, as tensorflow_model_server does)."""
+    for name in registry.model_names:
+        if not registry.is_available(name):
+            logger.warning("model %s: no version loaded (%s has no loadable numbered version folder; `clicklens "
+                           "export` writes them): requests for it fail with NOT_FOUND until one appears", name,
+                           registry.base_path(name))
+
+
 def serve_until_signal(server: ModelServer) -> int:
     """Starts `server`, logs where it listens, serves until SIGTERM or Ctrl-C, then drains and stops it."""
     stop = stop_on_signals()
@@ -196,6 +206,7 @@ def serve_until_signal(server: ModelServer) -> int:
     # Tests and scripts read this line for the bound ports (port 0 picks free ones).
     logger.info("serving %s: gRPC on %s:%d, REST on %s", ", ".join(server.registry.model_names), host,
                 server.grpc_port, rest)
+    warn_models_without_version(server.registry)
     if server.options.grpc_socket_path:
         logger.info("gRPC also on unix:%s", server.options.grpc_socket_path)
     if server.batcher is not None:

@@ -7,7 +7,7 @@ import pytest
 from clicklens.catalog import read_catalog, resolve_uri, uri_resolver
 from clicklens.errors import BadRecord
 from clicklens.log_schema import MAX_QUERY_CHARS, parse_log_line
-from clicklens.queries import normalize_query
+from clicklens.queries import MAX_QUERY_INPUT_BYTES, normalize_query
 
 
 def _line(**overrides) -> bytes:
@@ -27,6 +27,17 @@ def test_normalization_folds_width_case_and_spaces_but_keeps_cjk():
     assert normalize_query("  ＲＥＤ\u3000Circle ") == "red circle"
     assert normalize_query("红色　圆形") == "红色 圆形"
     assert normalize_query("Κόκκινο") == "κόκκινο"
+
+
+def test_a_long_query_is_refused_before_normalising_only_when_no_query_could_be_that_long():
+    # Spaces fold away: a long raw query with a short normal form is a good record.
+    assert parse_log_line(_line(query="red" + " " * (MAX_QUERY_INPUT_BYTES - 10) + "circle")).query == "red circle"
+    # Alternating combining marks of two classes make NFKC's reordering quadratic: these 256 Ki characters
+    # (a 512 KiB line) take Python's NFKC about 13 s, so they are refused before it runs.
+    marks = "a" + "\u0301\u0316" * (1 << 17)
+    with pytest.raises(BadRecord) as err:
+        parse_log_line(_line(query=marks))
+    assert err.value.reason == "query_too_long" and "before normalisation" in str(err.value)
 
 
 @pytest.mark.parametrize("line, reason", [

@@ -150,7 +150,8 @@ def parse_entries(path: str, previous: Optional[ParsedCatalog] = None
     has only the rest parsed; any other change is parsed whole.
     """
     if not tf.io.gfile.exists(path):
-        raise ClicklensError(f"image catalog {path} not found (set pipeline.catalog)")
+        raise ClicklensError(f"image catalog {path} not found (`clicklens generate-demo-data` writes the demo's; "
+                             "for your own catalog set pipeline.catalog)")
     with tf.io.gfile.GFile(path, "rb") as f:
         data = f.read()  # at once: GFile's line iterator costs more than the parsing
     view = memoryview(data)

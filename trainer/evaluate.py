@@ -33,6 +33,7 @@ import tensorflow as tf
 from clicklens.errors import ClicklensError
 from clicklens.ground_truth import read_ground_truth
 from trainer import cold_start
+from trainer import input as model_input
 from trainer.corpus import Corpus, embed_corpus, embed_queries
 from trainer.model import build_model, restore_model, with_image_init_path
 from trainer.ranking import RECALL_AT, click_relevance, exact_top_k, ranking_metrics
@@ -132,6 +133,7 @@ def evaluate_and_write(config, workdir, trained_model) -> Dict[str, object]:
 
 def run(config, workdir, args) -> int:
     """The `clicklens evaluate` verb."""
+    model_input.check_examples(workdir, ("eval", "corpus"))
     # The untrained baseline starts as training did: from the pretrained tower with model.image_init=pretrained.
     evaluate_and_write(with_image_init_path(config, workdir), workdir, restore_model(config, workdir))
     return 0

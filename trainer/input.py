@@ -10,7 +10,11 @@ slots), so the same model runs on TPU, GPU and CPU.
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
+import re
+import struct
+import zlib
 from typing import Dict, Optional
 
 import numpy as np
@@ -332,10 +336,85 @@ def make_dataset(config, workdir, split: str, global_batch_size: int, training: 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+# Records per file, by (path, size, modification time): a split that check_examples read at a verb's start is
+# not read again to be counted.
+_RECORDS: Dict[tuple, int] = {}
+
+
+def damage(err: Exception) -> str:
+    """TensorFlow's error message without the function and op names it wraps it in."""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", getattr(err, "message", None) or str(err))
+    if "truncated record" in text:
+        return "cut short: it ends in the middle of a record"
+    if "incorrect header check" in text:
+        return "not gzip data: its first bytes are not a gzip header"
+    return re.sub(r"\s*\[Op:.*$", "", text, flags=re.S).strip() or type(err).__name__
+
+
+# TFRecord framing around each record's bytes: its length (8 bytes) and two CRCs (4 each).
+RECORD_FRAMING = 16
+GZIP_MIN_BYTES = 20  # a gzip file's header (10), an empty deflate stream (2) and its trailer (8)
+
+
+def _gzip_incomplete(path: str, decoded_bytes: int) -> str:
+    """Why the gzip file at `path` stops short of its end ("" when it is whole).
+
+    TensorFlow's gzip reader takes a file cut short at a record boundary (or
+    before its first record) for the end of the data: the records after the
+    cut would be silently lost.  A whole gzip file ends with the length of
+    what it holds (ISIZE, mod 2**32); when that is not what was read (or the
+    file holds several gzip members), Python's gzip reads it to its end.
+    """
+    with tf.io.gfile.GFile(path, "rb") as f:
+        length = f.size()
+        if length < GZIP_MIN_BYTES:
+            return f"{length} bytes: too short for a gzip file"
+        f.seek(length - 4)
+        if struct.unpack("<I", f.read(4))[0] == decoded_bytes % 2 ** 32:
+            return ""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
+            while f.read(1 << 20):
+                pass
+    except (EOFError, OSError, zlib.error) as err:
+        return f"cut short: {err}"
+    return ""
+
+
+def count_file(path: str) -> int:
+    """Number of records in one gzip TFRecord file, read to its end; ClicklensError naming the file when it is
+    cut short or is not gzip TFRecords (the pipeline stopped while writing it, or it was changed since)."""
+    stat = tf.io.gfile.stat(path)
+    key = (path, stat.length, stat.mtime_nsec)
+    if key not in _RECORDS:
+        ds = tf.data.TFRecordDataset(path, compression_type="GZIP")
+        zero = tf.constant(0, tf.int64)
+        try:
+            records, decoded = ds.reduce((zero, zero), lambda state, record: (
+                state[0] + 1, state[1] + tf.cast(tf.strings.length(record), tf.int64) + RECORD_FRAMING))
+            problem = _gzip_incomplete(path, int(decoded.numpy()))
+        except tf.errors.DataLossError as err:
+            problem = damage(err)
+        if problem:
+            raise ClicklensError(f"{path}: damaged TFRecord file ({problem}): run `clicklens pipeline` again "
+                                 f"to rewrite the examples")
+        _RECORDS[key] = int(records.numpy())
+    return _RECORDS[key]
+
+
 def count_examples(pattern: str) -> int:
     """Number of records in the gzip TFRecords matching `pattern` (one pass, on the host)."""
-    ds = tf.data.TFRecordDataset(list_files(pattern), compression_type="GZIP")
-    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1).numpy())
+    return sum(count_file(path) for path in list_files(pattern))
+
+
+def check_examples(workdir, splits) -> None:
+    """Before a verb's work: each split (train, eval, corpus) has TFRecords, and every file reads to its end.
+
+    A missing or damaged file is a ClicklensError now, not a traceback from
+    deep inside tf.data after an hour of training.
+    """
+    for split in splits:
+        count_examples(workdir.split_glob(split))
 
 
 def raw_examples(config, pattern: str, spec=None, batch_size: int = 256) -> tf.data.Dataset:

@@ -433,6 +433,17 @@ def build_model(config, vocab_size: int) -> TwoTowerModel:
     return TwoTowerModel(config, build_query_tower(config, vocab_size), build_image_tower(config))
 
 
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, directory: str, verb: str = "train"):
+    """checkpoint.restore(path), or a ClicklensError naming `path` when its files are missing or cut short (a
+    run stopped while writing it, or some of them were deleted)."""
+    try:
+        return checkpoint.restore(path)
+    except (tf.errors.OpError, IndexError) as err:
+        reason = getattr(err, "message", None) or str(err)
+        raise ClicklensError(f"{path}: cannot read this checkpoint ({reason.strip()}): its files are missing or "
+                             f"cut short; delete {directory} and run `clicklens {verb}` again") from None
+
+
 def restore_model(config, workdir) -> TwoTowerModel:
     """build_model + the latest checkpoint under checkpoint_dir(workdir); ClicklensError if there is none."""
     directory = checkpoint_dir(workdir)
@@ -441,7 +452,8 @@ def restore_model(config, workdir) -> TwoTowerModel:
         raise ClicklensError(f"no checkpoint under {directory} (run `clicklens train` first)")
     # Export and evaluate work on machines that do not have the starting weights' files.
     model = build_model(without_start_weights(config), len(load_vocab(workdir.vocab)))
-    status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()  # the optimizer's slots stay unread
+    # The optimizer's slots stay unread.
+    status = restore_checkpoint(tf.train.Checkpoint(model=model), latest, directory).expect_partial()
     try:
         status.assert_existing_objects_matched()
     except AssertionError as err:  # e.g. a pretraining checkpoint: an image tower and no query tower

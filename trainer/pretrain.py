@@ -55,7 +55,7 @@ from trainer import strategy as strategies
 from trainer.callbacks import CheckpointEverySteps, TrainingProgress, optimizer_step
 from trainer.export_signatures import Encoders, ImageEncoder
 from trainer.image_table import to_pixels
-from trainer.model import build_image_tower, restore_model, tower_description
+from trainer.model import build_image_tower, restore_checkpoint, restore_model, tower_description
 from trainer.task import TrainingDiverged, make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ def pretrain(config, workdir) -> tf.keras.Model:
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     latest = tf.train.latest_checkpoint(pretrain_checkpoints(workdir))
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        status = restore_checkpoint(checkpoint, latest, pretrain_checkpoints(workdir), "pretrain")
+        status.assert_existing_objects_matched()
     done = optimizer_step(model)
     if done >= total_steps:
         logger.info("all %d pretraining steps already done", total_steps)
@@ -274,6 +275,7 @@ def seeing_towers(config, workdir, pretrained: tf.keras.Model):
 
 def run(config, workdir, args) -> int:
     """The `clicklens pretrain` verb: pretrain, save the tower, evaluate seeing into W/pretrain/report.json."""
+    model_input.check_examples(workdir, ("corpus",))
     started = time.time()
     tower = pretrain(config, workdir)
     seconds = time.time() - started

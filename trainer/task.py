@@ -35,7 +35,7 @@ from trainer import strategy as strategies
 from trainer import warm_start
 from trainer.callbacks import CheckpointEverySteps, RetrievalEarlyStopping, TrainingProgress, optimizer_step
 from trainer.evaluate import eval_retrieval_measure, evaluate_and_write
-from trainer.model import TwoTowerModel, build_model, with_image_init_path, without_start_weights
+from trainer.model import TwoTowerModel, build_model, restore_checkpoint, with_image_init_path, without_start_weights
 from trainer.neighbor_table import NeighborEmbeddingTable, RefreshNeighborTable
 from trainer.tokenizer import QueryTokenizer
 
@@ -187,7 +187,7 @@ def _train(config, source: Optional[warm_start.WarmStart], workdir) -> TwoTowerM
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     latest = start_weights(config, workdir, model, strategy, source, epochs)
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        restore_checkpoint(checkpoint, latest, checkpoint_dir(workdir)).assert_existing_objects_matched()
     done = int(model.optimizer.iterations.numpy())
     stopped = _early_stop_record(workdir)
     if done and stopped.get("step") == done:
@@ -319,6 +319,8 @@ def _copy_to_model_dir(model, workdir) -> None:
 
 def run(config, workdir, args) -> int:
     """The `clicklens train` verb: train, then evaluate into W/model/metrics.json."""
+    # The evaluation at the end reads eval-* and corpus-*: a missing or damaged one must not wait for it.
+    model_input.check_examples(workdir, ("train", "eval", "corpus"))
     config, source = start_plan(config, workdir)  # the evaluation's untrained baseline starts as this run does
     model = _train(config, source, workdir)
     if not strategies.is_chief(model.distribute_strategy):

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_text as text
 
 from clicklens import vocabulary
-from clicklens.queries import normalize_queries
+from clicklens.queries import MAX_QUERY_INPUT_BYTES, normalize_queries
 
 
 class QueryTokenizer(tf.Module):
@@ -44,6 +44,7 @@ class QueryTokenizer(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def __call__(self, queries):
         """tf.string [B] -> tf.int32 [B, max_tokens]."""
+        queries = tf.strings.substr(queries, 0, MAX_QUERY_INPUT_BYTES)  # bounds the normaliser's time
         pieces = self._tokenizer.tokenize(normalize_queries(queries)).merge_dims(-2, -1)
         unknown = tf.constant(vocabulary.UNK_ID, tf.int64)
         pieces = tf.ragged.map_flat_values(lambda ids: tf.where(ids < 0, unknown, ids), pieces)
