@@ -159,7 +159,9 @@ def parse_log_line(line: bytes | str) -> LogRecord:
     if query is not None:
         if not isinstance(query, str):
             raise BadRecord("bad_query", f"query={query!r}"[:200])
-        if len(query) > MAX_QUERY_INPUT_BYTES:  # before normalising, whose time can grow with its square
+        # Before normalising, whose time can grow with the square of the length.  Characters, never more than
+        # the UTF-8 bytes: a query the model's tokenizer reads whole is never refused here.
+        if len(query) > MAX_QUERY_INPUT_BYTES:
             raise BadRecord("query_too_long", f"{len(query)} characters before normalisation")
         query = normalize_query(query)
         if not query:

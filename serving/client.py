@@ -27,7 +27,9 @@ from clicklens.queries import MAX_QUERY_INPUT_BYTES, normalize_query
 TIMEOUT_SECONDS = 30.0
 # What to do about the status codes a user meets first: no server yet, or a server without the model.
 RPC_HINTS = {
-    grpc.StatusCode.UNAVAILABLE: "is `clicklens serve` running there? start it, or give its address with --server",
+    grpc.StatusCode.UNAVAILABLE: "is `clicklens serve` running there? start it, or give its address with --server; "
+                                 "a running server also answers UNAVAILABLE while it shuts down or when its batch "
+                                 "queue is full",
     grpc.StatusCode.NOT_FOUND: "the server has no such model or version loaded: check --model and --version, and "
                                "that `clicklens export` wrote <workdir>/export/<model>/ for the workdir it serves",
 }

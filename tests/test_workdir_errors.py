@@ -175,3 +175,25 @@ def test_a_copied_workdir_that_lost_a_model_folder_says_it_serves_the_originals(
                                              str(copy / "models.config"))
     assert [m.base_path for m in models] == [str(original / "query_encoder")]
     assert "outside this export folder" in caplog.text and "clicklens export" in caplog.text
+
+
+def test_a_split_over_the_read_limit_is_only_listed_and_its_damage_named_when_it_is_read(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from clicklens.errors import ClicklensError
+    from clicklens.workdir import Workdir
+    from trainer import input as model_input
+
+    examples = write_examples(tmp_path)
+    damaged = examples / "corpus-00001-of-00002.tfrecord.gz"
+    _cut_in_a_record(damaged)
+    workdir = Workdir(str(tmp_path))
+    with pytest.raises(ClicklensError, match="cut short"):
+        model_input.check_examples(workdir, ("corpus",))
+    # A catalog of millions of images is not read through before the work: listed only.
+    monkeypatch.setattr(model_input, "CHECK_READ_LIMIT_BYTES", 0)
+    model_input.check_examples(workdir, ("corpus",))
+    with pytest.raises(ClicklensError, match=r"a damaged TFRecord file under .*examples \(cut short.*clicklens "
+                                             r"pipeline` again"):
+        with model_input.naming_damaged_examples(workdir):
+            tf.data.TFRecordDataset(str(damaged), compression_type="GZIP").reduce(0, lambda n, _: n + 1)

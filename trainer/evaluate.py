@@ -135,5 +135,6 @@ def run(config, workdir, args) -> int:
     """The `clicklens evaluate` verb."""
     model_input.check_examples(workdir, ("eval", "corpus"))
     # The untrained baseline starts as training did: from the pretrained tower with model.image_init=pretrained.
-    evaluate_and_write(with_image_init_path(config, workdir), workdir, restore_model(config, workdir))
+    with model_input.naming_damaged_examples(workdir):
+        evaluate_and_write(with_image_init_path(config, workdir), workdir, restore_model(config, workdir))
     return 0

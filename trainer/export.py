@@ -417,5 +417,6 @@ def _absolute(path: str) -> str:
 def run(config, workdir: Workdir, args) -> int:
     """The `export` verb (`--gate`: publish only a candidate not worse than the served version)."""
     model_input.check_examples(workdir, ("corpus",))  # eval-* is optional here, and only its start is read
-    export(config, workdir, gate=getattr(args, "gate", False))
+    with model_input.naming_damaged_examples(workdir):
+        export(config, workdir, gate=getattr(args, "gate", False))
     return 0

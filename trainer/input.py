@@ -9,6 +9,7 @@ slots), so the same model runs on TPU, GPU and CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import logging
@@ -407,14 +408,35 @@ def count_examples(pattern: str) -> int:
     return sum(count_file(path) for path in list_files(pattern))
 
 
-def check_examples(workdir, splits) -> None:
-    """Before a verb's work: each split (train, eval, corpus) has TFRecords, and every file reads to its end.
+# The most bytes of one split that check_examples reads through before a verb's work.  Up to this size the
+# extra read costs seconds; a larger split (a catalog of millions of images on GCS, where Beam's writes are
+# all-or-nothing) is only listed, and damage in it is named when the verb reaches it (naming_damaged_examples).
+CHECK_READ_LIMIT_BYTES = 1 << 30
 
-    A missing or damaged file is a ClicklensError now, not a traceback from
-    deep inside tf.data after an hour of training.
-    """
+
+def check_examples(workdir, splits) -> None:
+    """Before a verb's work: each split (train, eval, corpus) has TFRecords and, up to CHECK_READ_LIMIT_BYTES a
+    split, every file reads to its end.  A missing or damaged file is a ClicklensError then, not a traceback
+    from deep inside tf.data after an hour of training.
+
+    It runs TensorFlow ops: call it after the distribution strategy is made (MultiWorkerMirroredStrategy must
+    configure collective ops before any op runs)."""
     for split in splits:
-        count_examples(workdir.split_glob(split))
+        files = list_files(workdir.split_glob(split))
+        if sum(tf.io.gfile.stat(path).length for path in files) <= CHECK_READ_LIMIT_BYTES:
+            for path in files:
+                count_file(path)
+
+
+@contextlib.contextmanager
+def naming_damaged_examples(workdir):
+    """Turns a DataLossError from reading W/examples (a shard cut short or overwritten since the pipeline wrote
+    it) into a ClicklensError that says what to do, instead of a traceback from inside tf.data."""
+    try:
+        yield
+    except tf.errors.DataLossError as err:
+        raise ClicklensError(f"a damaged TFRecord file under {workdir.examples} ({damage(err)}): run `clicklens "
+                             f"pipeline` again to rewrite the examples") from None
 
 
 def raw_examples(config, pattern: str, spec=None, batch_size: int = 256) -> tf.data.Dataset:

@@ -433,15 +433,26 @@ def build_model(config, vocab_size: int) -> TwoTowerModel:
     return TwoTowerModel(config, build_query_tower(config, vocab_size), build_image_tower(config))
 
 
+_NOT_THE_CHECKPOINTS_FAULT = (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError,
+                              tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                              tf.errors.ResourceExhaustedError, tf.errors.CancelledError, tf.errors.AbortedError)
+
+
 def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, directory: str, verb: str = "train"):
     """checkpoint.restore(path), or a ClicklensError naming `path` when its files are missing or cut short (a
     run stopped while writing it, or some of them were deleted)."""
     try:
         return checkpoint.restore(path)
+    except _NOT_THE_CHECKPOINTS_FAULT:
+        raise  # a permission, a network failure, memory: the checkpoint may be whole
+    # Missing files come as a plain OpError ("No such file or directory"), cut short as IndexError ("Read less
+    # bytes than requested").
     except (tf.errors.OpError, IndexError) as err:
         reason = getattr(err, "message", None) or str(err)
-        raise ClicklensError(f"{path}: cannot read this checkpoint ({reason.strip()}): its files are missing or "
-                             f"cut short; delete {directory} and run `clicklens {verb}` again") from None
+        raise ClicklensError(
+            f"{path}: cannot read this checkpoint ({reason.strip()}): its files are missing or cut short. Point "
+            f"model_checkpoint_path in {directory}/checkpoint at an earlier ckpt-N that is whole, or delete "
+            f"{directory} and run `clicklens {verb}` again") from None
 
 
 def restore_model(config, workdir) -> TwoTowerModel:

@@ -176,6 +176,7 @@ def pretrain(config, workdir) -> tf.keras.Model:
     tf.keras.utils.set_random_seed(t.seed)
     strategies.set_precision(t)
     strategy = strategies.make_strategy(t)
+    model_input.check_examples(workdir, ("corpus",))
     global_batch = p.per_replica_batch_size * strategy.num_replicas_in_sync
     pixels = corpus_pixels(config, workdir)
     steps = steps_per_epoch(config, int(pixels.shape[0]), global_batch)
@@ -275,9 +276,9 @@ def seeing_towers(config, workdir, pretrained: tf.keras.Model):
 
 def run(config, workdir, args) -> int:
     """The `clicklens pretrain` verb: pretrain, save the tower, evaluate seeing into W/pretrain/report.json."""
-    model_input.check_examples(workdir, ("corpus",))
     started = time.time()
-    tower = pretrain(config, workdir)
+    with model_input.naming_damaged_examples(workdir):
+        tower = pretrain(config, workdir)
     seconds = time.time() - started
     if not strategies.is_chief(tower.distribute_strategy):
         return 0

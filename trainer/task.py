@@ -166,6 +166,8 @@ def _train(config, source: Optional[warm_start.WarmStart], workdir) -> TwoTowerM
     tf.keras.utils.set_random_seed(t.seed)
     strategies.set_precision(t)
     strategy = strategies.make_strategy(t)
+    # The evaluation at the end reads eval-* and corpus-*: a missing or damaged one must not wait for it.
+    model_input.check_examples(workdir, ("train", "eval", "corpus"))
     global_batch = strategies.global_batch_size(t, strategy)
     tokenizer = QueryTokenizer(workdir.vocab, config.model.max_query_tokens)
     steps = steps_per_epoch(config, workdir, global_batch)
@@ -319,13 +321,12 @@ def _copy_to_model_dir(model, workdir) -> None:
 
 def run(config, workdir, args) -> int:
     """The `clicklens train` verb: train, then evaluate into W/model/metrics.json."""
-    # The evaluation at the end reads eval-* and corpus-*: a missing or damaged one must not wait for it.
-    model_input.check_examples(workdir, ("train", "eval", "corpus"))
     config, source = start_plan(config, workdir)  # the evaluation's untrained baseline starts as this run does
-    model = _train(config, source, workdir)
-    if not strategies.is_chief(model.distribute_strategy):
-        return 0  # the chief evaluates and writes the outputs
-    evaluate_and_write(config, workdir, model)
+    with model_input.naming_damaged_examples(workdir):
+        model = _train(config, source, workdir)
+        if not strategies.is_chief(model.distribute_strategy):
+            return 0  # the chief evaluates and writes the outputs
+        evaluate_and_write(config, workdir, model)
     _copy_to_model_dir(model, workdir)
     return 0
 
