@@ -197,3 +197,11 @@ def test_a_split_over_the_read_limit_is_only_listed_and_its_damage_named_when_it
                                              r"pipeline` again"):
         with model_input.naming_damaged_examples(workdir):
             tf.data.TFRecordDataset(str(damaged), compression_type="GZIP").reduce(0, lambda n, _: n + 1)
+
+
+def test_a_shard_set_with_a_shard_missing_is_named(tmp_path, capsys):
+    examples = write_examples(tmp_path)
+    os.remove(examples / "eval-00001-of-00002.tfrecord.gz")
+    code, errors = clicklens(capsys, "train", tmp_path)
+    assert code == 2 and len(errors) == 1, errors
+    assert "1 of 2 shards missing" in errors[0] and "eval-00001-of-00002.tfrecord.gz" in errors[0], errors

@@ -377,8 +377,10 @@ def _gzip_incomplete(path: str, decoded_bytes: int) -> str:
         with tf.io.gfile.GFile(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
             while f.read(1 << 20):
                 pass
-    except (EOFError, OSError, zlib.error) as err:
+    except EOFError as err:
         return f"cut short: {err}"
+    except (OSError, zlib.error) as err:  # a bad CRC or length, garbage after the data
+        return f"not whole gzip data: {err}"
     return ""
 
 
@@ -423,9 +425,26 @@ def check_examples(workdir, splits) -> None:
     configure collective ops before any op runs)."""
     for split in splits:
         files = list_files(workdir.split_glob(split))
+        _check_shards_complete(files)
         if sum(tf.io.gfile.stat(path).length for path in files) <= CHECK_READ_LIMIT_BYTES:
             for path in files:
                 count_file(path)
+
+
+def _check_shards_complete(files) -> None:
+    """ClicklensError when Beam's shard names (`-00003-of-00008`) show that some shards of a set are missing (a
+    copy or sync that stopped half way): the rest would train on part of the data without a word."""
+    shards: Dict[tuple, set] = {}
+    for path in files:
+        match = re.search(r"^(.*)-(\d+)-of-(\d+)(\D*)$", path)
+        if match:
+            shards.setdefault((match[1], int(match[3]), match[4]), set()).add(int(match[2]))
+    for (prefix, total, suffix), present in sorted(shards.items()):
+        missing = sorted(set(range(total)) - present)
+        if missing:
+            raise ClicklensError(f"{prefix}-*-of-{total:05d}{suffix}: {len(missing)} of {total} shards missing "
+                                 f"(the first: {prefix}-{missing[0]:05d}-of-{total:05d}{suffix}): run `clicklens "
+                                 f"pipeline` again, or copy the examples whole")
 
 
 @contextlib.contextmanager
