@@ -111,6 +111,21 @@ def test_a_model_config_change_is_named(day_one):
         warm_start.restore_into(model, source, old_vocab, build_model, config)
 
 
+def test_a_checkpoint_cut_short_is_named_with_what_to_do(day_one, tmp_path):
+    workdir, _, old_vocab = day_one
+    latest = tf.train.latest_checkpoint(checkpoint_dir(workdir))
+    copy = str(tmp_path / "ckpt")
+    for path in tf.io.gfile.glob(latest + ".*"):  # a copy, cut short: day_one stays whole for the other tests
+        tf.io.gfile.copy(path, copy + path[len(latest):])
+    data, = tf.io.gfile.glob(copy + ".data-*")
+    with open(data, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    config = synth.trainer_config()
+    with pytest.raises(ClicklensError, match=rf"{copy}: cannot read this checkpoint .*training.warm_start=none"):
+        warm_start.restore_into(build_model(config, len(old_vocab)), warm_start.WarmStart(copy, old_vocab),
+                                old_vocab, build_model, config)
+
+
 def test_a_path_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ClicklensError, match="training.warm_start: no checkpoint"):
         warm_start.resolve(str(tmp_path), str(tmp_path / "model" / "checkpoints"))

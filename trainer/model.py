@@ -8,6 +8,7 @@ precision policy and dot products are cosine similarities.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -438,21 +439,27 @@ _NOT_THE_CHECKPOINTS_FAULT = (tf.errors.PermissionDeniedError, tf.errors.Unauthe
                               tf.errors.ResourceExhaustedError, tf.errors.CancelledError, tf.errors.AbortedError)
 
 
-def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, directory: str, verb: str = "train"):
-    """checkpoint.restore(path), or a ClicklensError naming `path` when its files are missing or cut short (a
-    run stopped while writing it, or some of them were deleted)."""
+@contextlib.contextmanager
+def reading_checkpoint(path: str, advice: str):
+    """Turns an error from reading checkpoint `path` whose files are missing or cut short (a run stopped while
+    writing it, or some of them were deleted) into a ClicklensError naming it, followed by `advice`."""
     try:
-        return checkpoint.restore(path)
+        yield
     except _NOT_THE_CHECKPOINTS_FAULT:
         raise  # a permission, a network failure, memory: the checkpoint may be whole
     # Missing files come as a plain OpError ("No such file or directory"), cut short as IndexError ("Read less
     # bytes than requested").
     except (tf.errors.OpError, IndexError) as err:
         reason = getattr(err, "message", None) or str(err)
-        raise ClicklensError(
-            f"{path}: cannot read this checkpoint ({reason.strip()}): its files are missing or cut short. Point "
-            f"model_checkpoint_path in {directory}/checkpoint at an earlier ckpt-N that is whole, or delete "
-            f"{directory} and run `clicklens {verb}` again") from None
+        raise ClicklensError(f"{path}: cannot read this checkpoint ({reason.strip()}): its files are missing or "
+                             f"cut short. {advice}") from None
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, directory: str, verb: str = "train"):
+    """checkpoint.restore(path), or a ClicklensError naming `path` when its files are missing or cut short."""
+    with reading_checkpoint(path, f"Point model_checkpoint_path in {directory}/checkpoint at an earlier ckpt-N "
+                                  f"that is whole, or delete {directory} and run `clicklens {verb}` again"):
+        return checkpoint.restore(path)
 
 
 def restore_model(config, workdir) -> TwoTowerModel:

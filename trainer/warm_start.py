@@ -38,7 +38,7 @@ from clicklens.errors import ClicklensError
 from clicklens.vocabulary import load_vocab
 from clicklens.training_runs import RUN_VOCAB, is_finished, previous_run_dir
 from clicklens.workdir import join
-from trainer.model import without_start_weights
+from trainer.model import reading_checkpoint, without_start_weights
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,9 @@ def restore_into(model, source: WarmStart, new_vocab: List[str], build_model, co
         # Every variable built here must get its value (an export or a run without optimizer slots would
         # otherwise leave some silently at their initial values); the rest of the checkpoint is not needed.
         # read(), not restore(): restore() adds a save counter, which an export's variables do not have.
-        tf.train.Checkpoint(**parts).read(source.checkpoint).assert_existing_objects_matched().expect_partial()
+        with reading_checkpoint(source.checkpoint, "Set training.warm_start=none to train from scratch, or "
+                                                   "name a whole checkpoint"):
+            tf.train.Checkpoint(**parts).read(source.checkpoint).assert_existing_objects_matched().expect_partial()
     except (ValueError, AssertionError) as err:  # a variable of another shape, or one the checkpoint lacks
         raise ClicklensError(f"training.warm_start: {source.checkpoint} does not fit this model (the model config "
                              f"changed?): {err}") from None
