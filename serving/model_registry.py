@@ -360,6 +360,8 @@ class ModelRegistry:
             st.error_code, st.error_message = code, f"failed to load: {err}"
             if st.attempts >= self._max_attempts:
                 st.failed_files = folder_files(path)
+                logger.error("model %s version %d: gave up after %d attempts; it is tried again once the files in "
+                             "%s change (re-export it, or remove the folder)", name, version, st.attempts, path)
             return None
 
     # -- lookups -------------------------------------------------------------

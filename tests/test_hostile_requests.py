@@ -17,10 +17,6 @@ a request the server is still computing must not hold up the run.
 import base64
 import http.client
 import json
-import re
-import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 
@@ -32,9 +28,9 @@ import tensorflow as tf  # (tests/conftest.py imports clicklens.compat first)
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from clicklens import servables as S
-from tests.conftest import DEMO_CONFIG, REPO
+from tests.conftest import DEMO_CONFIG
+from tests.serve_process import ServeProcess
 
-READY = re.compile(r"gRPC on [\d.]+:(\d+), REST on http://[\d.]+:(\d+)")
 RPC_SECONDS = 60.0
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 MB = 1 << 20
@@ -42,44 +38,10 @@ LONG_NAME = 100_000  # characters: far under serving.max_request_bytes, far over
 UNKNOWN_DTYPE = 9999  # not a tensorflow.DataType; proto3 enums keep unknown values, so a client can send it
 
 
-class _Server:
-    """`clicklens serve` on the demo export in a subprocess, on free ports, with the default limits."""
-
-    def __init__(self, workdir):
-        self.log = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "clicklens", "serve", "--config", DEMO_CONFIG, "--workdir", workdir.root,
-             "--set", "serving.grpc_port=0", "--set", "serving.http_port=0"],
-            cwd=REPO, stderr=subprocess.PIPE, text=True, errors="replace")
-        deadline = time.monotonic() + 180
-        match = None
-        while match is None:
-            line = self.process.stderr.readline()
-            if not line:
-                raise AssertionError("server exited before it was ready:\n" + "".join(self.log[-40:]))
-            self.log.append(line)
-            match = READY.search(line)
-            assert time.monotonic() < deadline, "server not ready in time"
-        self.grpc_port, self.http_port = int(match[1]), int(match[2])
-        self.address = f"127.0.0.1:{self.grpc_port}"
-        threading.Thread(target=lambda: [self.log.append(x) for x in self.process.stderr], daemon=True).start()
-        self.channel = grpc.insecure_channel(self.address)
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-
-    def tail(self, lines: int = 30) -> str:
-        return "".join(self.log[-lines:])
-
-    def kill(self) -> None:
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def server(demo_exported):
     # 15-45 s: a fresh process imports TF, loads four models and replays their warmup requests.
-    server = _Server(demo_exported)
+    server = ServeProcess(demo_exported)
     yield server
     server.kill()
 

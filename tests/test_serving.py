@@ -6,11 +6,7 @@ hot-load test publishes new versions into that copy while a client loops.
 
 import json
 import pathlib
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -20,17 +16,16 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO_CONFIG, REPO
+from tests.conftest import DEMO_CONFIG
+from tests.serve_process import ServeProcess
 from clicklens import compat  # noqa: F401
 import tensorflow as tf
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
 from clicklens import models_config, servables
 from clicklens.workdir import Workdir
 
 MAX_REQUEST_BYTES = 64 * 1024
-READY = re.compile(r"gRPC on [\d.]+:(\d+), REST on http://[\d.]+:(\d+)")
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
 
@@ -45,41 +40,10 @@ def served(demo_exported, tmp_path_factory):
     return workdir
 
 
-class Server:
-    def __init__(self, workdir):
-        self.log = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "clicklens", "serve", "--config", DEMO_CONFIG, "--workdir", workdir.root,
-             "--set", "serving.grpc_port=0", "--set", "serving.http_port=0", "--set", "serving.poll_seconds=0.3",
-             "--set", f"serving.max_request_bytes={MAX_REQUEST_BYTES}"],
-            cwd=REPO, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 180
-        match = None
-        while match is None:
-            line = self.process.stderr.readline()
-            if not line:
-                raise AssertionError("server exited before it was ready:\n" + "".join(self.log[-40:]))
-            self.log.append(line)
-            match = READY.search(line)
-            assert time.time() < deadline, "server not ready in time"
-        self.grpc_port, self.http_port = int(match[1]), int(match[2])
-        threading.Thread(target=lambda: [self.log.append(x) for x in self.process.stderr], daemon=True).start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
-
-    def stop(self):
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
-        return self.process.returncode
-
-
 @pytest.fixture(scope="module")
 def server(served):
     # 15-45 s: a fresh process imports TF, loads four models and replays their warmup requests.
-    server = Server(served)
+    server = ServeProcess(served, "serving.poll_seconds=0.3", f"serving.max_request_bytes={MAX_REQUEST_BYTES}")
     yield server
     server.stop()
 

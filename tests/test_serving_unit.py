@@ -382,7 +382,7 @@ def test_replay_warmup_runs_the_warmup_records(export, model, tmp_path):
     assert _code(lambda: replay_warmup(failing, MAX_BATCH), "not_an_input") == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_failed_version_is_retried_once_fixed_and_a_deleted_one_forgotten(export, tmp_path):
+def test_a_failed_version_is_retried_once_fixed_and_a_deleted_one_forgotten(export, tmp_path, caplog):
     base = tmp_path / MODEL
     shutil.copytree(export.saved, base / "1")
     (base / "2").mkdir()
@@ -390,9 +390,13 @@ def test_a_failed_version_is_retried_once_fixed_and_a_deleted_one_forgotten(expo
     config = tmp_path / "models.config"
     models_config.write(str(config), models_config.build({MODEL: str(base)}, 2))
     registry = ModelRegistry(models_config.read(str(config)), max_batch=MAX_BATCH)
-    for _ in range(MAX_LOAD_ATTEMPTS + 2):
-        registry.poll()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(MAX_LOAD_ATTEMPTS + 2):
+            registry.poll()
     assert [(v, s.state) for v, s in registry.status(MODEL)] == [(2, END), (1, AVAILABLE)]
+    gave_up = [r for r in caplog.records if "gave up" in r.getMessage()]
+    assert len(gave_up) == 1 and gave_up[0].levelno == logging.ERROR, caplog.text  # said once, not per poll
+    assert f"version 2: gave up after {MAX_LOAD_ATTEMPTS} attempts" in gave_up[0].getMessage()
     assert registry.status(MODEL, 2)[0][1].attempts == MAX_LOAD_ATTEMPTS  # gave up: no retry while unchanged
     shutil.rmtree(base / "2")
     shutil.copytree(export.saved, base / "2")  # fixed on disk
