@@ -387,6 +387,11 @@ class ModelRegistry:
                         f"{version} of model {name}, which is not currently available for inference "
                         "(set serving.allow_version_labels_for_unavailable_models to allow it)")
 
+    @property
+    def polls(self) -> bool:
+        """True when new versions are looked for while serving, not only at start."""
+        return self._poll_seconds > 0
+
     def base_path(self, name: str) -> str:
         """The folder whose numbered subfolders are the versions of model `name`."""
         return self._configs[name].base_path

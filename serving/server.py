@@ -189,12 +189,14 @@ class ModelServer:
 
 def warn_models_without_version(registry) -> None:
     """Says which models have no version loaded at start: requests for them fail until one appears (the server
-    serves on and loads it then, as tensorflow_model_server does)."""
+    serves on and loads it then, as tensorflow_model_server does), or, with polling off, until a restart."""
+    until = ("until one appears" if registry.polls else
+             "until the server is restarted (new versions are looked for only at start: polling is off)")
     for name in registry.model_names:
         if not registry.is_available(name):
             logger.warning("model %s: no version loaded (%s has no loadable numbered version folder; `clicklens "
-                           "export` writes them): requests for it fail with NOT_FOUND until one appears", name,
-                           registry.base_path(name))
+                           "export` writes them): requests for it fail with NOT_FOUND %s", name,
+                           registry.base_path(name), until)
 
 
 def serve_until_signal(server: ModelServer) -> int:

@@ -159,6 +159,13 @@ def test_a_model_without_a_version_is_warned_about_and_queries_for_it_say_why(tm
     finally:
         server.stop(grace=1.0)
     assert code == 2 and "NOT_FOUND" in errors[0] and "`clicklens export`" in errors[0], errors
+    # tensorflow_model_server's --file_system_poll_wait_seconds=0: versions are looked for only at start.
+    from serving.model_registry import ModelRegistry
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_models_without_version(ModelRegistry(models_config.read(str(export / "models.config")), poll_seconds=0))
+    assert "until the server is restarted" in caplog.text, caplog.text
 
 
 def test_a_copied_workdir_that_lost_a_model_folder_says_it_serves_the_originals(tmp_path, caplog):
