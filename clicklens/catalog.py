@@ -27,7 +27,7 @@ import math
 import posixpath
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from clicklens.errors import BadRecord
+from clicklens.errors import BadRecord, parse_json_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +89,7 @@ def parse_catalog_line(line: bytes | str) -> CatalogEntry:
             line = line.decode("utf-8")
         except UnicodeDecodeError as err:
             raise BadRecord("not_utf8", str(err)) from None
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise BadRecord("bad_json", str(err)[:200]) from None
+    data = parse_json_line(line)
     if not isinstance(data, dict):
         raise BadRecord("not_an_object")
     image_id = data.pop("image_id", None)

@@ -31,7 +31,7 @@ import math
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from clicklens.errors import BadRecord
+from clicklens.errors import BadRecord, parse_json_line
 from clicklens.queries import MAX_QUERY_INPUT_BYTES, normalize_query
 
 # Longest query text kept, in characters after normalisation.  Longer queries
@@ -136,10 +136,7 @@ def parse_log_line(line: bytes | str) -> LogRecord:
             raise BadRecord("not_utf8", str(err)) from None
     if not line.strip():
         raise BadRecord("empty_line")
-    try:
-        data = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise BadRecord("bad_json", str(err)[:200]) from None
+    data = parse_json_line(line)
     if not isinstance(data, dict):
         raise BadRecord("not_an_object", type(data).__name__)
 

@@ -7,9 +7,10 @@ servables contract (clicklens/servables.py) gives them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -18,8 +19,8 @@ import tensorflow as tf
 
 from clicklens import servables
 from clicklens.batching import map_batches
-from clicklens.catalog import read_catalog, resolve_uri
-from clicklens.errors import ClicklensError
+from clicklens.catalog import CatalogEntry, first_entry, read_catalog, read_image_input
+from clicklens.errors import BadRecord, ClicklensError
 from clicklens.workdir import Workdir
 from serving import saved_models
 
@@ -75,28 +76,54 @@ def load_encoder(workdir: Workdir, name: str) -> Encoder:
     return Encoder(name, version, function, inputs[0], model)
 
 
-def catalog_images(workdir: Workdir, encoder: Encoder) -> Tuple[List[str], np.ndarray]:
-    """(image ids, embeddings) of the catalog images the image encoder can read.
+def catalog_images(workdir: Workdir, encoder: Encoder,
+                   allow_outside_uris: bool = False) -> Tuple[List[str], np.ndarray]:
+    """(image ids, embeddings) of the catalog images the image encoder can read, one per id.
 
-    Entries without a readable file (or without features, for a features
-    encoder) are left out, and so are files the encoder cannot decode.
+    What the pipeline would dead-letter is left out, and counted by reason in a warning: lines that do
+    not parse, duplicate ids (the entry kept is the pipeline's: clicklens.catalog.first_entry), entries
+    without a readable file (or without features, for a features encoder), files outside the catalog's
+    folder (unless `allow_outside_uris`: pipeline.allow_outside_uris), and files the encoder cannot decode.
     """
+    skipped: collections.Counter = collections.Counter()
+    by_id: Dict[str, List[CatalogEntry]] = {}
+    for entry in _read_catalog(workdir.catalog, lambda line, err: skipped.update([err.reason])):
+        by_id.setdefault(entry.image_id, []).append(entry)
+    source = "pixels" if encoder.input_name == servables.IMAGE_BYTES else "features"
     ids, inputs = [], []
-    for entry in read_catalog(workdir.catalog):
-        if encoder.input_name == servables.IMAGE_BYTES:
-            path = resolve_uri(entry.uri, workdir.catalog) if entry.uri else ""
-            if not path or not tf.io.gfile.exists(path):
+    for image_id, same_id in by_id.items():
+        entry, duplicates = first_entry(same_id)
+        skipped["duplicate_image_id"] += len(duplicates)
+        try:
+            value = read_image_input(entry, workdir.catalog, source, 0, _read_file, allow_outside_uris)
+        except BadRecord as err:
+            if err.reason != "bad_feature_dim":  # the encoder's own feature size is checked when it embeds
+                skipped[err.reason] += 1
                 continue
-            with tf.io.gfile.GFile(path, "rb") as image:
-                inputs.append(image.read())
-        elif entry.features is not None:
-            inputs.append(np.asarray(entry.features, np.float32))
-        else:
-            continue
-        ids.append(entry.image_id)
+            value = entry.features
+        inputs.append(np.asarray(value, np.float32) if source == "features" else value)
+        ids.append(image_id)
+    if skipped:
+        logger.warning("%s: %d catalog lines or images left out (%s)", workdir.catalog, sum(skipped.values()),
+                       ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
     if not ids:
         raise ClicklensError(f"no readable images in {workdir.catalog}")
     return embed_skipping_undecodable(encoder, ids, inputs)
+
+
+def _read_catalog(path: str, on_bad) -> List[CatalogEntry]:
+    """The catalog's entries; ClicklensError when the file cannot be read."""
+    if tf.io.gfile.isdir(path):
+        raise ClicklensError(f"image catalog {path} is a directory, not a JSON-lines file")
+    try:
+        return list(read_catalog(path, on_bad))
+    except (tf.errors.OpError, OSError) as err:
+        raise ClicklensError(f"cannot read image catalog {path}: {getattr(err, 'message', err)}") from None
+
+
+def _read_file(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
 
 
 def embed_skipping_undecodable(encoder: Encoder, ids: Sequence[str], inputs: Sequence) -> Tuple[List[str], np.ndarray]:

@@ -6,6 +6,7 @@ import collections
 import gzip
 import io
 import logging
+import zlib
 from typing import List, Tuple
 
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
@@ -35,7 +36,10 @@ def logged_queries(workdir: Workdir, limit: int = MAX_QUERIES) -> List[Tuple[str
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
         if path.endswith(".gz"):
-            data = gzip.decompress(data)
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error) as err:  # not gzip, or cut short
+                raise ClicklensError(f"{path}: damaged gzip file ({err}): remove or replace it") from None
         for line in io.BytesIO(data):
             if not line.strip():
                 continue

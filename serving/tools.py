@@ -30,6 +30,7 @@ from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
 from clicklens import servables
+from clicklens.errors import ClicklensError
 from clicklens.workdir import Workdir, join
 from serving.catalog_images import CatalogImages, ImageRequestError
 from serving.embedding_math import default_num_clusters, kmeans, nearest, pca_2d, standardize, unit_rows
@@ -111,25 +112,31 @@ def image_labels(image_ids: Sequence[str], image_embeddings: np.ndarray, queries
 
 
 def _output_path(workdir: Workdir, args, default_name: str) -> str:
-    """--output, or W/tools/<default_name>; its folder is created."""
+    """--output, or W/tools/<default_name>; ClicklensError when it is a folder (checked before the work)."""
     path = getattr(args, "output", None) or join(workdir.root, "tools", default_name)
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    tf.io.gfile.makedirs(parent)
+    if tf.io.gfile.isdir(path):
+        raise ClicklensError(f"--output {path} is a directory: give a file name (default {default_name})")
     return path
 
 
 def _write(path: str, data, mode: str = "w") -> None:
-    with tf.io.gfile.GFile(path, mode) as f:
-        f.write(data)
+    """Writes `data` (str as UTF-8), creating its folder; ClicklensError when that fails."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    try:
+        tf.io.gfile.makedirs(parent or "/")
+        with tf.io.gfile.GFile(path, mode) as f:
+            f.write(data)
+    except (tf.errors.OpError, OSError) as err:
+        raise ClicklensError(f"cannot write {path}: {getattr(err, 'message', err)}") from None
 
 
-def _queries_and_images(workdir: Workdir):
+def _queries_and_images(config, workdir: Workdir):
     """Both encoders, the logged queries, and the embeddings of those queries and of the catalog images."""
     query_encoder = load_encoder(workdir, servables.QUERY_ENCODER)
     image_encoder = load_encoder(workdir, servables.IMAGE_ENCODER)
     queries = logged_queries(workdir)
     query_embeddings = query_encoder.embed([q.encode("utf-8") for q, _ in queries])
-    image_ids, image_embeddings = catalog_images(workdir, image_encoder)
+    image_ids, image_embeddings = catalog_images(workdir, image_encoder, config.pipeline.allow_outside_uris)
     return (query_encoder, image_encoder), queries, query_embeddings, image_ids, image_embeddings
 
 
@@ -151,12 +158,12 @@ def _read_images_for_thumbnails(workdir: Workdir, ids: Sequence[str], allow_outs
 
 def cluster_queries(config, workdir: Workdir, args) -> int:
     """`clicklens cluster-queries`: k-means over the logged queries' embeddings -> JSON + text report."""
+    path = _output_path(workdir, args, "query_clusters.json")  # a bad --output fails before the work
     encoder = load_encoder(workdir, servables.QUERY_ENCODER)
     queries = logged_queries(workdir)
     embeddings = encoder.embed([q.encode("utf-8") for q, _ in queries])
     result = query_clusters(queries, embeddings, default_num_clusters(len(queries)))
     result["model"] = {"name": encoder.name, "version": encoder.version}
-    path = _output_path(workdir, args, "query_clusters.json")
     _write(path, json.dumps(result, ensure_ascii=False, indent=1))
     report_path = re.sub(r"\.json$", "", path) + ".txt"
     _write(report_path, clusters_report(result, f"{encoder.name} v{encoder.version}"))
@@ -168,11 +175,11 @@ def cluster_queries(config, workdir: Workdir, args) -> int:
 
 def label_images(config, workdir: Workdir, args) -> int:
     """`clicklens label-images`: each catalog image's nearest logged queries as zero-shot labels -> JSON."""
-    encoders, queries, query_embeddings, image_ids, image_embeddings = _queries_and_images(workdir)
+    path = _output_path(workdir, args, "image_labels.json")  # a bad --output fails before the work
+    encoders, queries, query_embeddings, image_ids, image_embeddings = _queries_and_images(config, workdir)
     labels = image_labels(image_ids, image_embeddings, queries, query_embeddings)
     result = {"models": {e.name: e.version for e in encoders},
               "num_queries": len(queries), "num_images": len(labels), "images": labels}
-    path = _output_path(workdir, args, "image_labels.json")
     _write(path, json.dumps(result, ensure_ascii=False, indent=1))
     logger.info("wrote %s (%d images labelled from %d queries)", path, len(labels), len(queries))
     print(f"labels for {len(labels)} images: {path}")
@@ -181,7 +188,8 @@ def label_images(config, workdir: Workdir, args) -> int:
 
 def plot_embeddings(config, workdir: Workdir, args) -> int:
     """`clicklens plot-embeddings`: a PCA plot of query and image embeddings -> PNG."""
-    _, queries, query_embeddings, image_ids, image_embeddings = _queries_and_images(workdir)
+    path = _output_path(workdir, args, "embeddings.png")  # a bad --output fails before the work
+    _, queries, query_embeddings, image_ids, image_embeddings = _queries_and_images(config, workdir)
     query_embeddings, image_embeddings = unit_rows(query_embeddings), unit_rows(image_embeddings)
     # Two-tower spaces have a "modality gap" (all images sit on one side of all queries, often with a
     # different spread), which would make PC1 just "query or image"; standardizing each side keeps the
@@ -193,7 +201,6 @@ def plot_embeddings(config, workdir: Workdir, args) -> int:
     canvas, labelled = draw_embeddings(query_points, queries, image_points, image_ids, thumbnails, explained)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
-    path = _output_path(workdir, args, "embeddings.png")
     _write(path, buffer.getvalue(), "wb")
     logger.info("wrote %s (%d queries, %d images, labelled: %s)", path, len(queries), len(image_ids),
                 ", ".join(labelled))

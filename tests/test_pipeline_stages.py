@@ -51,10 +51,13 @@ def test_parse_or_dead_letter_keeps_raw_and_reason():
 
 def test_parse_logs_transform_splits_good_and_dead_letters():
     with beam_pipeline() as p:
-        out = p | beam.Create([GOOD_LINE, b"[1, 2]", b"", "红色".encode("gbk")]) | parse.ParseLogs()
+        # A lone surrogate in a JSON escape is valid JSON but no Unicode text: the record coder (UTF-8) would
+        # fail on it at the next stage boundary, and the whole run with it.
+        surrogate = GOOD_LINE.replace(b"CIRCLE", b"CIRCLE\\ud800")
+        out = p | beam.Create([GOOD_LINE, b"[1, 2]", b"", "红色".encode("gbk"), surrogate]) | parse.ParseLogs()
         assert_that(out[parse.RECORDS] | beam.Map(lambda r: r.query), equal_to(["red circle"]), label="good")
         assert_that(out[dead_letters.DEAD_LETTER] | beam.Map(lambda d: d["reason"]),
-                    equal_to(["not_an_object", "empty_line", "not_utf8"]), label="bad")
+                    equal_to(["not_an_object", "empty_line", "not_utf8", "not_utf8"]), label="bad")
 
 
 def test_parsed_records_cross_stages_in_the_log_record_coder_not_pickle():

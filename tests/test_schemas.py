@@ -14,7 +14,11 @@ def _line(**overrides) -> bytes:
     record = {"session_id": "s1", "time": 1.0, "query": "红色 圆形", "category": "color_shape", "locale": "zh",
               "impressions": [{"image_id": "img_1", "position": 1, "clicked": True, "dwell_ms": 1200}]}
     record.update(overrides)
-    return json.dumps({k: v for k, v in record.items() if v is not ...}, ensure_ascii=False).encode("utf-8")
+    record = {k: v for k, v in record.items() if v is not ...}
+    try:
+        return json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate can only be written as a JSON escape
+        return json.dumps(record).encode("utf-8")
 
 
 def test_chinese_query_round_trips():
@@ -47,6 +51,9 @@ def test_a_long_query_is_refused_before_normalising_only_when_no_query_could_be_
     (b"[1, 2]", "not_an_object"),
     (_line(query="   "), "empty_query"),
     (_line(query="字" * (MAX_QUERY_CHARS + 1)), "query_too_long"),
+    (_line(query="red\ud800"), "not_utf8"),  # valid JSON (an escape), but no Unicode text
+    (_line(session_id="s\udc80"), "not_utf8"),
+    (_line(impressions=[{"image_id": "img\ud800", "position": 1, "clicked": True}]), "not_utf8"),
     (_line(query=..., query_image_id=None), "missing_query"),
     (_line(query_image_id="img_2"), "both_query_and_image"),
     (_line(session_id=""), "bad_session_id"),
@@ -64,12 +71,14 @@ def test_bad_lines_name_their_reason(line, reason):
 def test_read_catalog_reports_bad_lines_and_skips_blanks(tmp_path):
     path = tmp_path / "catalog.jsonl"
     path.write_bytes(b'{"image_id": "a", "uri": "images/a.png"}\n\n{"image_id": ""}\n\xff\n'
-                     b'{"image_id": "b", "features": [0.5, 1]}\n')
+                     b'{"image_id": "b", "features": [0.5, 1]}\n'
+                     b'{"image_id": "c\\ud800", "uri": "c.png"}\n'  # an escaped lone surrogate: no Unicode text
+                     b'{"image_id": "\\ud83d\\ude00", "uri": "d.png"}\n')  # an escaped pair: an emoji, kept
     bad = []
     entries = list(read_catalog(str(path), on_bad=lambda line, err: bad.append(err.reason)))
-    assert [e.image_id for e in entries] == ["a", "b"]
+    assert [e.image_id for e in entries] == ["a", "b", "\U0001F600"]
     assert entries[1].features == (0.5, 1.0)
-    assert bad == ["bad_image_id", "not_utf8"]
+    assert bad == ["bad_image_id", "not_utf8", "not_utf8"]
     assert resolve_uri(entries[0].uri, str(path)) == str(tmp_path / "images" / "a.png")
     assert resolve_uri("gs://b/x.png", str(path)) == "gs://b/x.png"
 

@@ -152,8 +152,13 @@ def parse_entries(path: str, previous: Optional[ParsedCatalog] = None
     if not tf.io.gfile.exists(path):
         raise ClicklensError(f"image catalog {path} not found (`clicklens generate-demo-data` writes the demo's; "
                              "for your own catalog set pipeline.catalog)")
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = f.read()  # at once: GFile's line iterator costs more than the parsing
+    if tf.io.gfile.isdir(path):
+        raise ClicklensError(f"image catalog {path} is a directory: pipeline.catalog names a JSON-lines file")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()  # at once: GFile's line iterator costs more than the parsing
+    except (tf.errors.OpError, OSError) as err:
+        raise ClicklensError(f"cannot read image catalog {path}: {getattr(err, 'message', err)}") from None
     view = memoryview(data)
     base = ParsedCatalog()
     if previous is not None and 0 < previous.size <= len(data) and _digest(view[:previous.size]) == previous.digest:

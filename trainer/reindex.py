@@ -417,7 +417,9 @@ def reindex(config, workdir: Workdir, rehash: bool = False,
     t = time.perf_counter()
     ids, embeddings, hashes, stats = assemble(scan, plan, previous, new_embeddings, new_hashes, encoders.dim)
     if not ids:
-        raise ClicklensError(f"reindex: no usable image in {path} ({len(dead)} dead-lettered); nothing to index")
+        reasons = ", ".join(f"{n} {reason}" for reason, n in _count_reasons(dead)["by_reason"].items())
+        raise ClicklensError(f"reindex: no usable image in {path} ({len(dead)} dead-lettered{': ' if dead else ''}"
+                             f"{reasons}); nothing to index: the served versions stay as they are")
     if sample is None:
         sample = sample_input(scan, next(i for i in scan.images if i.entry.image_id in plan.reused), p.image_size,
                               p.max_image_pixels)
