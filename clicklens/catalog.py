@@ -27,7 +27,7 @@ import math
 import posixpath
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from clicklens.errors import BadRecord, parse_json_line
+from clicklens.errors import BadRecord, ClicklensError, parse_json_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,17 +117,31 @@ def read_catalog(path: str, on_bad: Optional[Callable[[bytes, BadRecord], None]]
     `on_bad` is None.  This is for tools and the server, which read a catalog
     whole; the Beam pipeline reads it with Beam and dead-letters bad lines.
     """
+    for line in read_catalog_bytes(path).splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            yield parse_catalog_line(line)
+        except BadRecord as err:
+            if on_bad is not None:
+                on_bad(line, err)
+
+
+def read_catalog_bytes(path: str) -> bytes:
+    """The whole catalog file (local or any TF filesystem), read at once (GFile's line iterator costs more than
+    the parsing); ClicklensError when it is missing, a folder or cannot be read."""
     import tensorflow as tf  # here, not at the top: the pipeline parses catalog lines without TensorFlow
 
-    with tf.io.gfile.GFile(path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield parse_catalog_line(line)
-            except BadRecord as err:
-                if on_bad is not None:
-                    on_bad(line, err)
+    if not tf.io.gfile.exists(path):
+        raise ClicklensError(f"image catalog {path} not found (`clicklens generate-demo-data` writes the demo's; "
+                             "for your own catalog set pipeline.catalog)")
+    if tf.io.gfile.isdir(path):
+        raise ClicklensError(f"image catalog {path} is a directory: pipeline.catalog names a JSON-lines file")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except (tf.errors.OpError, OSError) as err:
+        raise ClicklensError(f"cannot read image catalog {path}: {getattr(err, 'message', err)}") from None
 
 
 def first_entry(entries: Iterable[CatalogEntry]) -> Tuple[CatalogEntry, List[CatalogEntry]]:

@@ -87,7 +87,7 @@ def catalog_images(workdir: Workdir, encoder: Encoder,
     """
     skipped: collections.Counter = collections.Counter()
     by_id: Dict[str, List[CatalogEntry]] = {}
-    for entry in _read_catalog(workdir.catalog, lambda line, err: skipped.update([err.reason])):
+    for entry in read_catalog(workdir.catalog, lambda line, err: skipped.update([err.reason])):
         by_id.setdefault(entry.image_id, []).append(entry)
     source = "pixels" if encoder.input_name == servables.IMAGE_BYTES else "features"
     ids, inputs = [], []
@@ -109,16 +109,6 @@ def catalog_images(workdir: Workdir, encoder: Encoder,
     if not ids:
         raise ClicklensError(f"no readable images in {workdir.catalog}")
     return embed_skipping_undecodable(encoder, ids, inputs)
-
-
-def _read_catalog(path: str, on_bad) -> List[CatalogEntry]:
-    """The catalog's entries; ClicklensError when the file cannot be read."""
-    if tf.io.gfile.isdir(path):
-        raise ClicklensError(f"image catalog {path} is a directory, not a JSON-lines file")
-    try:
-        return list(read_catalog(path, on_bad))
-    except (tf.errors.OpError, OSError) as err:
-        raise ClicklensError(f"cannot read image catalog {path}: {getattr(err, 'message', err)}") from None
 
 
 def _read_file(path: str) -> bytes:

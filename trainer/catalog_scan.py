@@ -29,11 +29,11 @@ from typing import Dict, List, Optional, Tuple
 from clicklens import compat  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from clicklens.catalog import (CatalogEntry, ImageInput, first_entry, parse_catalog_line, read_image_input,
-                               uri_resolver)
+from clicklens.catalog import (CatalogEntry, ImageInput, first_entry, parse_catalog_line, read_catalog_bytes,
+                               read_image_input, uri_resolver)
 from clicklens.corpus_embeddings import content_hash, file_stat
 from clicklens.dead_letters import dead_letter, image_dead_letter
-from clicklens.errors import BadRecord, ClicklensError
+from clicklens.errors import BadRecord
 
 logger = logging.getLogger(__name__)
 
@@ -149,16 +149,7 @@ def parse_entries(path: str, previous: Optional[ParsedCatalog] = None
     With `previous` (an earlier parse of the same file), a file that still starts with the bytes it parsed
     has only the rest parsed; any other change is parsed whole.
     """
-    if not tf.io.gfile.exists(path):
-        raise ClicklensError(f"image catalog {path} not found (`clicklens generate-demo-data` writes the demo's; "
-                             "for your own catalog set pipeline.catalog)")
-    if tf.io.gfile.isdir(path):
-        raise ClicklensError(f"image catalog {path} is a directory: pipeline.catalog names a JSON-lines file")
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()  # at once: GFile's line iterator costs more than the parsing
-    except (tf.errors.OpError, OSError) as err:
-        raise ClicklensError(f"cannot read image catalog {path}: {getattr(err, 'message', err)}") from None
+    data = read_catalog_bytes(path)
     view = memoryview(data)
     base = ParsedCatalog()
     if previous is not None and 0 < previous.size <= len(data) and _digest(view[:previous.size]) == previous.digest:
